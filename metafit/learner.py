@@ -1,0 +1,219 @@
+"""The meta-learner: a module, its meta-learned tensors, and one meta-step.
+
+:class:`MetaLearner` is the engine object the estimators delegate to. It owns the
+``nn.Module`` whose parameters are the meta-learned initialization ``theta``, the extra
+meta-learned tensors of the algorithm (Meta-SGD's learning rates), the meta-optimizer, and
+the batched forward. It trusts its inputs: validation happens in the estimators and task
+constructors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from metafit.algorithms import MetaAlgorithm, get_algorithm
+from metafit.functional import LOSSES, Params, expand_params, inner_loop, make_forward
+from metafit.tasks import Task, TaskBatch
+
+__all__ = ["MetaLearner", "GradientHook"]
+
+#: Called on the list of meta-gradients before the optimizer step (distributed averaging).
+GradientHook = Callable[[list[Tensor]], None]
+
+
+class MetaLearner:
+    """Meta-learned initialization plus the machinery to adapt and meta-train it.
+
+    Parameters
+    ----------
+    module : nn.Module
+        The network; its parameters are the initialization being meta-learned.
+    loss : {"mse", "cross_entropy"}
+        Task loss.
+    algorithm : str or MetaAlgorithm
+        See :data:`metafit.algorithms.ALGORITHMS`.
+    inner_lr : float
+        Inner-loop learning rate (the starting value of Meta-SGD's learned rates).
+    inner_steps : int
+        Inner-loop steps.
+    forward : {"auto", "mlp", "vmap", "loop"}, default="auto"
+        Batched forward strategy, see :func:`metafit.functional.make_forward`.
+    device : str or torch.device, default="cpu"
+    dtype : torch.dtype, default=torch.float32
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        loss: str,
+        algorithm: str | MetaAlgorithm,
+        inner_lr: float,
+        inner_steps: int,
+        forward: str = "auto",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.module = module.to(device=self.device, dtype=dtype)
+        self.loss_name = loss
+        self.loss_fn = LOSSES[loss]
+        self.algorithm = get_algorithm(algorithm)
+        self.inner_lr = float(inner_lr)
+        self.inner_steps = int(inner_steps)
+        self.forward = make_forward(self.module, forward)
+        self.extras: dict[str, Tensor] = self.algorithm.extra_parameters(self)
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
+
+    # ------------------------------------------------------------------ parameters
+
+    def params(self) -> Params:
+        """The initialization ``theta``: the module's parameters, by name."""
+        return dict(self.module.named_parameters())
+
+    def meta_parameters(self) -> list[Tensor]:
+        """All meta-learned tensors: ``theta`` first, then the algorithm's extras."""
+        return [*self.module.parameters(), *self.extras.values()]
+
+    def state_tensors(self) -> dict[str, Tensor]:
+        """Detached copies of ``theta`` and the extras (``extra.``-prefixed), for saving."""
+        out = {k: v.detach().clone() for k, v in self.module.state_dict().items()}
+        out.update({f"extra.{k}": v.detach().clone() for k, v in self.extras.items()})
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, Tensor]) -> None:
+        """Inverse of :meth:`state_tensors` (in place, keeping optimizer references)."""
+        module_state = {k: v for k, v in tensors.items() if not k.startswith("extra.")}
+        self.module.load_state_dict(module_state)
+        with torch.no_grad():
+            for k, v in self.extras.items():
+                v.copy_(tensors[f"extra.{k}"])
+
+    # ------------------------------------------------------------------ adaptation
+
+    def as_tensors(self, X, y=None) -> tuple[Tensor, Tensor | None]:
+        """Convert arrays to tensors of the learner's device and dtypes."""
+        X = torch.as_tensor(X, dtype=self.dtype, device=self.device)
+        if y is None:
+            return X, None
+        y_dtype = torch.long if self.loss_name == "cross_entropy" else self.dtype
+        return X, torch.as_tensor(y, dtype=y_dtype, device=self.device)
+
+    def batches(self, tasks: Sequence[Task]) -> list[TaskBatch]:
+        """Stack tasks into equal-shape batches on the learner's device."""
+        target = torch.long if self.loss_name == "cross_entropy" else self.dtype
+        return TaskBatch.from_tasks(
+            tasks, device=self.device, dtype=self.dtype, target_dtype=target
+        )
+
+    def adapt(
+        self,
+        X: Tensor,
+        y: Tensor,
+        *,
+        steps: int | None = None,
+        create_graph: bool = False,
+        track_graph: bool = True,
+        on_step=None,
+    ) -> Params:
+        """Run the inner loop from ``theta`` on a batch of support sets.
+
+        Parameters
+        ----------
+        X, y : Tensor
+            Support sets with a leading task dimension.
+        steps : int, optional
+            Defaults to ``inner_steps``.
+        create_graph, track_graph, on_step
+            See :func:`metafit.functional.inner_loop`. ``track_graph=False`` also
+            detaches the learning rates (no meta-gradient at all).
+
+        Returns
+        -------
+        dict of str to Tensor
+            Adapted parameters with the task dimension.
+        """
+        theta = self.params()
+        lr = self.algorithm.inner_lr(self)
+        if not track_graph:
+            theta = {k: v.detach() for k, v in theta.items()}
+            if isinstance(lr, dict):
+                lr = {k: v.detach() for k, v in lr.items()}
+        return inner_loop(
+            self.forward,
+            self.loss_fn,
+            expand_params(theta, X.shape[0]),
+            X,
+            y,
+            steps=self.inner_steps if steps is None else steps,
+            lr=lr,
+            adapt=self.algorithm.adapted_names(self),
+            create_graph=create_graph,
+            track_graph=track_graph,
+            on_step=on_step,
+        )
+
+    @torch.no_grad()
+    def predict(self, params: Params, X: Tensor) -> Tensor:
+        """Outputs of the network with batched ``params`` on ``X`` (leading task dim)."""
+        return self.forward(params, X)
+
+    def evaluate(self, tasks: Sequence[Task], steps: int | None = None) -> float:
+        """Mean query loss after adaptation, over ``tasks`` (no meta-gradient)."""
+        total, loss = 0, 0.0
+        for batch in self.batches(tasks):
+            phi = self.adapt(batch.X_support, batch.y_support, steps=steps, track_graph=False)
+            with torch.no_grad():
+                q = self.loss_fn(self.forward(phi, batch.X_query), batch.y_query)
+            loss += float(q.sum())
+            total += batch.n_tasks
+        return loss / total
+
+    # ------------------------------------------------------------------ meta-training
+
+    def init_optimizer(self, meta_lr: float | None, total_iterations: int) -> None:
+        """Create the meta-optimizer (and scheduler) chosen by the algorithm."""
+        lr = self.algorithm.default_meta_lr if meta_lr is None else float(meta_lr)
+        self.optimizer, self.scheduler = self.algorithm.make_optimizer(
+            self.meta_parameters(), lr, total_iterations
+        )
+
+    def meta_step(
+        self,
+        batches: list[TaskBatch],
+        *,
+        grad_hook: GradientHook | None = None,
+        clip_grad_norm: float | None = None,
+    ) -> float:
+        """One meta-update from a meta-batch; returns the meta-batch's query loss.
+
+        Parameters
+        ----------
+        batches : list of TaskBatch
+            The meta-batch, as equal-shape groups.
+        grad_hook : callable, optional
+            Receives the meta-gradients before the update and may change them in place
+            (all-reduce for distributed training).
+        clip_grad_norm : float, optional
+            Clip the total meta-gradient norm to this value.
+        """
+        if self.optimizer is None:
+            raise RuntimeError("call init_optimizer before meta_step.")
+        loss, grads = self.algorithm.meta_gradients(self, batches)
+        if grad_hook is not None:
+            grad_hook(grads)
+        params = self.meta_parameters()
+        for p, g in zip(params, grads):
+            p.grad = g.detach()
+        if clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss)

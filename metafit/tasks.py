@@ -1,0 +1,498 @@
+"""Tasks, batches of tasks, and the built-in task sources.
+
+A *task* is one small supervised problem: a support set the learner adapts on and a
+query set it is judged on. Meta-training consumes tasks meta-batch by meta-batch; a
+:class:`TaskBatch` stacks the tasks of one meta-batch into tensors so that the engine can
+vectorize over them, and splits a ragged batch into groups of equal shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = [
+    "Task",
+    "TaskBatch",
+    "SinusoidTasks",
+    "NWayKShotTasks",
+    "tasks_from_groups",
+    "as_task",
+    "iter_meta_batches",
+]
+
+
+def _check_part(name: str, X, y) -> tuple[np.ndarray, np.ndarray]:
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim < 2:
+        raise ValueError(
+            f"{name}: X must be at least 2-D (n_samples, n_features), got shape {X.shape}; "
+            "reshape a single feature with X.reshape(-1, 1)."
+        )
+    if X.shape[0] == 0:
+        raise ValueError(f"{name}: X is empty (0 samples); every task needs examples.")
+    if y.ndim == 0 or y.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"{name}: X has {X.shape[0]} samples but y has shape {y.shape}; they must match."
+        )
+    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+        raise ValueError(f"{name}: X must be real numbers, got dtype {X.dtype}.")
+    if not np.all(np.isfinite(X)):
+        raise ValueError(f"{name}: X contains NaN or infinity; clean or impute it first.")
+    if np.issubdtype(y.dtype, np.number) and not np.all(np.isfinite(y)):
+        raise ValueError(f"{name}: y contains NaN or infinity; clean or impute it first.")
+    return X, y
+
+
+@dataclass(frozen=True)
+class Task:
+    """One few-shot task: a support set to adapt on and a query set to evaluate on.
+
+    Parameters
+    ----------
+    X_support : array-like of shape (n_support, ...)
+        Support inputs, at least 2-D.
+    y_support : array-like of shape (n_support,) or (n_support, n_outputs)
+        Support targets.
+    X_query : array-like of shape (n_query, ...)
+        Query inputs, with the same trailing shape as ``X_support``.
+    y_query : array-like of shape (n_query,) or (n_query, n_outputs)
+        Query targets.
+
+    Raises
+    ------
+    ValueError
+        If an array is empty, not finite, X is not at least 2-D, lengths differ, or the
+        support and query sets disagree on the feature shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> t = Task(np.zeros((5, 1)), np.zeros(5), np.ones((3, 1)), np.ones(3))
+    >>> t.n_support, t.n_query
+    (5, 3)
+    """
+
+    X_support: np.ndarray
+    y_support: np.ndarray
+    X_query: np.ndarray
+    y_query: np.ndarray
+
+    def __post_init__(self):
+        Xs, ys = _check_part("support set", self.X_support, self.y_support)
+        Xq, yq = _check_part("query set", self.X_query, self.y_query)
+        if Xs.shape[1:] != Xq.shape[1:]:
+            raise ValueError(
+                f"support X has feature shape {Xs.shape[1:]} but query X has {Xq.shape[1:]}; "
+                "both sets of a task must have the same features."
+            )
+        if ys.shape[1:] != yq.shape[1:]:
+            raise ValueError(
+                f"support y has shape {ys.shape[1:]} per sample but query y has "
+                f"{yq.shape[1:]}; both sets of a task must have the same targets."
+            )
+        object.__setattr__(self, "X_support", Xs)
+        object.__setattr__(self, "y_support", ys)
+        object.__setattr__(self, "X_query", Xq)
+        object.__setattr__(self, "y_query", yq)
+
+    @classmethod
+    def from_tuple(cls, data: Sequence) -> Task:
+        """Build a task from ``(X_support, y_support, X_query, y_query)``."""
+        if len(data) != 4:
+            raise ValueError(
+                "a task tuple must be (X_support, y_support, X_query, y_query); "
+                f"got {len(data)} items."
+            )
+        return cls(*data)
+
+    @property
+    def n_support(self) -> int:
+        """Number of support examples."""
+        return int(self.X_support.shape[0])
+
+    @property
+    def n_query(self) -> int:
+        """Number of query examples."""
+        return int(self.X_query.shape[0])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one input example."""
+        return tuple(self.X_support.shape[1:])
+
+    def __iter__(self):
+        return iter((self.X_support, self.y_support, self.X_query, self.y_query))
+
+
+def as_task(obj) -> Task:
+    """Return ``obj`` as a :class:`Task`, accepting a task or a 4-tuple.
+
+    Raises
+    ------
+    TypeError
+        If ``obj`` is neither a task nor a sequence of four arrays.
+    """
+    if isinstance(obj, Task):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return Task.from_tuple(obj)
+    raise TypeError(
+        f"expected a metafit.tasks.Task or a 4-tuple (X_support, y_support, X_query, "
+        f"y_query), got {type(obj).__name__}."
+    )
+
+
+@dataclass
+class TaskBatch:
+    """A meta-batch of tasks stacked as tensors.
+
+    Tasks of equal shapes share one tensor per field with a leading task dimension, which
+    lets the engine vectorize over tasks. A ragged batch is kept as several groups of
+    equal shape (:meth:`groups`), each vectorized on its own.
+
+    Parameters
+    ----------
+    X_support, y_support, X_query, y_query : torch.Tensor
+        Stacked tensors with a leading task dimension.
+    """
+
+    X_support: torch.Tensor
+    y_support: torch.Tensor
+    X_query: torch.Tensor
+    y_query: torch.Tensor
+    _index: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def n_tasks(self) -> int:
+        """Number of tasks in the batch."""
+        return int(self.X_support.shape[0])
+
+    @staticmethod
+    def from_tasks(
+        tasks: Sequence[Task],
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        target_dtype: torch.dtype | None = None,
+    ) -> list[TaskBatch]:
+        """Stack tasks into as few equal-shape batches as possible.
+
+        Parameters
+        ----------
+        tasks : sequence of Task
+            The tasks of one meta-batch.
+        device, dtype : torch device and floating dtype of the inputs.
+        target_dtype : torch.dtype, optional
+            Dtype of the targets; defaults to ``dtype`` (use ``torch.long`` for class
+            indices).
+
+        Returns
+        -------
+        list of TaskBatch
+            One batch per distinct shape signature, in order of first appearance; each
+            remembers the positions of its tasks in ``tasks``.
+        """
+        target_dtype = dtype if target_dtype is None else target_dtype
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tasks):
+            key = (t.X_support.shape, t.y_support.shape, t.X_query.shape, t.y_query.shape)
+            groups.setdefault(key, []).append(i)
+        out = []
+        for index in groups.values():
+            def stack(attr, dt, index=index):
+                arr = np.stack([getattr(tasks[i], attr) for i in index])
+                return torch.as_tensor(arr, dtype=dt, device=device)
+
+            out.append(
+                TaskBatch(
+                    stack("X_support", dtype),
+                    stack("y_support", target_dtype),
+                    stack("X_query", dtype),
+                    stack("y_query", target_dtype),
+                    list(index),
+                )
+            )
+        return out
+
+
+def iter_meta_batches(tasks: Iterable, batch_size: int) -> Iterator[list[Task]]:
+    """Yield lists of ``batch_size`` tasks (the last one may be shorter) from any iterable."""
+    batch: list[Task] = []
+    for obj in tasks:
+        batch.append(as_task(obj))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _rng(random_state) -> np.random.Generator:
+    if isinstance(random_state, np.random.Generator):
+        return random_state
+    if isinstance(random_state, np.random.RandomState):
+        return np.random.default_rng(random_state.randint(0, 2**31 - 1))
+    return np.random.default_rng(random_state)
+
+
+class _TaskSource:
+    """Shared behaviour of the endless, seeded task samplers."""
+
+    def __init__(self, random_state):
+        self.random_state = random_state
+
+    def __iter__(self) -> Iterator[Task]:
+        rng = _rng(self.random_state)
+        while True:
+            yield self._sample_one(rng)
+
+    def sample(self, n: int, random_state=None) -> list[Task]:
+        """Return ``n`` tasks.
+
+        Parameters
+        ----------
+        n : int
+            Number of tasks.
+        random_state : int, numpy Generator or None, optional
+            Seed for this draw; defaults to the sampler's own ``random_state``, so two
+            calls with the same seed return the same tasks.
+        """
+        if not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}.")
+        rng = _rng(self.random_state if random_state is None else random_state)
+        return [self._sample_one(rng) for _ in range(int(n))]
+
+    def _sample_one(self, rng: np.random.Generator) -> Task:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+def _check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
+    return int(value)
+
+
+class SinusoidTasks(_TaskSource):
+    """The sinusoid regression family of Finn et al. (2017).
+
+    Each task is ``y = A sin(x - phase)`` with amplitude ``A ~ U[0.1, 5.0]``, phase
+    ``~ U[0, pi]`` and inputs ``x ~ U[-5, 5]``.
+
+    Parameters
+    ----------
+    k_shot : int, default=10
+        Support points per task.
+    k_query : int, default=10
+        Query points per task.
+    amplitude_range, phase_range, input_range : tuple of float
+        Ranges of the uniform distributions above.
+    random_state : int, numpy Generator or None, default=None
+        Seed of the endless stream; iterating twice with an int seed replays the same
+        tasks.
+
+    Examples
+    --------
+    >>> tasks = SinusoidTasks(k_shot=5, random_state=0)
+    >>> task = next(iter(tasks))
+    >>> task.X_support.shape, task.y_query.shape
+    ((5, 1), (10,))
+    """
+
+    def __init__(
+        self,
+        k_shot: int = 10,
+        k_query: int = 10,
+        *,
+        amplitude_range: tuple[float, float] = (0.1, 5.0),
+        phase_range: tuple[float, float] = (0.0, math.pi),
+        input_range: tuple[float, float] = (-5.0, 5.0),
+        random_state=None,
+    ):
+        super().__init__(random_state)
+        self.k_shot = _check_positive_int("k_shot", k_shot)
+        self.k_query = _check_positive_int("k_query", k_query)
+        for name, (lo, hi) in [
+            ("amplitude_range", amplitude_range),
+            ("phase_range", phase_range),
+            ("input_range", input_range),
+        ]:
+            if not (np.isfinite(lo) and np.isfinite(hi) and lo <= hi):
+                raise ValueError(f"{name} must be finite (low, high) with low <= high.")
+        self.amplitude_range = tuple(amplitude_range)
+        self.phase_range = tuple(phase_range)
+        self.input_range = tuple(input_range)
+
+    def _sample_one(self, rng: np.random.Generator) -> Task:
+        amplitude = rng.uniform(*self.amplitude_range)
+        phase = rng.uniform(*self.phase_range)
+        x = rng.uniform(*self.input_range, size=(self.k_shot + self.k_query, 1))
+        y = amplitude * np.sin(x[:, 0] - phase)
+        x, y = x.astype(np.float32), y.astype(np.float32)
+        k = self.k_shot
+        return Task(x[:k], y[:k], x[k:], y[k:])
+
+    def sample_functions(self, n: int, random_state=None) -> list[tuple[float, float]]:
+        """Return ``n`` (amplitude, phase) pairs, for plots of the true functions."""
+        rng = _rng(self.random_state if random_state is None else random_state)
+        return [
+            (rng.uniform(*self.amplitude_range), rng.uniform(*self.phase_range))
+            for _ in range(n)
+        ]
+
+
+class NWayKShotTasks(_TaskSource):
+    """Episodic N-way K-shot classification tasks over any labelled data set.
+
+    Each episode draws ``n_way`` classes, then ``k_shot`` support and ``k_query`` query
+    examples of each; labels are remapped to ``0..n_way-1`` in the order the classes were
+    drawn, so no episode reveals the original label.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, ...)
+        Inputs (any trailing shape, e.g. images).
+    y : array-like of shape (n_samples,)
+        Class labels of any hashable kind.
+    n_way : int
+        Classes per episode.
+    k_shot : int
+        Support examples per class.
+    k_query : int, default=15
+        Query examples per class.
+    random_state : int, numpy Generator or None, default=None
+        Seed of the endless stream.
+
+    Raises
+    ------
+    ValueError
+        If there are fewer than ``n_way`` classes with at least ``k_shot + k_query``
+        examples each.
+    """
+
+    def __init__(self, X, y, n_way: int, k_shot: int, k_query: int = 15, *, random_state=None):
+        super().__init__(random_state)
+        X = np.asarray(X)
+        y = np.asarray(y)
+        if X.ndim < 2 or X.shape[0] != y.shape[0] or y.ndim != 1:
+            raise ValueError(
+                f"X must be (n_samples, ...) and y (n_samples,), got {X.shape} and {y.shape}."
+            )
+        if not np.issubdtype(X.dtype, np.number) or not np.all(np.isfinite(X)):
+            raise ValueError("X must be finite real numbers.")
+        self.n_way = _check_positive_int("n_way", n_way, minimum=2)
+        self.k_shot = _check_positive_int("k_shot", k_shot)
+        self.k_query = _check_positive_int("k_query", k_query)
+        classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+        need = self.k_shot + self.k_query
+        if len(classes) < self.n_way:
+            raise ValueError(
+                f"n_way={self.n_way} but the data has only {len(classes)} classes; "
+                "lower n_way or add classes."
+            )
+        too_small = classes[counts < need]
+        if len(too_small):
+            raise ValueError(
+                f"{len(too_small)} classes have fewer than k_shot + k_query = {need} examples "
+                f"(e.g. class {too_small[0]!r} has {counts[counts < need][0]}); lower k_shot "
+                "or k_query, or drop those classes."
+            )
+        self.X = X
+        self.classes_ = classes
+        order = np.argsort(inverse, kind="stable")
+        self._by_class = np.split(order, np.cumsum(counts)[:-1])
+
+    def _sample_one(self, rng: np.random.Generator) -> Task:
+        chosen = rng.choice(len(self._by_class), size=self.n_way, replace=False)
+        support, query = [], []
+        for members in (self._by_class[c] for c in chosen):
+            picked = rng.choice(members, size=self.k_shot + self.k_query, replace=False)
+            support.append(picked[: self.k_shot])
+            query.append(picked[self.k_shot :])
+        ys = np.repeat(np.arange(self.n_way), self.k_shot)
+        yq = np.repeat(np.arange(self.n_way), self.k_query)
+        Xs = self.X[np.concatenate(support)].astype(np.float32, copy=False)
+        Xq = self.X[np.concatenate(query)].astype(np.float32, copy=False)
+        return Task(Xs, ys, Xq, yq)
+
+
+def tasks_from_groups(
+    X,
+    y,
+    groups,
+    *,
+    support_size: int | float = 0.5,
+    min_query: int = 1,
+    random_state=None,
+) -> list[Task]:
+    """Turn an ordinary table with a group column into one task per group.
+
+    This is the usual shape of a scikit-learn user's data: one row per observation and a
+    column naming the customer, site or sensor it belongs to. Each group's rows are
+    shuffled and split into a support and a query set.
+
+    Parameters
+    ----------
+    X : array-like of shape (n_samples, n_features)
+        Features.
+    y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+        Targets.
+    groups : array-like of shape (n_samples,)
+        Group label of each row.
+    support_size : int or float, default=0.5
+        Support examples per task: an int is a count, a float in (0, 1) a fraction of the
+        group's rows.
+    min_query : int, default=1
+        Groups that would keep fewer query rows than this are skipped.
+    random_state : int, numpy Generator or None, default=None
+        Seed of the shuffles.
+
+    Returns
+    -------
+    list of Task
+        One task per group large enough, in sorted group order. Tasks may differ in size.
+
+    Raises
+    ------
+    ValueError
+        If the arrays disagree in length, or no group is large enough.
+    """
+    X = np.asarray(X)
+    y = np.asarray(y)
+    groups = np.asarray(groups)
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (n_samples, n_features), got shape {X.shape}.")
+    if not (len(X) == len(y) == len(groups)):
+        raise ValueError(
+            f"X, y and groups must have the same length, got {len(X)}, {len(y)}, {len(groups)}."
+        )
+    if isinstance(support_size, bool) or not isinstance(
+        support_size, (int, float, np.integer, np.floating)
+    ):
+        raise TypeError(f"support_size must be an int or a float, got {support_size!r}.")
+    if isinstance(support_size, (float, np.floating)) and not 0 < support_size < 1:
+        raise ValueError(f"a fractional support_size must lie in (0, 1), got {support_size}.")
+    if isinstance(support_size, (int, np.integer)) and support_size < 1:
+        raise ValueError(f"support_size must be >= 1, got {support_size}.")
+    rng = _rng(random_state)
+    tasks = []
+    for g in np.unique(groups):
+        rows = rng.permutation(np.flatnonzero(groups == g))
+        if isinstance(support_size, (int, np.integer)):
+            k = int(support_size)
+        else:
+            k = max(1, int(round(support_size * len(rows))))
+        if len(rows) - k < min_query:
+            continue
+        tasks.append(Task(X[rows[:k]], y[rows[:k]], X[rows[k:]], y[rows[k:]]))
+    if not tasks:
+        raise ValueError(
+            f"no group has more than support_size={support_size} + min_query={min_query} rows; "
+            "lower support_size or collect more rows per group."
+        )
+    return tasks
