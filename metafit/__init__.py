@@ -1,5 +1,35 @@
-"""metafit: meta-learned initializations as scikit-learn estimators."""
+"""metafit: meta-learned initializations as scikit-learn estimators.
+
+Learn *how to start* from many small related tasks (``meta_fit``), then fit a new task
+from a handful of examples (``fit``), with MAML, first-order MAML, Reptile, ANIL or
+Meta-SGD, inside any scikit-learn workflow.
+"""
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from metafit.estimator import (  # noqa: E402
+    MetaInitializedClassifier,
+    MetaInitializedEstimator,
+    MetaInitializedRegressor,
+)
+from metafit.persistence import MetaInit  # noqa: E402
+from metafit.tasks import (  # noqa: E402
+    NWayKShotTasks,
+    SinusoidTasks,
+    Task,
+    tasks_from_groups,
+)
+
+__all__ = [
+    "MetaInit",
+    "MetaInitializedClassifier",
+    "MetaInitializedEstimator",
+    "MetaInitializedRegressor",
+    "NWayKShotTasks",
+    "SinusoidTasks",
+    "Task",
+    "tasks_from_groups",
+    "__version__",
+]
