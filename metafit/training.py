@@ -2,19 +2,62 @@
 
 The estimators call :func:`meta_train`; the algorithms never see the loop. Extra behaviour
 (progress bars, early stopping, checkpoints, distributed averaging) plugs in through
-:class:`TrainingCallback` hooks and the ``grad_hook`` of :meth:`MetaLearner.meta_step`.
+:class:`TrainingCallback` hooks (see :mod:`metafit.callbacks`) and the ``grad_hook`` of
+:meth:`MetaLearner.meta_step`.
+
+The loop itself guarantees two things whatever happens inside an iteration:
+
+* a ``KeyboardInterrupt`` leaves the learner (its tensors *and* its meta-optimizer) exactly
+  as it was after the last completed iteration;
+* a NaN or infinite loss or meta-gradient stops training with a :class:`DivergenceError`
+  that names the learning rate to lower, again with the last finite state restored.
 """
 
 from __future__ import annotations
 
+import copy
+import logging
+import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
+
+import torch
 
 from metafit.learner import GradientHook, MetaLearner
 from metafit.tasks import Task
 
-__all__ = ["HistoryRecord", "TrainingCallback", "StopTraining", "meta_train"]
+__all__ = [
+    "DivergenceError",
+    "HistoryRecord",
+    "InterruptedTrainingWarning",
+    "MetaHistory",
+    "StopTraining",
+    "TrainingCallback",
+    "TrainingResult",
+    "TrainingState",
+    "meta_train",
+]
+
+logger = logging.getLogger(__name__)
+# A library logs but never prints by itself: configure the "metafit" logger to see messages.
+logging.getLogger("metafit").addHandler(logging.NullHandler())
+
+
+class DivergenceError(ValueError, FloatingPointError):
+    """Training produced a NaN or infinite loss or gradient.
+
+    A :class:`ValueError` (the learning rate was a bad value) and a
+    :class:`FloatingPointError`. The message names the learning rate to lower. Raised by
+    :func:`meta_train`, it carries the partial :class:`TrainingResult` as ``result``.
+    """
+
+    result: TrainingResult | None = None
+
+
+class InterruptedTrainingWarning(UserWarning):
+    """Meta-training was interrupted (Ctrl-C); the estimator kept its best state so far."""
 
 
 @dataclass
@@ -36,6 +79,53 @@ class HistoryRecord:
         }
 
 
+class MetaHistory(list):
+    """The meta-training history: a plain list of dicts, one per meta-iteration.
+
+    Each dict has the keys ``iteration``, ``meta_loss``, ``validation_loss`` (None where
+    validation did not run) and ``time`` (seconds since meta-training began, continued
+    across warm starts). It pickles like a list and needs nothing but the standard library;
+    :meth:`to_frame` turns it into a pandas DataFrame.
+
+    Examples
+    --------
+    >>> h = MetaHistory([{"iteration": 1, "meta_loss": 2.0, "validation_loss": None,
+    ...                   "time": 0.1}])
+    >>> h.column("meta_loss")
+    [2.0]
+    """
+
+    columns = ("iteration", "meta_loss", "validation_loss", "time")
+
+    def column(self, name: str) -> list:
+        """The values of one key, in iteration order."""
+        if name not in self.columns:
+            raise KeyError(f"no column {name!r}; the history has {', '.join(self.columns)}.")
+        return [row[name] for row in self]
+
+    def to_frame(self):
+        """The history as a :class:`pandas.DataFrame` indexed by iteration.
+
+        Raises
+        ------
+        ImportError
+            If pandas is not installed.
+        """
+        try:
+            import pandas as pd
+        except ImportError as exc:  # pragma: no cover - pandas is a test dependency
+            raise ImportError(
+                "MetaHistory.to_frame needs pandas: pip install pandas (or use the list of "
+                "dicts directly)."
+            ) from exc
+        frame = pd.DataFrame(list(self), columns=list(self.columns))
+        frame["validation_loss"] = frame["validation_loss"].astype(float)
+        return frame.set_index("iteration")
+
+    def __repr__(self) -> str:
+        return f"MetaHistory({list.__repr__(self)})"
+
+
 class StopTraining(Exception):  # noqa: N818 - a control-flow signal, like StopIteration
     """Raised by a callback to end meta-training cleanly after the current iteration."""
 
@@ -50,15 +140,175 @@ class TrainingCallback:
         """After every meta-step; raise :class:`StopTraining` to stop."""
 
     def on_train_end(self, learner: MetaLearner, history: list[HistoryRecord]) -> None:
-        """After the last meta-step, also when stopped early."""
+        """After the last meta-step, also when stopped early, interrupted or diverged."""
+
+
+@dataclass
+class TrainingState:
+    """Everything needed to resume meta-training exactly: tensors, optimizer, scheduler.
+
+    Plain tensors and dicts, so it pickles and deep-copies.
+    """
+
+    iteration: int
+    tensors: dict[str, torch.Tensor]
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+
+    @classmethod
+    def capture(cls, learner: MetaLearner, iteration: int) -> TrainingState:
+        """Snapshot ``learner`` (copies, unaffected by later steps)."""
+        opt = learner.optimizer
+        sched = learner.scheduler
+        return cls(
+            iteration=int(iteration),
+            tensors=learner.state_tensors(),
+            optimizer=None if opt is None else copy.deepcopy(opt.state_dict()),
+            scheduler=None if sched is None else copy.deepcopy(_scheduler_state(sched)),
+        )
+
+    def restore(self, learner: MetaLearner, keep_lr: bool = False) -> None:
+        """Load this snapshot into ``learner`` (its optimizer must exist for that part).
+
+        Parameters
+        ----------
+        learner : MetaLearner
+        keep_lr : bool, default=False
+            Keep the learner's current base learning rates (a warm start with a new
+            ``meta_lr``) instead of the saved ones; the moments, step counts and the
+            scheduler's progress are restored either way.
+        """
+        learner.load_state_tensors(self.tensors)
+        opt, sched = learner.optimizer, learner.scheduler
+        if opt is None or self.optimizer is None:
+            return
+        fresh = [g.get("initial_lr", g["lr"]) for g in opt.param_groups]
+        opt.load_state_dict(copy.deepcopy(self.optimizer))
+        if sched is not None and self.scheduler is not None:
+            sched.load_state_dict(copy.deepcopy(self.scheduler))
+        if keep_lr:
+            for group, base in zip(opt.param_groups, fresh):
+                old_base = group.get("initial_lr", group["lr"])
+                ratio = group["lr"] / old_base if old_base else 1.0
+                group["lr"] = base * ratio
+                if "initial_lr" in group:
+                    group["initial_lr"] = base
+            if sched is not None:
+                sched.base_lrs = list(fresh)
+
+    def to_cpu(self) -> TrainingState:
+        """A copy with every tensor on the CPU (for pickling a GPU-trained estimator)."""
+
+        def cpu(obj):
+            if isinstance(obj, torch.Tensor):
+                return obj.detach().cpu()
+            if isinstance(obj, dict):
+                return {k: cpu(v) for k, v in obj.items()}
+            if isinstance(obj, list):
+                return [cpu(v) for v in obj]
+            return obj
+
+        return TrainingState(
+            self.iteration, cpu(self.tensors), cpu(self.optimizer), cpu(self.scheduler)
+        )
+
+
+def _scheduler_state(scheduler) -> dict:
+    # LambdaLR stores its lambdas as None for plain functions; what remains is plain data.
+    return {k: v for k, v in scheduler.state_dict().items() if not callable(v)}
 
 
 @dataclass
 class TrainingResult:
-    """What :func:`meta_train` returns."""
+    """What :func:`meta_train` returns.
+
+    Attributes
+    ----------
+    history : list of HistoryRecord
+        Records of the iterations completed by this call.
+    stopped_early : bool
+        A callback raised :class:`StopTraining`.
+    interrupted : bool
+        A ``KeyboardInterrupt`` ended training (only with ``catch_interrupt=True``).
+    last_state : TrainingState
+        The learner after the last completed iteration (also loaded into the learner).
+    """
 
     history: list[HistoryRecord] = field(default_factory=list)
     stopped_early: bool = False
+    interrupted: bool = False
+    last_state: TrainingState | None = None
+
+    @property
+    def last_iteration(self) -> int:
+        """Number of the last completed iteration (counting warm-started ones)."""
+        return 0 if self.last_state is None else self.last_state.iteration
+
+
+class _NonFiniteGradient(Exception):  # noqa: N818 - internal signal
+    pass
+
+
+def _all_finite(tensors) -> bool:
+    tensors = list(tensors)
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+
+
+def _lr_of(learner: MetaLearner) -> float:
+    return float(learner.optimizer.param_groups[0]["lr"]) if learner.optimizer else float("nan")
+
+
+def _norm(tensors: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
+
+
+def _divergence_message(
+    learner: MetaLearner,
+    batch: Sequence[Task] | None,
+    iteration: int,
+    what: str,
+    start: TrainingState,
+) -> str:
+    """Say what diverged and which learning rate to lower, after the state was restored.
+
+    The meta-update is blamed when it has blown the initialization up (its norm grew more
+    than tenfold in this run, or its loss before adaptation is no longer finite); the inner
+    loop when the loss is finite before adaptation and not after it.
+    """
+    meta_lr, inner_lr = _lr_of(learner), learner.inner_lr
+    suspect = "meta_lr"
+    before = after = float("nan")
+    if batch:
+        try:
+            before = learner.evaluate(batch, steps=0)
+            after = learner.evaluate(batch)
+        except RuntimeError:
+            pass
+    grown = _norm(learner.state_tensors()) > 10 * _norm(start.tensors)
+    stepped = iteration - 1 > start.iteration
+    if what == "validation loss" or (
+        math.isfinite(before) and not math.isfinite(after) and not (stepped and grown)
+    ):
+        suspect = "inner_lr"
+    if suspect == "inner_lr":
+        advice = (
+            f"the inner loop diverges: lower inner_lr (now {inner_lr:g}), e.g. to "
+            f"{inner_lr / 10:g}, or use fewer inner steps; if that does not help, lower "
+            f"meta_lr (now {meta_lr:g})"
+        )
+    else:
+        advice = (
+            f"the meta-update diverges: lower meta_lr (now {meta_lr:g}), e.g. to "
+            f"{meta_lr / 10:g}, or set clip_grad_norm (e.g. 10); if that does not help, lower "
+            f"inner_lr (now {inner_lr:g})"
+        )
+    return (
+        f"meta-training diverged at iteration {iteration}: the {what} is NaN or infinite; "
+        f"{advice}. The meta-parameters were restored to the last finite state "
+        f"(iteration {iteration - 1})."
+    )
 
 
 def meta_train(
@@ -73,6 +323,9 @@ def meta_train(
     grad_hook: GradientHook | None = None,
     clip_grad_norm: float | None = None,
     start_iteration: int = 0,
+    start_time: float = 0.0,
+    check_finite: bool = True,
+    catch_interrupt: bool = False,
 ) -> TrainingResult:
     """Run meta-steps until ``iterations`` are done or the meta-batches run out.
 
@@ -93,38 +346,98 @@ def meta_train(
         Passed to :meth:`MetaLearner.meta_step`.
     start_iteration : int, default=0
         Iterations already done (warm start); numbering continues from it.
+    start_time : float, default=0.0
+        Seconds already spent (warm start); the history's ``time`` continues from it.
+    check_finite : bool, default=True
+        Stop with :class:`DivergenceError` on a NaN or infinite meta-gradient, meta-loss or
+        validation loss, after restoring the last finite state. The gradient check runs
+        after ``grad_hook``, so all processes of a distributed run agree.
+    catch_interrupt : bool, default=False
+        On ``KeyboardInterrupt`` the learner is always restored to the last completed
+        iteration; with True the interrupt is then swallowed and the result says
+        ``interrupted=True``, otherwise it propagates.
 
     Returns
     -------
     TrainingResult
+
+    Raises
+    ------
+    DivergenceError
+        See ``check_finite``.
     """
     result = TrainingResult()
+    result.last_state = first_state = TrainingState.capture(learner, start_iteration)
+
+    def hook(grads):
+        if grad_hook is not None:
+            grad_hook(grads)
+        if not _all_finite(grads):
+            raise _NonFiniteGradient
+
+    step_hook = hook if check_finite else grad_hook
+    logger.info(
+        "meta-training %s with %s from iteration %d to %d",
+        type(learner.module).__name__,
+        learner.algorithm.name,
+        start_iteration,
+        iterations,
+    )
     for cb in callbacks:
         cb.on_train_begin(learner, iterations)
-    start = time.perf_counter()
+    start = time.perf_counter() - float(start_time)
     iteration = start_iteration
     try:
         while iteration < iterations:
             batch = next(meta_batches, None)
             if batch is None:
+                logger.info("the tasks ran out after %d meta-iterations", iteration)
                 break
             iteration += 1
-            loss = learner.meta_step(
-                learner.batches(batch), grad_hook=grad_hook, clip_grad_norm=clip_grad_norm
-            )
+            diverged = None
+            try:
+                loss = learner.meta_step(
+                    learner.batches(batch), grad_hook=step_hook, clip_grad_norm=clip_grad_norm
+                )
+            except _NonFiniteGradient:
+                loss, diverged = float("nan"), "meta-gradient"
+            if diverged is None and check_finite and not math.isfinite(loss):
+                diverged = "meta-loss"
             val = None
-            if validation_tasks and (
-                iteration % validation_interval == 0 or iteration == iterations
+            if (
+                diverged is None
+                and validation_tasks
+                and (iteration % validation_interval == 0 or iteration == iterations)
             ):
                 val = learner.evaluate(validation_tasks, steps=validation_steps)
+                if check_finite and not math.isfinite(val):
+                    diverged = "validation loss"
+            if diverged is not None:
+                result.last_state.restore(learner)
+                message = _divergence_message(learner, batch, iteration, diverged, first_state)
+                logger.error(message)
+                error = DivergenceError(message)
+                error.result = result
+                raise error
             record = HistoryRecord(iteration, loss, val, time.perf_counter() - start)
+            state = TrainingState.capture(learner, iteration)
+            result.last_state = state
             result.history.append(record)
+            logger.debug("iteration %d: meta_loss=%.4g validation_loss=%s", iteration, loss, val)
             try:
                 for cb in callbacks:
                     cb.on_iteration_end(learner, record)
             except StopTraining:
                 result.stopped_early = True
+                logger.info("stopped early after iteration %d", iteration)
                 break
+    except KeyboardInterrupt:
+        # The interrupt may have landed anywhere, even inside an optimizer step.
+        result.last_state.restore(learner)
+        result.interrupted = True
+        logger.info("meta-training interrupted; restored iteration %d", result.last_iteration)
+        if not catch_interrupt:
+            raise
     finally:
         for cb in callbacks:
             cb.on_train_end(learner, result.history)
