@@ -260,6 +260,13 @@ def _lr_of(learner: MetaLearner) -> float:
     return float(learner.optimizer.param_groups[0]["lr"]) if learner.optimizer else float("nan")
 
 
+def _adapts_finitely(learner: MetaLearner, batch: Sequence[Task]) -> bool:
+    try:
+        return math.isfinite(learner.evaluate(batch))
+    except RuntimeError:
+        return False
+
+
 def _norm(tensors: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
 
@@ -270,6 +277,7 @@ def _divergence_message(
     iteration: int,
     what: str,
     start: TrainingState,
+    restored: int,
 ) -> str:
     """Say what diverged and which learning rate to lower, after the state was restored.
 
@@ -307,7 +315,7 @@ def _divergence_message(
     return (
         f"meta-training diverged at iteration {iteration}: the {what} is NaN or infinite; "
         f"{advice}. The meta-parameters were restored to the last finite state "
-        f"(iteration {iteration - 1})."
+        f"(iteration {restored})."
     )
 
 
@@ -368,6 +376,7 @@ def meta_train(
     """
     result = TrainingResult()
     result.last_state = first_state = TrainingState.capture(learner, start_iteration)
+    previous_state: TrainingState | None = None
 
     def hook(grads):
         if grad_hook is not None:
@@ -414,14 +423,21 @@ def meta_train(
                     diverged = "validation loss"
             if diverged is not None:
                 result.last_state.restore(learner)
-                message = _divergence_message(learner, batch, iteration, diverged, first_state)
+                if previous_state is not None and not _adapts_finitely(learner, batch):
+                    # The last step already ruined the initialization: go one step back.
+                    previous_state.restore(learner)
+                    result.last_state = previous_state
+                    result.history.pop()
+                message = _divergence_message(
+                    learner, batch, iteration, diverged, first_state, result.last_iteration
+                )
                 logger.error(message)
                 error = DivergenceError(message)
                 error.result = result
                 raise error
             record = HistoryRecord(iteration, loss, val, time.perf_counter() - start)
             state = TrainingState.capture(learner, iteration)
-            result.last_state = state
+            previous_state, result.last_state = result.last_state, state
             result.history.append(record)
             logger.debug("iteration %d: meta_loss=%.4g validation_loss=%s", iteration, loss, val)
             try:
