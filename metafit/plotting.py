@@ -1,0 +1,362 @@
+"""Figures of meta-training and adaptation (needs matplotlib: ``pip install metafit[plot]``).
+
+* :func:`plot_meta_history` — meta-loss and validation loss against meta-iterations;
+* :func:`plot_adaptation` — query loss against inner steps from the meta-learned
+  initialization, a random one and a jointly pretrained one (Finn et al. 2017, figure 3);
+* :func:`plot_predictions` — a 1-D regression task: its points, and the predictions before
+  and after adaptation.
+
+Every function draws on ``ax`` (a new figure when None) and returns the Axes. matplotlib
+is imported only when a function is called.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from metafit.learner import MetaLearner
+from metafit.persistence import MetaInit
+from metafit.tasks import Task, as_task
+
+__all__ = ["adaptation_curves", "plot_adaptation", "plot_meta_history", "plot_predictions"]
+
+
+def _pyplot():
+    try:
+        import matplotlib.pyplot as plt
+    except ImportError as exc:  # pragma: no cover - matplotlib is a test dependency
+        raise ImportError(
+            "metafit.plotting needs matplotlib: pip install 'metafit[plot]' "
+            "(or pip install matplotlib)."
+        ) from exc
+    return plt
+
+
+def _axes(ax):
+    if ax is None:
+        _, ax = _pyplot().subplots(figsize=(6, 4))
+    else:
+        _pyplot()
+    return ax
+
+
+def _meta_init(est) -> MetaInit:
+    init = est._resolve_meta_init() if hasattr(est, "_resolve_meta_init") else None
+    if init is None:
+        raise ValueError(
+            f"{type(est).__name__} has no meta-learned initialization: call meta_fit first "
+            "(or construct it with meta_init=)."
+        )
+    return init
+
+
+def _tasks(tasks, name: str = "tasks") -> list[Task]:
+    if isinstance(tasks, Task):
+        return [tasks]
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Iterable):
+        raise TypeError(f"{name} must be a Task or a list of Task, got {type(tasks).__name__}.")
+    out = [as_task(t) for t in tasks]
+    if not out:
+        raise ValueError(f"{name} is empty; pass at least one task.")
+    return out
+
+
+def _check_steps(steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"steps must be an int >= 0, got {steps!r}.")
+    return int(steps)
+
+
+def plot_meta_history(est, ax=None, *, log_scale: bool = True):
+    """Meta-loss and validation loss against meta-iterations.
+
+    Parameters
+    ----------
+    est : MetaInitializedEstimator
+        After :meth:`meta_fit` (uses ``meta_history_``).
+    ax : matplotlib Axes, optional
+    log_scale : bool, default=True
+        Logarithmic loss axis when the losses are positive and span more than 20x.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    history = getattr(est, "meta_history_", None)
+    if not history:
+        raise ValueError(
+            f"{type(est).__name__} has no meta_history_: call meta_fit before plotting it."
+        )
+    ax = _axes(ax)
+    it = np.array([r["iteration"] for r in history])
+    loss = np.array([r["meta_loss"] for r in history], dtype=float)
+    ax.plot(it, loss, color="C0", alpha=0.35, lw=1, label="meta-loss (meta-batch)")
+    window = max(1, len(loss) // 25)
+    if window > 1:
+        smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+        ax.plot(it[window - 1 :], smooth, color="C0", lw=2, label=f"meta-loss ({window}-avg)")
+    val = [(r["iteration"], r["validation_loss"]) for r in history]
+    val = np.array([(i, v) for i, v in val if v is not None], dtype=float).reshape(-1, 2)
+    if len(val):
+        ax.plot(val[:, 0], val[:, 1], "o-", color="C1", ms=3, lw=1.5, label="validation loss")
+    best = getattr(est, "meta_init_", None)
+    best_it = None if best is None else best.metadata.get("best_iteration")
+    if best_it is not None:
+        ax.axvline(best_it, color="C1", ls=":", lw=1, label=f"kept (iteration {best_it})")
+    values = np.concatenate([loss, val[:, 1]]) if len(val) else loss
+    finite = values[np.isfinite(values)]
+    if log_scale and len(finite) and finite.min() > 0 and finite.max() / finite.min() > 20:
+        ax.set_yscale("log")
+    ax.set_xlabel("meta-iteration")
+    ax.set_ylabel("query loss after adaptation")
+    ax.set_title(f"meta-training ({best.metadata.get('algorithm', '')})" if best else "")
+    ax.legend()
+    return ax
+
+
+def _random_module(module: nn.Module, seed: int) -> nn.Module:
+    fresh = copy.deepcopy(module)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        for sub in fresh.modules():
+            if hasattr(sub, "reset_parameters"):
+                sub.reset_parameters()
+    return fresh
+
+
+def _pretrain(module: nn.Module, tasks: list[Task], loss: str, steps: int, lr: float, seed):
+    """One network trained on all tasks' examples pooled (the usual transfer baseline)."""
+    X = np.concatenate([np.concatenate([t.X_support, t.X_query]) for t in tasks])
+    y = np.concatenate([np.concatenate([t.y_support, t.y_query]) for t in tasks])
+    param = next(module.parameters())
+    Xt = torch.as_tensor(X, dtype=param.dtype, device=param.device)
+    if loss == "cross_entropy":
+        yt = torch.as_tensor(y, dtype=torch.long, device=param.device)
+        criterion = nn.functional.cross_entropy
+    else:
+        yt = torch.as_tensor(y, dtype=param.dtype, device=param.device)
+        yt = yt.unsqueeze(1) if yt.dim() == 1 else yt
+        criterion = nn.functional.mse_loss
+    optimizer = torch.optim.Adam(module.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    batch = min(len(Xt), 256)
+    module.train()
+    for _ in range(steps):
+        idx = torch.randperm(len(Xt), generator=gen)[:batch].to(param.device)
+        optimizer.zero_grad()
+        criterion(module(Xt[idx]), yt[idx]).backward()
+        optimizer.step()
+    return module
+
+
+def _batch_curve(learner: MetaLearner, batch, steps: int) -> list[float]:
+    """Summed query loss of one equal-shape batch after 0..steps inner steps."""
+
+    def query_loss(params):
+        with torch.no_grad():
+            out = learner.forward(params, batch.X_query)
+            return float(learner.loss_fn(out, batch.y_query).sum())
+
+    start = learner.adapt(batch.X_support, batch.y_support, steps=0, track_graph=False)
+    losses = [query_loss(start)]
+    learner.adapt(
+        batch.X_support,
+        batch.y_support,
+        steps=steps,
+        track_graph=False,
+        on_step=lambda step, params: losses.append(query_loss(params)),
+    )
+    if len(losses) != steps + 1:  # pragma: no cover - on_step runs after every step
+        raise RuntimeError("the inner loop did not report every step")
+    return losses
+
+
+def _curve(learner: MetaLearner, tasks: list[Task], steps: int) -> np.ndarray:
+    """Mean query loss after 0..steps inner steps, over ``tasks``."""
+    totals = np.zeros(steps + 1)
+    n = 0
+    for batch in learner.batches(tasks):
+        losses = _batch_curve(learner, batch, steps)
+        totals += np.array(losses)
+        n += batch.n_tasks
+    return totals / n
+
+
+def adaptation_curves(
+    est,
+    tasks,
+    steps: int = 10,
+    *,
+    pretrain_tasks=None,
+    pretrain_steps: int = 500,
+    pretrain_lr: float = 1e-3,
+    random_state: int = 0,
+) -> dict[str, np.ndarray]:
+    """Mean query loss after 0..``steps`` inner steps from three starting points.
+
+    Parameters
+    ----------
+    est : MetaInitializedEstimator
+        Meta-fitted (or built with ``meta_init=``); its ``inner_lr`` and algorithm adapt
+        every starting point alike.
+    tasks : Task or list of Task
+        Evaluation tasks: adapt on their support sets, score on their query sets.
+    steps : int, default=10
+    pretrain_tasks : list of Task, optional
+        Tasks whose examples (support and query, pooled) train the pretrained baseline with
+        Adam. Use meta-training tasks; the default pools the *support* sets of ``tasks``,
+        the same examples adaptation sees.
+    pretrain_steps : int, default=500
+        Adam steps (mini-batches of up to 256 examples) of the pretrained baseline.
+    pretrain_lr : float, default=1e-3
+    random_state : int, default=0
+        Seeds the random initialization and the pretraining.
+
+    Returns
+    -------
+    dict
+        ``{"meta-learned": array, "random": array, "pretrained": array}``, each of
+        length ``steps + 1`` (entry 0 is before adaptation).
+    """
+    steps = _check_steps(steps)
+    tasks = _tasks(tasks)
+    init = _meta_init(est)
+    meta = est._learner_from_init(init)
+    meta.inner_lr = float(est.inner_lr)
+    if pretrain_tasks is None:
+        pool = [Task(t.X_support, t.y_support, t.X_support, t.y_support) for t in tasks]
+    else:
+        pool = _tasks(pretrain_tasks, "pretrain_tasks")
+
+    def learner_for(module):
+        out = MetaLearner(
+            module,
+            loss=meta.loss_name,
+            algorithm=meta.algorithm,
+            inner_lr=float(est.inner_lr),
+            inner_steps=steps,
+            forward=est.forward,
+            device=meta.device,
+        )
+        return out
+
+    random_module = _random_module(meta.module, random_state)
+    pretrained = _pretrain(
+        _random_module(meta.module, random_state),
+        pool,
+        meta.loss_name,
+        int(pretrain_steps),
+        float(pretrain_lr),
+        random_state,
+    )
+    return {
+        "meta-learned": _curve(meta, tasks, steps),
+        "random": _curve(learner_for(random_module), tasks, steps),
+        "pretrained": _curve(learner_for(pretrained), tasks, steps),
+    }
+
+
+def plot_adaptation(est, tasks, steps: int = 10, ax=None, **kwargs):
+    """Query loss against inner steps: meta-learned vs random vs jointly pretrained init.
+
+    The figure of the MAML paper: a good meta-initialization reaches a low loss in one or
+    a few steps, where a random one barely moves and a network pretrained on all tasks
+    pooled starts at the average function and adapts slowly. Keyword arguments go to
+    :func:`adaptation_curves`.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    curves = adaptation_curves(est, tasks, steps, **kwargs)
+    ax = _axes(ax)
+    x = np.arange(len(curves["meta-learned"]))
+    algorithm = _meta_init(est).metadata.get("algorithm", "meta")
+    styles = {
+        "meta-learned": dict(color="C0", marker="o", label=f"meta-learned ({algorithm})"),
+        "pretrained": dict(color="C2", marker="s", label="pretrained (all tasks pooled)"),
+        "random": dict(color="C7", marker="^", label="random initialization"),
+    }
+    for name in ("meta-learned", "pretrained", "random"):
+        ax.plot(x, curves[name], ms=4, lw=1.8, **styles[name])
+    ax.set_xlabel(f"inner gradient steps (inner_lr={est.inner_lr:g})")
+    ax.set_ylabel(f"mean query loss over {len(_tasks(tasks))} tasks")
+    ax.set_xticks(x if len(x) <= 11 else x[:: max(1, len(x) // 10)])
+    finite = np.concatenate([c[np.isfinite(c)] for c in curves.values()])
+    if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 30:
+        ax.set_yscale("log")
+    ax.set_title("adaptation from three initializations")
+    ax.legend()
+    return ax
+
+
+def plot_predictions(est, task, ax=None, *, steps: int | None = None, n_grid: int = 200):
+    """One 1-D regression task: its points, and predictions before and after adaptation.
+
+    Parameters
+    ----------
+    est : MetaInitializedRegressor
+        With a meta-learned initialization for one input and one output. It is not
+        modified: adaptation runs on a copy of the initialization.
+    task : Task or 4-tuple
+    ax : matplotlib Axes, optional
+    steps : int, optional
+        Inner steps; defaults to ``est.inner_steps``.
+    n_grid : int, default=200
+        Points of the prediction curves.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    task = as_task(task)
+    init = _meta_init(est)
+    if init.metadata.get("loss", "mse") != "mse" or init.n_features != 1 or init.n_outputs != 1:
+        raise ValueError(
+            "plot_predictions draws 1-D regression (one feature, one output, mse loss); this "
+            f"initialization has {init.n_features} feature(s) and {init.n_outputs} output(s)."
+        )
+    steps = est.inner_steps if steps is None else _check_steps(steps)
+    learner = est._learner_from_init(init)
+    learner.inner_lr = float(est.inner_lr)
+    Xs, ys = learner.as_tensors(task.X_support, task.y_support.reshape(-1, 1))
+    xs_all = np.concatenate([task.X_support[:, 0], task.X_query[:, 0]])
+    lo, hi = float(xs_all.min()), float(xs_all.max())
+    pad = 0.05 * (hi - lo or 1.0)
+    grid = np.linspace(lo - pad, hi + pad, int(n_grid), dtype=np.float32)[:, None]
+    Xg, _ = learner.as_tensors(grid)
+    theta = learner.adapt(Xs[None], ys[None], steps=0, track_graph=False)
+    phi = learner.adapt(Xs[None], ys[None], steps=steps, track_graph=False)
+    before = learner.predict(theta, Xg[None])[0, :, 0].cpu().numpy()
+    after = learner.predict(phi, Xg[None])[0, :, 0].cpu().numpy()
+
+    ax = _axes(ax)
+    order = np.argsort(task.X_query[:, 0])
+    ax.plot(
+        task.X_query[order, 0],
+        np.ravel(task.y_query)[order],
+        ".",
+        color="0.55",
+        ms=5,
+        label="query points (truth)",
+    )
+    ax.plot(grid[:, 0], before, "--", color="C1", lw=1.5, label="meta-init, before adaptation")
+    ax.plot(grid[:, 0], after, "-", color="C0", lw=2, label=f"after {steps} step(s)")
+    ax.plot(
+        task.X_support[:, 0],
+        np.ravel(task.y_support),
+        "o",
+        color="C3",
+        ms=7,
+        mec="k",
+        label=f"support ({task.n_support} points)",
+    )
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.legend(fontsize="small")
+    return ax
