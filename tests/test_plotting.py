@@ -1,0 +1,152 @@
+"""metafit.plotting: each figure renders to PNG with the Agg backend and returns its Axes."""
+
+from __future__ import annotations
+
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from metafit import MetaInitializedClassifier, MetaInitializedRegressor, SinusoidTasks  # noqa: E402
+from metafit.plotting import (  # noqa: E402
+    adaptation_curves,
+    plot_adaptation,
+    plot_meta_history,
+    plot_predictions,
+)
+
+EVAL = SinusoidTasks(k_shot=10, random_state=2).sample(8)
+
+
+@pytest.fixture(scope="module")
+def est():
+    return MetaInitializedRegressor(
+        hidden_sizes=(20, 20),
+        meta_iterations=150,
+        meta_batch_size=5,
+        inner_steps=1,
+        validation_interval=25,
+        random_state=0,
+    ).meta_fit(SinusoidTasks(k_shot=10, random_state=0), SinusoidTasks(random_state=1).sample(5))
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def render(ax, path):
+    ax.figure.savefig(path, dpi=50)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
+    return data
+
+
+def test_plot_meta_history(est, tmp_path):
+    ax = plot_meta_history(est)
+    assert isinstance(ax, matplotlib.axes.Axes)
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert any("validation" in label for label in labels)
+    assert ax.get_xlabel() == "meta-iteration"
+    val_line = next(line for line in ax.get_lines() if line.get_label() == "validation loss")
+    assert list(val_line.get_xdata()) == [25, 50, 75, 100, 125, 150]
+    render(ax, tmp_path / "history.png")
+
+
+def test_plot_meta_history_on_given_axes(est):
+    fig, axs = plt.subplots(1, 2)
+    assert plot_meta_history(est, axs[1]) is axs[1]
+    assert not axs[0].get_lines()
+
+
+def test_adaptation_curves_meta_init_adapts_best(est):
+    curves = adaptation_curves(est, EVAL, steps=5, pretrain_steps=200)
+    assert set(curves) == {"meta-learned", "random", "pretrained"}
+    assert all(c.shape == (6,) and np.isfinite(c).all() for c in curves.values())
+    # After meta-training, a few steps from the meta-init beat a few from a random init.
+    assert curves["meta-learned"][5] < curves["random"][5]
+    # Adaptation lowers the meta-learned loss.
+    assert curves["meta-learned"][5] < curves["meta-learned"][0]
+
+
+def test_adaptation_curves_are_reproducible(est):
+    a = adaptation_curves(est, EVAL[:3], steps=2, pretrain_steps=20, random_state=3)
+    b = adaptation_curves(est, EVAL[:3], steps=2, pretrain_steps=20, random_state=3)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name])
+
+
+def test_plot_adaptation(est, tmp_path):
+    pre = SinusoidTasks(k_shot=10, random_state=4).sample(20)
+    ax = plot_adaptation(est, EVAL, steps=4, pretrain_tasks=pre, pretrain_steps=50)
+    assert isinstance(ax, matplotlib.axes.Axes)
+    lines = ax.get_lines()
+    assert len(lines) == 3 and all(len(line.get_xdata()) == 5 for line in lines)
+    assert "meta-learned (maml)" in [line.get_label() for line in lines]
+    render(ax, tmp_path / "adaptation.png")
+
+
+def test_plot_predictions_does_not_modify_the_estimator(est, tmp_path):
+    task = EVAL[0]
+    ax = plot_predictions(est, task, steps=3)
+    assert isinstance(ax, matplotlib.axes.Axes)
+    assert not hasattr(est, "adapted_params_")
+    labels = [line.get_label() for line in ax.get_lines()]
+    assert "after 3 step(s)" in labels and "support (10 points)" in labels
+    before, after = (
+        line for line in ax.get_lines() if line.get_label().startswith(("meta", "after"))
+    )
+    assert not np.allclose(before.get_ydata(), after.get_ydata())
+    render(ax, tmp_path / "predictions.png")
+
+
+def test_plot_predictions_rejects_non_1d_regression():
+    rng = np.random.default_rng(0)
+    tasks = [
+        (
+            rng.normal(size=(6, 3)),
+            rng.integers(0, 2, 6),
+            rng.normal(size=(6, 3)),
+            rng.integers(0, 2, 6),
+        )
+        for _ in range(4)
+    ]
+    clf = MetaInitializedClassifier(hidden_sizes=(4,), meta_iterations=1, meta_batch_size=2)
+    clf.meta_fit(tasks)
+    with pytest.raises(ValueError, match="1-D regression"):
+        plot_predictions(clf, tasks[0])
+
+
+def test_plots_need_a_meta_fitted_estimator():
+    est = MetaInitializedRegressor()
+    with pytest.raises(ValueError, match="meta_fit"):
+        plot_meta_history(est)
+    with pytest.raises(ValueError, match="meta_fit"):
+        plot_adaptation(est, EVAL)
+    with pytest.raises(ValueError, match="meta_fit"):
+        plot_predictions(est, EVAL[0])
+
+
+@pytest.mark.parametrize("steps", [-1, 2.5, True])
+def test_bad_steps(est, steps):
+    with pytest.raises(ValueError, match="steps"):
+        adaptation_curves(est, EVAL, steps=steps)
+
+
+def test_bad_tasks(est):
+    with pytest.raises(TypeError, match="tasks"):
+        adaptation_curves(est, 3)
+    with pytest.raises(ValueError, match="empty"):
+        adaptation_curves(est, [])
+
+
+def test_missing_matplotlib_gives_a_clear_error(est, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    with pytest.raises(ImportError, match=r"metafit\[plot\]"):
+        plot_meta_history(est)
