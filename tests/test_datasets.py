@@ -146,6 +146,12 @@ def test_extracted_folder_found_by_layout_and_by_name(tmp_path):
     by_name = D.load_omniglot(tmp_path, image_size=None)  # finds images_background/
     by_layout = D.load_omniglot(tmp_path / "images_background", image_size=None)
     np.testing.assert_array_equal(by_name.images, by_layout.images)
+    # an extracted background set is never taken for the evaluation set
+    with pytest.raises(FileNotFoundError, match="images_evaluation"):
+        D.load_omniglot(tmp_path, split="evaluation")
+    _write_tree(tmp_path / "x", _tiny_files("images_background_small2"))
+    small2 = D.load_omniglot(tmp_path / "x" / "images_background_small2", image_size=None)
+    assert small2.split == "background_small2"
 
 
 def test_png_layout_rejects_uneven_drawers(tmp_path):
@@ -235,6 +241,22 @@ def test_resize_sizes_and_ink_preserved():
         assert data.images.shape == (136, 20, size, size)
         assert data.images.min() >= 0.0 and data.images.max() <= 1.0
         np.testing.assert_allclose(data.images.mean(), native.images.mean(), rtol=0.05)
+
+
+@needs_shared
+def test_resize_matches_pillow_bilinear():
+    """The filter is Pillow's (antialiased) BILINEAR, as torchvision Resize on PIL images."""
+    pil = pytest.importorskip("PIL.Image")
+    import io
+
+    data = D.load_omniglot(OMNI / "images_background_small1.zip")
+    with zipfile.ZipFile(OMNI / "images_background_small1.zip") as zf:
+        folder = data.character_names[3]
+        names = sorted(n for n in zf.namelist() if f"/{folder}/" in n and n.endswith(".png"))
+        for d, name in enumerate(names[:5]):
+            im = pil.open(io.BytesIO(zf.read(name))).convert("L").resize((28, 28), pil.BILINEAR)
+            expected = 1.0 - np.asarray(im, dtype=np.float32) / 255.0
+            np.testing.assert_allclose(data.images[3, d], expected, atol=1 / 255 + 1e-6)
 
 
 @needs_shared

@@ -9,9 +9,10 @@ Two on-disk forms of the official data are read:
 * the **npz conversion** (``images_background.npz``, ``images_evaluation.npz``): ``images``
   bool ``[characters, 20, 105, 105]`` (True = white paper) and ``labels``.
 
-Images come back as float32 with ink = 1.0 and paper = 0.0, resized with an antialiasing
-filter. Characters of a PNG archive are ordered by the character number in their file
-names, the order the npz conversion used, so both forms of one set give the same arrays.
+Images come back as float32 with ink = 1.0 and paper = 0.0, resized with antialiased
+bilinear filtering (the filter of Pillow's BILINEAR resize). Characters of a PNG archive
+are ordered by the character number in their file names, the order the npz conversion
+used, so both forms of one set give the same arrays.
 """
 
 from __future__ import annotations
@@ -158,7 +159,13 @@ def _check_format(format) -> str:
 
 
 def _is_png_tree(folder: Path) -> bool:
-    return any(folder.glob("*/*/*.png")) or any(folder.glob("*/*/*/*.png"))
+    """True when ``folder`` itself holds alphabet/character/*.png."""
+    return any(folder.glob("*/*/*.png")) or any(folder.glob("*/*/*.PNG"))
+
+
+def _split_from_name(name: str, default: str) -> str:
+    m = re.fullmatch(r"images_(\w+?)(\.npz|\.zip)?", name)
+    return m.group(1) if m and m.group(1) in SPLITS else default
 
 
 def _resolve(path, split: str, format: str) -> tuple[Path, str, str]:
@@ -175,9 +182,7 @@ def _resolve(path, split: str, format: str) -> tuple[Path, str, str]:
             raise ValueError(f"{root} is neither an .npz nor a .zip file of Omniglot.")
         if format != "auto" and (kind == "npz") != (format == "npz"):
             raise ValueError(f"format={format!r} but {root} is a {suffix} file.")
-        m = re.fullmatch(r"images_(\w+)\.(npz|zip)", root.name)
-        named = m.group(1) if m and m.group(1) in SPLITS else split
-        return root.resolve(), kind, named
+        return root.resolve(), kind, _split_from_name(root.name, split)
     if not root.is_dir():
         raise FileNotFoundError(
             f"Omniglot data not found: {root.resolve()} (from {origin}) does not exist. Pass "
@@ -197,7 +202,7 @@ def _resolve(path, split: str, format: str) -> tuple[Path, str, str]:
             if (cand.is_file() if kind != "dir" else cand.is_dir()):
                 return cand.resolve(), kind, split
     if format != "npz" and _is_png_tree(root):
-        return root.resolve(), "dir", split
+        return root.resolve(), "dir", _split_from_name(root.name, split)
     raise FileNotFoundError(
         f"no Omniglot data for split {split!r} (format={format!r}) under {root.resolve()} "
         f"(from {origin}); looked for: {', '.join(looked)}, and for an extracted "
