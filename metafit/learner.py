@@ -15,7 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from metafit.algorithms import MetaAlgorithm, get_algorithm
-from metafit.functional import LOSSES, Params, expand_params, inner_loop, make_forward
+from metafit.functional import (
+    LOSSES,
+    Params,
+    inner_loop,
+    make_forward,
+    make_grad_fn,
+    resolve_strategy,
+)
 from metafit.tasks import Task, TaskBatch
 
 __all__ = ["MetaLearner", "GradientHook"]
@@ -41,6 +48,11 @@ class MetaLearner:
         Inner-loop steps.
     forward : {"auto", "mlp", "vmap", "loop"}, default="auto"
         Batched forward strategy, see :func:`metafit.functional.make_forward`.
+    inner_grad : {"auto", "autograd"}, default="auto"
+        How the inner loop differentiates the support loss: ``"auto"`` uses the
+        strategy's gradient function where it has one (analytic for ``"mlp"``,
+        ``torch.func.grad`` for ``"vmap"``), ``"autograd"`` always
+        ``torch.autograd.grad``. Both give the same numbers; ``"auto"`` is faster.
     device : str or torch.device, default="cpu"
     dtype : torch.dtype, default=torch.float32
     """
@@ -54,6 +66,7 @@ class MetaLearner:
         inner_lr: float,
         inner_steps: int,
         forward: str = "auto",
+        inner_grad: str = "auto",
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
     ):
@@ -65,7 +78,14 @@ class MetaLearner:
         self.algorithm = get_algorithm(algorithm)
         self.inner_lr = float(inner_lr)
         self.inner_steps = int(inner_steps)
-        self.forward = make_forward(self.module, forward)
+        self.strategy = resolve_strategy(self.module, forward)
+        self.forward = make_forward(self.module, self.strategy)
+        if inner_grad not in ("auto", "autograd"):
+            raise ValueError(f"inner_grad must be 'auto' or 'autograd', got {inner_grad!r}.")
+        self.inner_grad = inner_grad
+        self.grad_fn = (
+            make_grad_fn(self.module, self.strategy, self.loss_fn) if inner_grad == "auto" else None
+        )
         self.extras: dict[str, Tensor] = self.algorithm.extra_parameters(self)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
@@ -120,6 +140,7 @@ class MetaLearner:
         create_graph: bool = False,
         track_graph: bool = True,
         on_step=None,
+        keep_shared: bool = False,
     ) -> Params:
         """Run the inner loop from ``theta`` on a batch of support sets.
 
@@ -132,6 +153,9 @@ class MetaLearner:
         create_graph, track_graph, on_step
             See :func:`metafit.functional.inner_loop`. ``track_graph=False`` also
             detaches the learning rates (no meta-gradient at all).
+        keep_shared : bool, default=False
+            Leave never-updated parameters without the task dimension (for
+            :attr:`forward` only); see :func:`metafit.functional.inner_loop`.
 
         Returns
         -------
@@ -147,7 +171,7 @@ class MetaLearner:
         return inner_loop(
             self.forward,
             self.loss_fn,
-            expand_params(theta, X.shape[0]),
+            theta,
             X,
             y,
             steps=self.inner_steps if steps is None else steps,
@@ -156,6 +180,9 @@ class MetaLearner:
             create_graph=create_graph,
             track_graph=track_graph,
             on_step=on_step,
+            grad_fn=self.grad_fn,
+            shared=True,
+            keep_shared=keep_shared,
         )
 
     @torch.no_grad()

@@ -84,7 +84,10 @@ class GradientMetaAlgorithm(MetaAlgorithm):
         loss = 0.0
         for batch in batches:
             phi = learner.adapt(
-                batch.X_support, batch.y_support, create_graph=not self.first_order
+                batch.X_support,
+                batch.y_support,
+                create_graph=not self.first_order,
+                keep_shared=True,
             )
             query = learner.loss_fn(learner.forward(phi, batch.X_query), batch.y_query)
             loss = loss + query.sum() / total

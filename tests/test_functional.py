@@ -1,0 +1,243 @@
+"""The functional core: forwards, analytic inner gradients, the inner loop, its memory."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from metafit.functional import (
+    LOSSES,
+    cross_entropy_loss,
+    expand_params,
+    head_parameter_names,
+    inner_loop,
+    make_forward,
+    make_grad_fn,
+    mse_loss,
+    resolve_strategy,
+)
+from metafit.models import MLP
+
+T, N = 4, 6
+
+
+def _net(activation="relu", n_in=3, n_out=2, hidden=(5, 4), seed=0):
+    torch.manual_seed(seed)  # tests only: the library never touches the global RNG
+    return MLP(n_in, n_out, hidden, activation).double()
+
+
+def _data(loss, n_in=3, n_out=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    X = torch.randn(T, N, n_in, generator=gen, dtype=torch.float64)
+    if loss == "cross_entropy":
+        y = torch.randint(0, n_out, (T, N), generator=gen)
+    elif loss == "mse_1d":
+        y = torch.randn(T, N, generator=gen, dtype=torch.float64)
+    else:
+        y = torch.randn(T, N, n_out, generator=gen, dtype=torch.float64)
+    return X, y
+
+
+def _batched_params(net, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        k: (v.detach().unsqueeze(0) + 0.3 * torch.randn(T, *v.shape, generator=gen, dtype=v.dtype))
+        .requires_grad_(True)
+        for k, v in net.named_parameters()
+    }
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "gelu", "elu"])
+@pytest.mark.parametrize("loss", ["mse", "mse_1d", "cross_entropy"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_analytic_gradient_and_its_derivative_equal_autograd(activation, loss, shared):
+    net = _net(activation)
+    X, y = _data(loss)
+    loss_fn = LOSSES["mse" if loss == "mse_1d" else loss]
+    grad_fn = make_grad_fn(net, "mlp", loss_fn)
+    forward = make_forward(net, "mlp")
+    if shared:
+        params = {k: v for k, v in net.named_parameters()}
+        expanded = expand_params(params, T)
+    else:
+        params = expanded = _batched_params(net)
+    names = list(params)
+    want = torch.autograd.grad(
+        loss_fn(forward(expanded, X), y).sum(), [expanded[n] for n in names], create_graph=True
+    )
+    got = grad_fn(params, X, y, names, -0.5)
+    for n, w in zip(names, want):
+        assert got[n].shape == (T, *net.get_parameter(n).shape)
+        torch.testing.assert_close(got[n], -0.5 * w, rtol=1e-10, atol=1e-12)
+    # Second order: derivatives of the gradients agree too.
+    probe = {n: torch.randn(got[n].shape, dtype=torch.float64) for n in names}
+    inputs = list(params.values())
+    d_got = torch.autograd.grad(sum((got[n] * probe[n]).sum() for n in names), inputs)
+    d_want = torch.autograd.grad(
+        sum((-0.5 * w * probe[n]).sum() for n, w in zip(names, want)), inputs
+    )
+    for a, b in zip(d_got, d_want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_analytic_gradient_of_a_subset_skips_the_rest():
+    net = _net()
+    X, y = _data("mse")
+    grad_fn = make_grad_fn(net, "mlp", mse_loss)
+    params = _batched_params(net)
+    head = head_parameter_names(net)
+    got = grad_fn(params, X, y, head, None)
+    assert set(got) == set(head)
+    loss = mse_loss(make_forward(net, "loop")(params, X), y).sum()
+    want = torch.autograd.grad(loss, [params[n] for n in head])
+    for n, w in zip(head, want):
+        torch.testing.assert_close(got[n], w)
+
+
+def test_no_analytic_gradient_for_unknown_losses_or_generic_paths():
+    net = _net()
+    assert make_grad_fn(net, "mlp", lambda out, y: (out - y).abs().mean((1, 2))) is None
+    assert make_grad_fn(net, "vmap", mse_loss) is None
+    assert make_grad_fn(net, "loop", mse_loss) is None
+
+
+class _Generic(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 4)
+        self.b = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+@pytest.mark.parametrize("module", [_net("tanh"), _Generic().double()])
+def test_forward_strategies_agree_with_the_module_per_task(module):
+    X, _ = _data("mse")
+    batched = _batched_params(module)
+    shared = dict(module.named_parameters())
+    head = head_parameter_names(module)
+    mixed = {**shared, **{k: batched[k] for k in head}}  # body shared, head per task
+    strategies = ["vmap", "loop"] + (["mlp"] if isinstance(module, MLP) else [])
+    call = torch.func.functional_call
+    for strategy in strategies:
+        forward = make_forward(module, strategy)
+        out, out_mixed, out_shared = forward(batched, X), forward(mixed, X), forward(shared, X)
+        for t in range(T):
+            per_task = {k: v[t] for k, v in batched.items()}
+            torch.testing.assert_close(out[t], call(module, per_task, (X[t],)))
+            mixed_t = {**shared, **{k: per_task[k] for k in head}}
+            torch.testing.assert_close(out_mixed[t], call(module, mixed_t, (X[t],)))
+            torch.testing.assert_close(out_shared[t], module(X[t]))
+
+
+def test_resolve_strategy():
+    assert resolve_strategy(_net()) == "mlp"
+    assert resolve_strategy(_Generic()) == "vmap"
+    g = _Generic()
+    g.preferred_forward = "loop"
+    assert resolve_strategy(g) == "loop"
+    with pytest.raises(ValueError, match="only with metafit.models.MLP"):
+        make_forward(_Generic(), "mlp")
+    with pytest.raises(ValueError, match="unknown forward strategy 'fast'"):
+        make_forward(_net(), "fast")
+
+
+def test_head_parameter_names_of_a_generic_module():
+    assert head_parameter_names(_Generic()) == ["b.weight", "b.bias"]
+    with pytest.raises(ValueError, match="no parameters"):
+        head_parameter_names(nn.ReLU())
+
+
+@pytest.mark.parametrize("use_grad_fn", [False, True])
+def test_inner_loop_per_step_rates_on_step_and_shared_results(use_grad_fn):
+    net = _net()
+    X, y = _data("mse")
+    forward = make_forward(net, "mlp")
+    grad_fn = make_grad_fn(net, "mlp", mse_loss) if use_grad_fn else None
+    theta = {k: v.detach() for k, v in net.named_parameters()}
+    seen = []
+    out = inner_loop(
+        forward, mse_loss, theta, X, y, steps=2, lr=[0.1, 0.05], grad_fn=grad_fn, shared=True,
+        track_graph=False, on_step=lambda s, p: seen.append((s, p["layers.0.weight"].shape)),
+    )
+    assert seen == [(0, (T, 5, 3)), (1, (T, 5, 3))]
+    # Reference: plain per-task SGD with autograd.
+    p = expand_params(theta, T)
+    for rate in (0.1, 0.05):
+        p = {k: v.detach().requires_grad_(True) for k, v in p.items()}
+        g = torch.autograd.grad(mse_loss(forward(p, X), y).sum(), list(p.values()))
+        p = {k: v - rate * gg for (k, v), gg in zip(p.items(), g)}
+    for k in p:
+        torch.testing.assert_close(out[k], p[k].detach())
+    zero = inner_loop(forward, mse_loss, theta, X, y, steps=0, lr=0.1, shared=True, grad_fn=grad_fn)
+    assert all(zero[k].shape == (T, *theta[k].shape) for k in theta)
+    kept = inner_loop(
+        forward, mse_loss, theta, X, y, steps=1, lr=0.1, shared=True, grad_fn=grad_fn,
+        adapt=["layers.2.weight"], keep_shared=True,
+    )
+    body_shape = theta["layers.0.weight"].shape
+    assert kept["layers.0.weight"].shape == (body_shape if use_grad_fn else (T, *body_shape))
+    assert kept["layers.2.weight"].shape == (T, *theta["layers.2.weight"].shape)
+
+
+def test_cross_entropy_loss_per_task():
+    X, y = _data("cross_entropy")
+    out = torch.randn(T, N, 2, dtype=torch.float64)
+    want = torch.stack([nn.functional.cross_entropy(out[t], y[t]) for t in range(T)])
+    torch.testing.assert_close(cross_entropy_loss(out, y), want)
+
+
+# --------------------------------------------------------------------------- memory
+
+
+def _retained_graph_bytes(fn):
+    """Bytes of tensors that autograd saved while ``fn`` ran and still holds after it.
+
+    Every tensor saved for backward is wrapped; a weak reference tells whether the graph
+    that saved it is still alive once ``fn`` returns its result.
+    """
+
+    class Saved:
+        def __init__(self, t):
+            self.t = t
+
+    refs = []
+
+    def pack(t):
+        box = Saved(t)
+        refs.append((weakref.ref(box), t.numel() * t.element_size()))
+        return box
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.t):
+        result = fn()
+    return sum(size for ref, size in refs if ref() is not None), result
+
+
+@pytest.mark.parametrize("use_grad_fn", [False, True])
+def test_first_order_memory_is_flat_in_steps_second_order_grows(use_grad_fn):
+    net = MLP(1, 1, (32, 32))
+    X, y = torch.randn(8, 10, 1), torch.randn(8, 10)
+    forward = make_forward(net, "mlp")
+    grad_fn = make_grad_fn(net, "mlp", mse_loss) if use_grad_fn else None
+    theta = dict(net.named_parameters())
+
+    def retained(steps, **kw):
+        size, phi = _retained_graph_bytes(
+            lambda: inner_loop(
+                forward, mse_loss, theta, X, y, steps=steps, lr=0.01, grad_fn=grad_fn,
+                shared=True, **kw
+            )
+        )
+        assert all(v.requires_grad == kw.get("track_graph", True) for v in phi.values())
+        return size
+
+    first = [retained(s) for s in (1, 5, 10)]
+    second = [retained(s, create_graph=True) for s in (1, 5, 10)]
+    detached = [retained(s, track_graph=False) for s in (1, 5, 10)]
+    assert first[0] == first[1] == first[2]
+    assert detached == [0, 0, 0]
+    assert second[0] > 0 and second[1] > 4 * second[0] and second[2] > 1.8 * second[1]
