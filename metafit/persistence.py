@@ -20,6 +20,7 @@ from torch import nn
 __all__ = ["MetaInit", "FORMAT_VERSION", "module_spec", "build_module"]
 
 FORMAT_VERSION = 1
+_REQUIRED_METADATA = ("n_features", "n_outputs")
 _BUILTIN_PREFIX = "metafit."
 
 
@@ -57,8 +58,25 @@ def build_module(spec: dict[str, Any]) -> nn.Module:
     import importlib
 
     module_name, _, qualname = path.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), qualname)
-    return cls(**spec["kwargs"])
+    try:
+        cls = getattr(importlib.import_module(module_name), qualname)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(
+            f"this meta-initialization names the module class {path}, which this version of "
+            "metafit does not have; load it with the metafit version that wrote it."
+        ) from exc
+    # Only network classes may be built from a file: never call an arbitrary function.
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"{path} named by the meta-initialization is not an nn.Module class.")
+    kwargs = spec.get("kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ValueError(
+            f"the module arguments in the meta-initialization are not a dict: {kwargs!r}"
+        )
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"cannot build {path} from the saved arguments {kwargs}: {exc}") from exc
 
 
 @dataclass
@@ -140,10 +158,44 @@ class MetaInit:
                 f"{str(path)!r} is a safetensors file but not a metafit meta-initialization "
                 "(write one with save_meta_init)."
             )
-        version = int(header.get("format_version", "0"))
+        try:
+            version = int(header.get("format_version", "0"))
+            spec = json.loads(header["spec"])
+            metadata = json.loads(header["metadata"])
+        except (KeyError, ValueError) as exc:
+            raise ValueError(
+                f"{str(path)!r} has a damaged metafit header ({type(exc).__name__}: {exc}); "
+                "write it again with save_meta_init."
+            ) from exc
         if version > FORMAT_VERSION:
             raise ValueError(
                 f"{str(path)!r} uses format version {version}; this metafit reads up to "
                 f"{FORMAT_VERSION}. Upgrade metafit."
             )
-        return cls(tensors, json.loads(header["spec"]), json.loads(header["metadata"]))
+        missing = [k for k in _REQUIRED_METADATA if k not in metadata]
+        if not isinstance(spec, dict) or "class" not in spec or missing:
+            raise ValueError(
+                f"{str(path)!r} has an incomplete metafit header (missing "
+                f"{missing or ['spec.class']}); write it again with save_meta_init."
+            )
+        return cls(tensors, spec, metadata)
+
+    def estimator_params(self) -> dict[str, Any]:
+        """Estimator parameters that match this initialization.
+
+        The architecture of a built-in network (``hidden_sizes``, ``activation``) and
+        the meta-training ``algorithm``, ``inner_lr`` and ``inner_steps``; pass them to the
+        estimator together with ``meta_init=`` to adapt as meta-training did::
+
+            init = MetaInit.load(path)
+            est = MetaInitializedRegressor(meta_init=path, **init.estimator_params())
+        """
+        params: dict[str, Any] = {}
+        if self.spec.get("class") == "metafit.models.MLP":
+            kwargs = self.spec.get("kwargs", {})
+            params["hidden_sizes"] = tuple(kwargs.get("hidden_sizes", ()))
+            params["activation"] = kwargs.get("activation", "relu")
+        for key in ("algorithm", "inner_lr", "inner_steps"):
+            if key in self.metadata:
+                params[key] = self.metadata[key]
+        return params
