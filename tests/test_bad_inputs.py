@@ -1,0 +1,643 @@
+"""A table of bad inputs across tasks, estimators, training, plotting, tuning and configs.
+
+Every row must raise ValueError or TypeError whose message says what to fix, and leave
+nothing behind: the estimator it was called on keeps exactly its attributes, and no file
+appears in the working folder. Numeric parameters are also probed with hypothesis.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from metafit import (
+    MetaInit,
+    MetaInitializedClassifier,
+    MetaInitializedRegressor,
+    NWayKShotTasks,
+    SinusoidTasks,
+    Task,
+    tasks_from_groups,
+)
+
+RNG = np.random.default_rng(0)
+X4, Y4 = RNG.normal(size=(4, 1)), RNG.normal(size=4)
+REG_TASKS = SinusoidTasks(k_shot=4, k_query=4, random_state=0).sample(4)
+CLF_TASKS = [
+    Task(
+        RNG.normal(size=(6, 3)),
+        np.tile([0, 1, 2], 2),
+        RNG.normal(size=(6, 3)),
+        np.tile([0, 1, 2], 2),
+    )
+    for _ in range(4)
+]
+QUICK = dict(hidden_sizes=(4,), meta_iterations=2, meta_batch_size=2, random_state=0)
+
+_FITTED: dict[str, Any] = {}
+
+
+def fitted_regressor():
+    if "reg" not in _FITTED:
+        _FITTED["reg"] = MetaInitializedRegressor(**QUICK).meta_fit(REG_TASKS)
+    return _FITTED["reg"]
+
+
+def fitted_classifier():
+    if "clf" not in _FITTED:
+        _FITTED["clf"] = MetaInitializedClassifier(**QUICK).meta_fit(CLF_TASKS)
+    return _FITTED["clf"]
+
+
+@dataclass
+class Case:
+    """``make(tmp)`` returns ``(target, action)``; ``action()`` must raise ``error``."""
+
+    id: str
+    make: Callable
+    error: type
+    match: str
+
+
+def reg(**kw):
+    return MetaInitializedRegressor(**{**QUICK, **kw})
+
+
+def meta_fit_with(**kw):
+    def make(tmp):
+        est = reg(**kw)
+        return est, lambda: est.meta_fit(REG_TASKS, REG_TASKS[:2])
+
+    return make
+
+
+def call(fn, *args, **kw):
+    def make(tmp):
+        return None, lambda: fn(*args, **kw)
+
+    return make
+
+
+def on_fitted(method, *args, which="reg", **params):
+    def make(tmp):
+        import copy
+
+        base = fitted_regressor() if which == "reg" else fitted_classifier()
+        est = copy.deepcopy(base).set_params(**params)
+        return est, lambda: getattr(est, method)(*args)
+
+    return make
+
+
+def est_call(method, *args, **params):
+    """``reg(**params).method(*args)``; a param given as a function of tmp is called first."""
+
+    def make(tmp):
+        resolved = {
+            k: v(tmp) if callable(v) and not isinstance(v, type) else v for k, v in params.items()
+        }
+        est = reg(**resolved)
+        return est, lambda: getattr(est, method)(*args)
+
+    return make
+
+
+def tasks_case(*args):
+    return call(Task, *args)
+
+
+def fresh_meta_fit(tasks, estimator=MetaInitializedRegressor, validation=None):
+    def make(tmp):
+        est = estimator(**QUICK)
+        return est, lambda: est.meta_fit(tasks, validation)
+
+    return make
+
+
+def _tuning_cases():
+    from metafit import tuning
+
+    def tune(**kw):
+        def make(tmp):
+            est = fitted_regressor()
+            args = dict(validation_tasks=REG_TASKS[:2], n_trials=1, storage=f"sqlite:///{tmp}/s.db")
+            args.update(kw)
+            return est, lambda: tuning.tune(est, **args)
+
+        return make
+
+    return [
+        Case(
+            "tune-not-an-estimator",
+            call(tuning.tune, object(), validation_tasks=REG_TASKS),
+            TypeError,
+            "must be a MetaInitializedRegressor",
+        ),
+        Case("tune-n_trials-zero", tune(n_trials=0), ValueError, "n_trials must be a positive int"),
+        Case("tune-timeout-negative", tune(timeout=-5), ValueError, "timeout must be .* > 0"),
+        Case("tune-bad-mode", tune(mode="fast"), ValueError, "mode"),
+        Case(
+            "tune-space-low-above-high",
+            tune(search_space={"inner_lr": {"low": 1.0, "high": 0.1}}),
+            ValueError,
+            "inner_lr",
+        ),
+        Case(
+            "tune-space-unknown-param",
+            tune(search_space={"learning_rate": {"low": 0.1, "high": 1}}),
+            ValueError,
+            "learning_rate",
+        ),
+        Case(
+            "tune-meta-param-in-adaptation-mode",
+            tune(search_space={"meta_lr": {"low": 1e-4, "high": 1e-2}}),
+            ValueError,
+            "meta",
+        ),
+        Case("tune-empty-validation", tune(validation_tasks=[]), ValueError, "validation_tasks"),
+        Case(
+            "tune-storage-bad-url",
+            call(tuning.make_storage, "ftp://nowhere/db"),
+            ValueError,
+            "storage",
+        ),
+    ]
+
+
+def _config_cases():
+    """Rows for metafit.config / metafit.cli, once those modules are committed."""
+    try:
+        from metafit import config  # noqa: F401
+    except ImportError:
+        return []
+    return _config_rows()
+
+
+def _config_rows():
+    return []
+
+
+CASES = [
+    # ---- tasks
+    Case("task-X-1d", tasks_case(np.zeros(4), Y4, X4, Y4), ValueError, r"reshape\(-1, 1\)"),
+    Case(
+        "task-empty-support",
+        tasks_case(np.zeros((0, 1)), np.zeros(0), X4, Y4),
+        ValueError,
+        "every task needs examples",
+    ),
+    Case(
+        "task-nan-X", tasks_case(np.full((4, 1), np.nan), Y4, X4, Y4), ValueError, "clean or impute"
+    ),
+    Case("task-inf-y", tasks_case(X4, np.full(4, np.inf), X4, Y4), ValueError, "clean or impute"),
+    Case("task-length-mismatch", tasks_case(X4, Y4[:3], X4, Y4), ValueError, "must match"),
+    Case(
+        "task-feature-mismatch",
+        tasks_case(X4, Y4, np.zeros((4, 2)), Y4),
+        ValueError,
+        "same features",
+    ),
+    Case(
+        "task-target-mismatch", tasks_case(X4, Y4, X4, np.zeros((4, 2))), ValueError, "same targets"
+    ),
+    Case("task-string-X", tasks_case(np.full((4, 1), "a"), Y4, X4, Y4), ValueError, "real numbers"),
+    Case(
+        "task-tuple-3-items",
+        call(Task.from_tuple, (X4, Y4, X4)),
+        ValueError,
+        r"\(X_support, y_support, X_query, y_query\)",
+    ),
+    Case("sinusoid-k_shot-zero", call(SinusoidTasks, k_shot=0), ValueError, "k_shot must be"),
+    Case("sinusoid-k_shot-float", call(SinusoidTasks, k_shot=2.5), ValueError, "k_shot must be"),
+    Case(
+        "nway-more-ways-than-classes",
+        call(NWayKShotTasks, RNG.normal(size=(20, 2)), np.repeat([0, 1], 10), n_way=3, k_shot=1),
+        ValueError,
+        "n_way",
+    ),
+    Case(
+        "nway-shots-exceed-class-size",
+        call(
+            NWayKShotTasks,
+            RNG.normal(size=(8, 2)),
+            np.repeat([0, 1], 4),
+            n_way=2,
+            k_shot=3,
+            k_query=3,
+        ),
+        ValueError,
+        "k_shot",
+    ),
+    Case(
+        "groups-X-1d",
+        call(tasks_from_groups, np.zeros(6), np.zeros(6), np.zeros(6)),
+        ValueError,
+        "2-D",
+    ),
+    Case(
+        "groups-length-mismatch",
+        call(tasks_from_groups, np.zeros((6, 1)), np.zeros(5), np.zeros(6)),
+        ValueError,
+        "same length",
+    ),
+    Case(
+        "groups-support-fraction-above-1",
+        call(tasks_from_groups, np.zeros((6, 1)), np.zeros(6), np.zeros(6), support_size=1.5),
+        ValueError,
+        r"\(0, 1\)",
+    ),
+    Case(
+        "groups-support-size-str",
+        call(tasks_from_groups, np.zeros((6, 1)), np.zeros(6), np.zeros(6), support_size="half"),
+        TypeError,
+        "support_size must be an int or a float",
+    ),
+    Case(
+        "groups-none-large-enough",
+        call(tasks_from_groups, np.zeros((4, 1)), np.zeros(4), np.arange(4)),
+        ValueError,
+        "group",
+    ),
+    # ---- estimator parameters (checked before any training)
+    Case(
+        "est-unknown-kwarg",
+        est_call("meta_fit", REG_TASKS, learning_rate=0.1),
+        TypeError,
+        "module__<name>",
+    ),
+    Case("est-inner_lr-zero", meta_fit_with(inner_lr=0.0), ValueError, "inner_lr must be"),
+    Case("est-inner_lr-str", meta_fit_with(inner_lr="0.1"), TypeError, "inner_lr must be a number"),
+    Case(
+        "est-inner_steps-negative",
+        meta_fit_with(inner_steps=-1),
+        ValueError,
+        "inner_steps must be >= 0",
+    ),
+    Case(
+        "est-meta_batch_size-zero",
+        meta_fit_with(meta_batch_size=0),
+        ValueError,
+        "meta_batch_size must be >= 1",
+    ),
+    Case(
+        "est-meta_iterations-float",
+        meta_fit_with(meta_iterations=10.0),
+        TypeError,
+        "meta_iterations must be an int",
+    ),
+    Case(
+        "est-validation_interval-zero",
+        meta_fit_with(validation_interval=0),
+        ValueError,
+        "validation_interval must be >= 1",
+    ),
+    Case(
+        "est-unknown-algorithm",
+        meta_fit_with(algorithm="maml2"),
+        ValueError,
+        "algorithm must be one of",
+    ),
+    Case(
+        "est-unknown-forward", meta_fit_with(forward="fast"), ValueError, "forward must be one of"
+    ),
+    Case(
+        "est-hidden_sizes-zero",
+        meta_fit_with(hidden_sizes=(4, 0)),
+        ValueError,
+        "hidden_sizes must be a tuple of positive ints",
+    ),
+    Case(
+        "est-module-not-a-module",
+        meta_fit_with(module="resnet"),
+        TypeError,
+        "nn.Module subclass or instance",
+    ),
+    Case("est-bogus-device", meta_fit_with(device="gpu:x"), ValueError, "not a torch device"),
+    Case(
+        "est-bad-random_state",
+        meta_fit_with(random_state="seed"),
+        ValueError,
+        "random_state must be None, an int",
+    ),
+    # ---- training parameters (this module's wiring)
+    Case("train-patience-zero", meta_fit_with(patience=0), ValueError, "patience must be"),
+    Case("train-patience-float", meta_fit_with(patience=2.5), TypeError, "patience must be an int"),
+    Case(
+        "train-min_delta-negative",
+        meta_fit_with(min_delta=-0.1),
+        ValueError,
+        "min_delta must be a finite number >= 0",
+    ),
+    Case(
+        "train-clip-zero",
+        meta_fit_with(clip_grad_norm=0),
+        ValueError,
+        "clip_grad_norm must be a finite number > 0",
+    ),
+    Case(
+        "train-clip-str",
+        meta_fit_with(clip_grad_norm="1"),
+        TypeError,
+        "clip_grad_norm must be a number or None",
+    ),
+    Case(
+        "train-checkpoint-is-folder",
+        est_call("meta_fit", REG_TASKS, checkpoint_path=lambda tmp: tmp),
+        ValueError,
+        "must name a file, not a folder",
+    ),
+    Case(
+        "train-checkpoint-not-path",
+        meta_fit_with(checkpoint_path=3),
+        TypeError,
+        "checkpoint_path must be None, a str or a path",
+    ),
+    Case(
+        "train-checkpoint_interval-zero",
+        est_call(
+            "meta_fit",
+            REG_TASKS,
+            checkpoint_path=lambda tmp: tmp / "c.st",
+            checkpoint_interval=0,
+        ),
+        ValueError,
+        "checkpoint_interval must be",
+    ),
+    Case(
+        "train-on_interrupt-unknown",
+        meta_fit_with(on_interrupt="ignore"),
+        ValueError,
+        'on_interrupt must be "warn" or "raise"',
+    ),
+    Case(
+        "train-warm_start-str",
+        meta_fit_with(warm_start="yes"),
+        TypeError,
+        "warm_start must be True or False",
+    ),
+    Case("train-verbose-negative", meta_fit_with(verbose=-1), ValueError, "verbose must be"),
+    Case(
+        "train-patience-without-validation",
+        est_call("meta_fit", REG_TASKS, patience=2),
+        ValueError,
+        "needs validation_tasks",
+    ),
+    Case(
+        "train-warm-start-other-features",
+        on_fitted(
+            "meta_fit",
+            CLF_TASKS[:0] or [Task(np.zeros((4, 2)), np.zeros(4), np.zeros((4, 2)), np.zeros(4))],
+            warm_start=True,
+            meta_iterations=5,
+        ),
+        ValueError,
+        "warm_start=False to start over",
+    ),
+    # ---- meta_fit inputs
+    Case("meta_fit-single-task", fresh_meta_fit(REG_TASKS[0]), TypeError, "iterable of Task"),
+    Case("meta_fit-array", fresh_meta_fit(np.zeros((3, 4))), TypeError, "iterable of Task"),
+    Case("meta_fit-empty", fresh_meta_fit([]), ValueError, "at least one task"),
+    Case(
+        "meta_fit-feature-mismatch",
+        fresh_meta_fit([REG_TASKS[0], Task(np.zeros((4, 2)), Y4, np.zeros((4, 2)), Y4)]),
+        ValueError,
+        "must share their features",
+    ),
+    Case(
+        "meta_fit-empty-validation",
+        fresh_meta_fit(REG_TASKS, validation=[]),
+        ValueError,
+        "pass None or at least one task",
+    ),
+    Case(
+        "meta_fit-classifier-float-labels",
+        fresh_meta_fit([Task(X4, Y4, X4, Y4)] * 2, MetaInitializedClassifier),
+        ValueError,
+        "integer class indices",
+    ),
+    Case(
+        "meta_fit-classifier-n_way-mismatch",
+        fresh_meta_fit(
+            [
+                Task(X4, np.array([0, 1, 0, 1]), X4, np.array([0, 1, 0, 1])),
+                Task(X4, np.array([0, 1, 0, 1]), X4, np.array([0, 1, 0, 1])),
+                Task(X4, np.array([0, 1, 2, 3]), X4, np.array([0, 1, 2, 3])),
+            ],
+            MetaInitializedClassifier,
+        ),
+        ValueError,
+        "same n_way",
+    ),
+    Case(
+        "meta_fit-regressor-output-mismatch",
+        fresh_meta_fit([Task(X4, Y4, X4, Y4), Task(X4, np.zeros((4, 2)), X4, np.zeros((4, 2)))]),
+        ValueError,
+        "must share their targets",
+    ),
+    # ---- fit / predict inputs
+    Case("fit-nan-X", on_fitted("fit", np.full((4, 1), np.nan), Y4), ValueError, "NaN"),
+    Case(
+        "fit-wrong-feature-count",
+        on_fitted("fit", np.zeros((4, 3)), Y4),
+        ValueError,
+        "features used in meta-training",
+    ),
+    Case(
+        "fit-wrong-output-count",
+        on_fitted("fit", X4, np.zeros((4, 2))),
+        ValueError,
+        "use the targets of meta-training",
+    ),
+    Case(
+        "fit-classifier-too-many-classes",
+        on_fitted("fit", np.zeros((5, 3)), np.arange(5), which="clf"),
+        ValueError,
+        "n_way >= 5",
+    ),
+    Case(
+        "fit-meta_init-wrong-type",
+        est_call("fit", X4, Y4, meta_init=3),
+        TypeError,
+        "meta_init must be None, a path or a MetaInit",
+    ),
+    Case(
+        "fit-meta_init-not-safetensors",
+        est_call("fit", X4, Y4, meta_init=lambda tmp: _write(tmp / "x.safetensors", b"hi")),
+        ValueError,
+        "not a readable safetensors file",
+    ),
+    Case(
+        "fit-classifier-init-on-regressor",
+        est_call(
+            "fit",
+            np.zeros((4, 3)),
+            np.zeros((4, 3)),
+            meta_init=lambda tmp: fitted_classifier().meta_init_,
+        ),
+        ValueError,
+        "cannot serve a regressor",
+    ),
+    # ---- plotting
+    Case(
+        "plot-history-before-meta_fit",
+        lambda tmp: (
+            None,
+            lambda: __import__("metafit.plotting").plotting.plot_meta_history(
+                MetaInitializedRegressor()
+            ),
+        ),
+        ValueError,
+        "call meta_fit",
+    ),
+    Case(
+        "plot-adaptation-negative-steps",
+        lambda tmp: (
+            None,
+            lambda: __import__("metafit.plotting").plotting.plot_adaptation(
+                fitted_regressor(), REG_TASKS, steps=-1
+            ),
+        ),
+        ValueError,
+        "steps must be an int >= 0",
+    ),
+    Case(
+        "plot-predictions-classifier",
+        lambda tmp: (
+            None,
+            lambda: __import__("metafit.plotting").plotting.plot_predictions(
+                fitted_classifier(), CLF_TASKS[0]
+            ),
+        ),
+        ValueError,
+        "1-D regression",
+    ),
+    *_tuning_cases(),
+    *_config_cases(),
+]
+
+
+def _write(path, data: bytes):
+    path.write_bytes(data)
+    return path
+
+
+def _snapshot(obj):
+    if obj is None:
+        return None
+    return {k: id(v) for k, v in vars(obj).items()}
+
+
+def test_the_table_is_large_enough():
+    assert len(CASES) >= 40
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    target, action = case.make(tmp_path)
+    files_before = sorted(os.listdir(tmp_path))
+    state_before = _snapshot(target)
+    assert issubclass(case.error, (ValueError, TypeError))
+    with pytest.raises(case.error, match=case.match) as info:
+        action()
+    assert type(info.value) is not AssertionError
+    assert _snapshot(target) == state_before, "the call changed attributes before failing"
+    assert sorted(os.listdir(tmp_path)) == files_before, "the call left a file behind"
+
+
+# ---------------------------------------------------------------------------- hypothesis
+
+POSITIVE_FLOATS = ("inner_lr", "meta_lr", "clip_grad_norm")
+bad_floats = st.one_of(
+    st.floats(max_value=0.0),
+    st.sampled_from([float("nan"), float("inf"), -float("inf")]),
+)
+not_numbers = st.one_of(st.text(max_size=3), st.lists(st.integers(), max_size=2), st.just(True))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(name=st.sampled_from(POSITIVE_FLOATS), value=bad_floats)
+def test_positive_float_params_reject_bad_values(name, value):
+    est = reg(**{name: value})
+    with pytest.raises(ValueError, match=f"{name} must be a finite"):
+        est.meta_fit(REG_TASKS)
+    assert not hasattr(est, "meta_init_")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    name=st.sampled_from(POSITIVE_FLOATS + ("min_delta", "meta_iterations", "patience")),
+    value=not_numbers,
+)
+def test_numeric_params_reject_non_numbers(name, value):
+    est = reg(**{name: value})
+    with pytest.raises(TypeError, match=f"{name} must be"):
+        est.meta_fit(REG_TASKS)
+    assert not hasattr(est, "meta_init_")
+
+
+INT_MINIMUMS = {
+    "inner_steps": 0,
+    "meta_batch_size": 1,
+    "meta_iterations": 1,
+    "validation_interval": 1,
+    "patience": 1,
+    "checkpoint_interval": 1,
+}
+
+
+@settings(max_examples=30, deadline=None)
+@given(data=st.data())
+def test_int_params_reject_values_below_their_minimum(data):
+    name = data.draw(st.sampled_from(sorted(INT_MINIMUMS)))
+    value = data.draw(st.integers(max_value=INT_MINIMUMS[name] - 1))
+    est = reg(**{name: value})
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        est.meta_fit(REG_TASKS)
+    assert not hasattr(est, "meta_init_")
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n_support=st.integers(1, 5),
+    n_y=st.integers(0, 5),
+    n_features=st.integers(1, 3),
+)
+def test_task_lengths_must_agree(n_support, n_y, n_features):
+    X = np.zeros((n_support, n_features))
+    if n_y == n_support:
+        Task(X, np.zeros(n_y), X, np.zeros(n_support))
+        return
+    with pytest.raises(ValueError, match="must match"):
+        Task(X, np.zeros(n_y), X, np.zeros(n_support))
+
+
+@settings(max_examples=20, deadline=None)
+@given(bad=st.sampled_from([np.nan, np.inf, -np.inf]), row=st.integers(0, 3))
+def test_non_finite_fit_data_is_rejected_and_keeps_the_fit(bad, row):
+    import copy
+
+    est = copy.deepcopy(fitted_regressor()).fit(X4, Y4)
+    before = est.predict(X4)
+    X = X4.copy()
+    X[row, 0] = bad
+    with pytest.raises(ValueError, match="NaN|infinity"):
+        est.fit(X, Y4)
+    np.testing.assert_array_equal(est.predict(X4), before)
+
+
+def test_meta_init_is_not_written_on_bad_input(tmp_path):
+    path = tmp_path / "m.safetensors"
+    est = reg(checkpoint_path=path, checkpoint_interval=1, inner_lr=-1)
+    with pytest.raises(ValueError):
+        est.meta_fit(REG_TASKS)
+    assert not path.exists() and not os.listdir(tmp_path)
+    assert isinstance(fitted_regressor().meta_init_, MetaInit)
