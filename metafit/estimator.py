@@ -498,9 +498,11 @@ class MetaInitializedEstimator(BaseEstimator):
                 none = " or None" if allow_none else ""
                 raise TypeError(f"{name} must be {what}{none}, got {value!r}.")
             low_ok = value > minimum if strict else value >= minimum
-            if not (np.isfinite(value) and low_ok):
+            finite = isinstance(value, numbers.Integral) or math.isfinite(value)
+            if not (finite and low_ok):
                 bound = ">" if strict else ">="
-                raise ValueError(f"{name} must be a finite value {bound} {minimum}, got {value}.")
+                what = "an int" if integer else "a finite number"
+                raise ValueError(f"{name} must be {what} {bound} {minimum}, got {value}.")
 
         if not isinstance(self.verbose, (bool, numbers.Integral)) or self.verbose < 0:
             raise ValueError(f"verbose must be an int >= 0 (0 is silent), got {self.verbose!r}.")
