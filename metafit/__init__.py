@@ -21,6 +21,7 @@ from metafit.tasks import (  # noqa: E402
     Task,
     tasks_from_groups,
 )
+from metafit.tuning import tune, tuned_estimator  # noqa: E402
 
 __all__ = [
     "MetaInit",
@@ -31,5 +32,7 @@ __all__ = [
     "SinusoidTasks",
     "Task",
     "tasks_from_groups",
+    "tune",
+    "tuned_estimator",
     "__version__",
 ]
