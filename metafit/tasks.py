@@ -337,6 +337,49 @@ class SinusoidTasks(_TaskSource):
         k = self.k_shot
         return Task(x[:k], y[:k], x[k:], y[k:])
 
+    def sample_batch(
+        self,
+        n: int,
+        random_state=None,
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> TaskBatch:
+        """Draw ``n`` tasks straight into one :class:`TaskBatch`, vectorized.
+
+        Much faster than ``TaskBatch.from_tasks(self.sample(n))`` (no per-task objects),
+        which matters when sampling is as costly as a meta-step. The draws come in another
+        order than :meth:`sample`'s, so the tasks differ from those of the same seed there.
+
+        Parameters
+        ----------
+        n : int
+            Number of tasks.
+        random_state : int, numpy Generator or None, optional
+            Defaults to the sampler's own ``random_state``; pass one numpy Generator to
+            successive calls for a seeded stream of batches.
+        device, dtype : torch device and floating dtype of the tensors.
+        """
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be a positive integer, got {n!r}.")
+        rng = _rng(self.random_state if random_state is None else random_state)
+        amplitude = rng.uniform(*self.amplitude_range, size=(n, 1))
+        phase = rng.uniform(*self.phase_range, size=(n, 1))
+        x = rng.uniform(*self.input_range, size=(n, self.k_shot + self.k_query))
+        y = amplitude * np.sin(x - phase)
+        k = self.k_shot
+
+        def tensor(a):
+            return torch.as_tensor(a.astype(np.float32), device=device).to(dtype)
+
+        return TaskBatch(
+            tensor(x[:, :k, None]),
+            tensor(y[:, :k]),
+            tensor(x[:, k:, None]),
+            tensor(y[:, k:]),
+            list(range(n)),
+        )
+
     def sample_functions(self, n: int, random_state=None) -> list[tuple[float, float]]:
         """Return ``n`` (amplitude, phase) pairs, for plots of the true functions."""
         rng = _rng(self.random_state if random_state is None else random_state)
