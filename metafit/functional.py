@@ -250,7 +250,8 @@ def resolve_strategy(module: nn.Module, strategy: str = "auto") -> str:
     """The concrete forward strategy ``"auto"`` stands for with ``module``.
 
     ``"auto"`` picks ``"mlp"`` for :class:`metafit.models.MLP`, otherwise the module's
-    ``preferred_forward`` attribute if it has one, else ``"vmap"``.
+    ``preferred_forward`` attribute if it has one, else ``"vmap"``. ``"module"`` uses the
+    module's own ``batched_forward(params, X)`` (same contract as the other strategies).
 
     Raises
     ------
@@ -262,8 +263,12 @@ def resolve_strategy(module: nn.Module, strategy: str = "auto") -> str:
     if strategy == "auto":
         default = "mlp" if isinstance(module, MLP) else "vmap"
         strategy = default if default == "mlp" else getattr(module, "preferred_forward", default)
-    if strategy not in ("mlp", "vmap", "loop"):
-        raise ValueError(f"unknown forward strategy {strategy!r}; use auto, mlp, vmap or loop.")
+    if strategy not in ("mlp", "vmap", "loop", "module"):
+        raise ValueError(
+            f"unknown forward strategy {strategy!r}; use auto, mlp, vmap, loop or module."
+        )
+    if strategy == "module" and not callable(getattr(module, "batched_forward", None)):
+        raise ValueError("strategy='module' needs a module with batched_forward(params, X).")
     if strategy == "mlp" and not isinstance(module, MLP):
         raise ValueError("strategy='mlp' works only with metafit.models.MLP; use 'vmap'.")
     return strategy
@@ -291,6 +296,8 @@ def make_forward(module: nn.Module, strategy: str = "auto") -> BatchedForward:
         return _MLPPath(module.weight_bias_names(), module.activation).forward
     if strategy == "vmap":
         return _vmap_forward(module)
+    if strategy == "module":  # the module batches the tasks itself (metafit.models.Conv4)
+        return module.batched_forward
     return _loop_forward(module)
 
 
