@@ -20,6 +20,7 @@ import logging
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -322,7 +323,10 @@ def _query_score(estimator, task) -> float:
             logits = est.decision_function(task.X_query)
             if not np.all(np.isfinite(logits)):
                 return math.nan
-            pred = est.classes_[np.argmax(logits, axis=1)]
+            if logits.ndim == 1:  # binary: sklearn's one-column decision function
+                pred = est.classes_[(logits > 0).astype(int)]
+            else:
+                pred = est.classes_[np.argmax(logits, axis=1)]
             return float(np.mean(pred == task.y_query))
         pred = np.asarray(est.predict(task.X_query), dtype=np.float64)
         err = float(np.mean((pred - np.asarray(task.y_query, dtype=np.float64)) ** 2))
@@ -538,16 +542,23 @@ def _rdb_storage(url, heartbeat_interval, grace_period, max_retry):
     if heartbeat_interval is not None:
         kwargs["heartbeat_interval"] = heartbeat_interval
         kwargs["grace_period"] = grace_period or 2 * heartbeat_interval
-        if hasattr(optuna.storages, "RetryHeartbeatStaleTrialCallback"):  # optuna >= 5
-            kwargs["heartbeat_stale_trial_callback"] = (
-                optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
-            )
-        else:  # pragma: no cover - optuna 4
-            kwargs["failed_trial_callback"] = optuna.storages.RetryFailedTrialCallback(
-                max_retry=max_retry
-            )
     try:
-        return optuna.storages.RDBStorage(parsed.render_as_string(hide_password=False), **kwargs)
+        with warnings.catch_warnings():
+            # Heartbeats are "experimental" in Optuna since 2.8; metafit relies on them.
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            if "heartbeat_interval" in kwargs:
+                retry = getattr(
+                    optuna.storages, "RetryHeartbeatStaleTrialCallback", None
+                ) or optuna.storages.RetryFailedTrialCallback
+                key = (
+                    "heartbeat_stale_trial_callback"
+                    if retry is not optuna.storages.RetryFailedTrialCallback
+                    else "failed_trial_callback"
+                )
+                kwargs[key] = retry(max_retry=max_retry)
+            return optuna.storages.RDBStorage(
+                parsed.render_as_string(hide_password=False), **kwargs
+            )
     except ModuleNotFoundError as exc:
         raise ValueError(
             f"storage {shown}: the database driver is not installed ({exc.name}); for "

@@ -1,0 +1,346 @@
+"""Tests of metafit.tuning: objectives, modes, pruning, divergence, search spaces, storages."""
+
+from __future__ import annotations
+
+import numpy as np
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState
+
+import metafit
+from metafit import MetaInitializedClassifier, MetaInitializedRegressor, SinusoidTasks
+from metafit.tasks import NWayKShotTasks
+from metafit.tuning import (
+    default_search_space,
+    evaluate,
+    make_storage,
+    parse_search_space,
+    to_estimator_params,
+    tune,
+    tuned_estimator,
+)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SMALL = dict(hidden_sizes=(16,), meta_batch_size=4, meta_iterations=30, random_state=0)
+
+
+@pytest.fixture(scope="module")
+def val_tasks():
+    return SinusoidTasks(random_state=1).sample(8)
+
+
+@pytest.fixture(scope="module")
+def meta_fitted():
+    return MetaInitializedRegressor(**SMALL).meta_fit(SinusoidTasks(random_state=0))
+
+
+def _states(study):
+    return [t.state for t in study.trials]
+
+
+# ----------------------------------------------------------------------------- adaptation
+
+
+def test_adaptation_tune_best_params_reproduce_value(meta_fitted, val_tasks):
+    study = tune(
+        meta_fitted, validation_tasks=val_tasks, n_trials=6,
+        sampler=optuna.samplers.RandomSampler(seed=0),
+        search_space={"inner_lr": {"low": 1e-3, "high": 0.02, "log": True},
+                      "inner_steps": {"low": 1, "high": 10}},
+    )
+    assert study.direction == optuna.study.StudyDirection.MINIMIZE
+    assert len(study.trials) == 6
+    assert set(study.best_params) == {"inner_lr", "inner_steps"}
+    tuned = tuned_estimator(meta_fitted, study)
+    assert tuned.inner_lr == study.best_params["inner_lr"]
+    assert hasattr(tuned, "meta_init_")  # the clone keeps the initialization
+    assert evaluate(tuned, val_tasks) == pytest.approx(study.best_value, rel=1e-9)
+    # The estimator's own parameters were scored once, for the "improvement" line.
+    assert study.user_attrs["metafit_default_value"] == pytest.approx(
+        evaluate(meta_fitted, val_tasks)
+    )
+    assert study.user_attrs["metafit_default_params"] == {"inner_lr": 0.01, "inner_steps": 5}
+    assert meta_fitted.inner_lr == 0.01  # unchanged
+
+
+def test_adaptation_meta_fits_in_place_once(val_tasks):
+    est = MetaInitializedRegressor(**SMALL)
+    with pytest.raises(ValueError, match="no meta-learned initialization"):
+        tune(est, validation_tasks=val_tasks, n_trials=1)
+    tune(est, SinusoidTasks(random_state=0), validation_tasks=val_tasks, n_trials=2)
+    assert hasattr(est, "meta_init_")
+    first = est.meta_init_
+    tune(est, SinusoidTasks(random_state=0), validation_tasks=val_tasks, n_trials=1)
+    assert est.meta_init_ is first  # not meta-fitted again
+
+
+def test_divergent_trial_is_pruned_with_reason_and_study_goes_on(meta_fitted, val_tasks):
+    study = optuna.create_study(study_name="div", storage=None)
+    storage = study._storage
+    study.enqueue_trial({"inner_lr": 1e6, "inner_steps": 20})
+    study.enqueue_trial({"inner_lr": 0.01, "inner_steps": 3})
+    study = tune(meta_fitted, validation_tasks=val_tasks, n_trials=2, storage=storage,
+                 study_name="div")
+    bad, good = study.trials
+    assert bad.state == TrialState.PRUNED
+    reason = bad.user_attrs["metafit_diverged"]
+    assert "inner_lr" in reason or "non-finite" in reason
+    assert good.state == TrialState.COMPLETE and np.isfinite(good.value)
+
+
+def test_evaluate_returns_nan_on_divergence(meta_fitted, val_tasks):
+    est = metafit.tuned_estimator(meta_fitted, {"inner_lr": 1e6, "inner_steps": 20})
+    try:
+        value = evaluate(est, val_tasks)
+    except ArithmeticError:  # the estimator's own divergence guard
+        return
+    assert np.isnan(value)
+
+
+def test_classifier_maximizes_accuracy():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(200, 4)) + np.repeat(np.eye(4) * 3, 50, axis=0)[:, :4]
+    y = np.repeat(np.arange(4), 50)
+    train = NWayKShotTasks(X[:120], y[:120], n_way=2, k_shot=3, k_query=5, random_state=0)
+    held = NWayKShotTasks(X, y, n_way=2, k_shot=3, k_query=5).sample(6, random_state=1)
+    est = MetaInitializedClassifier(hidden_sizes=(8,), meta_iterations=10, meta_batch_size=4,
+                                    random_state=0)
+    study = tune(est, train, validation_tasks=held, n_trials=3,
+                 sampler=optuna.samplers.RandomSampler(seed=0))
+    assert study.direction == optuna.study.StudyDirection.MAXIMIZE
+    assert study.user_attrs["metafit_metric"] == "accuracy"
+    assert 0.0 <= study.best_value <= 1.0
+    assert evaluate(tuned_estimator(est, study), held) == pytest.approx(study.best_value)
+
+
+def test_n_jobs_threads(meta_fitted, val_tasks):
+    study = tune(meta_fitted, validation_tasks=val_tasks, n_trials=4, n_jobs=2,
+                 search_space={"inner_lr": {"low": 1e-3, "high": 0.01, "log": True}})
+    assert len(study.trials) == 4
+    assert all(s == TrialState.COMPLETE for s in _states(study))
+
+
+def test_resume_same_study_and_mode_mismatch(meta_fitted, val_tasks, tmp_path):
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    space = {"inner_steps": {"low": 1, "high": 3}}
+    tune(meta_fitted, validation_tasks=val_tasks, n_trials=2, storage=url, study_name="s",
+         search_space=space)
+    study = tune(meta_fitted, validation_tasks=val_tasks, n_trials=2, storage=url,
+                 study_name="s", search_space=space)
+    assert len(study.trials) == 4
+    with pytest.raises(ValueError, match="mode='adaptation'"):
+        tune(meta_fitted, SinusoidTasks(random_state=0), validation_tasks=val_tasks,
+             n_trials=1, storage=url, study_name="s", mode="meta")
+
+
+# ----------------------------------------------------------------------------- meta mode
+
+
+def _meta_study(pruner, enqueue, n_trials, val_tasks):
+    est = MetaInitializedRegressor(**{**SMALL, "meta_iterations": 16})
+    study = optuna.create_study()
+    for params in enqueue:
+        study.enqueue_trial(params)
+    space = {"meta_lr": {"low": 1e-6, "high": 1e-2, "log": True},
+             "inner_lr": {"low": 1e-4, "high": 0.01, "log": True}}
+    return est, tune(est, SinusoidTasks(random_state=0), validation_tasks=val_tasks,
+                     n_trials=n_trials, storage=study._storage, pruner=pruner,
+                     study_name=study.study_name, search_space=space, mode="meta")
+
+
+GOOD = {"meta_lr": 3e-3, "inner_lr": 0.01}
+BAD = {"meta_lr": 1e-6, "inner_lr": 1e-4}
+
+
+@pytest.mark.parametrize(
+    "pruner",
+    [
+        optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0),
+        optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2),
+    ],
+    ids=["median", "successive_halving"],
+)
+def test_meta_mode_reports_rungs_and_prunes_bad_trials(pruner, val_tasks):
+    est, study = _meta_study(pruner, [GOOD, {**GOOD, "meta_lr": 2e-3}, BAD, BAD], 4, val_tasks)
+    done = [t for t in study.trials if t.state == TrialState.COMPLETE]
+    assert done
+    # Intermediate values at 1/4, 1/2 and all of meta_iterations.
+    assert sorted(done[0].intermediate_values) == [4, 8, 16]
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned, [t.intermediate_values for t in study.trials]
+    assert all(len(t.intermediate_values) < 3 for t in pruned)
+    bad = [t for t in study.trials if t.params["meta_lr"] == BAD["meta_lr"]]
+    assert all(t.state == TrialState.PRUNED for t in bad)
+    assert "meta_init_" not in vars(est)  # meta mode leaves the estimator alone
+
+
+def test_meta_mode_best_reproduces_with_tuned_estimator(val_tasks):
+    est, study = _meta_study(optuna.pruners.NopPruner(), [GOOD], 1, val_tasks)
+    tuned = tuned_estimator(est, study, tasks=SinusoidTasks(random_state=0))
+    assert tuned.meta_lr == GOOD["meta_lr"]
+    assert evaluate(tuned, val_tasks) == pytest.approx(study.best_value, rel=1e-6)
+    unfitted = tuned_estimator(est, study)
+    assert not hasattr(unfitted, "meta_init_")
+
+
+def test_meta_mode_default_space_and_hidden_sizes(val_tasks):
+    est = MetaInitializedRegressor(**{**SMALL, "meta_iterations": 4})
+    space = default_search_space(est, "meta")
+    assert {"meta_lr", "algorithm", "meta_batch_size", "hidden_layers", "hidden_units"} <= set(
+        space
+    )
+    reptile = default_search_space(MetaInitializedRegressor(algorithm="reptile"), "meta")
+    assert "algorithm" not in reptile and reptile["meta_lr"].high == 1.0
+    params = {"hidden_layers": 2, "hidden_units": 8, "meta_lr": 1e-3}
+    assert to_estimator_params(params, est)["hidden_sizes"] == (8, 8)
+    assert to_estimator_params({"hidden_sizes": "8,4"})["hidden_sizes"] == (8, 4)
+    study = tune(est, SinusoidTasks(random_state=0), validation_tasks=val_tasks, n_trials=1,
+                 mode="meta", search_space={"hidden_sizes": [[8], [8, 8]]},
+                 sampler=optuna.samplers.RandomSampler(seed=0))
+    assert study.best_params["hidden_sizes"] in ("8", "8,8")
+
+
+def test_meta_mode_needs_reiterable_tasks(val_tasks):
+    est = MetaInitializedRegressor(**SMALL)
+    with pytest.raises(TypeError, match="re-iterable"):
+        tune(est, iter(SinusoidTasks(random_state=0)), validation_tasks=val_tasks,
+             n_trials=1, mode="meta")
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def test_validation_task_checks(meta_fitted):
+    with pytest.raises(ValueError, match="endless"):
+        tune(meta_fitted, validation_tasks=SinusoidTasks(random_state=1), n_trials=1)
+    with pytest.raises(ValueError, match="empty"):
+        tune(meta_fitted, validation_tasks=[], n_trials=1)
+    tasks = SinusoidTasks(random_state=0).sample(6)
+    with pytest.raises(ValueError, match="overlap"):
+        tune(meta_fitted, tasks, validation_tasks=tasks[:2], n_trials=1)
+    with pytest.raises(ValueError, match="mode"):
+        tune(meta_fitted, validation_tasks=tasks, mode="fast")
+    with pytest.raises(ValueError, match="n_trials"):
+        tune(meta_fitted, validation_tasks=tasks, n_trials=0)
+    with pytest.raises(ValueError, match="timeout"):
+        tune(meta_fitted, validation_tasks=tasks, timeout=-1)
+    with pytest.raises(TypeError, match="MetaInitializedRegressor"):
+        tune(object(), validation_tasks=tasks)
+
+
+def test_simple_specs_become_distributions():
+    est = MetaInitializedRegressor()
+    space = parse_search_space(
+        {
+            "inner_lr": {"low": 1e-3, "high": 1.0, "log": True},
+            "inner_steps": {"low": 1, "high": 9, "step": 2},
+            "meta_batch_size": [4, 8],
+            "meta_lr": FloatDistribution(1e-4, 1e-2, log=True),
+            "algorithm": {"choices": ["maml", "anil"]},
+            "hidden_units": {"low": 4, "high": 8, "type": "int"},
+        },
+        est,
+        "meta",
+    )
+    assert space["inner_lr"] == FloatDistribution(1e-3, 1.0, log=True)
+    assert space["inner_steps"] == IntDistribution(1, 9, step=2)
+    assert space["meta_batch_size"] == CategoricalDistribution((4, 8))
+    assert space["algorithm"] == CategoricalDistribution(("maml", "anil"))
+    assert isinstance(space["hidden_units"], IntDistribution)
+
+
+@pytest.mark.parametrize(
+    "space, mode, exc, match",
+    [
+        ({"inner_rate": {"low": 0.1, "high": 1}}, "adaptation", ValueError, "inner_rate"),
+        ({"meta_lr": {"low": 1e-4, "high": 1e-2}}, "adaptation", ValueError, "mode='meta'"),
+        ({"inner_lr": {"low": 1.0, "high": 0.1}}, "adaptation", ValueError, "greater than"),
+        ({"inner_lr": {"low": 0.0, "high": 0.1, "log": True}}, "adaptation", ValueError, "low > 0"),
+        ({"inner_lr": {"low": 0.01, "high": 0.1, "scale": "log"}}, "adaptation", ValueError,
+         "'scale'"),
+        ({"inner_lr": {"low": "a", "high": 0.1}}, "adaptation", TypeError, "low must be"),
+        ({"inner_lr": {"high": 0.1}}, "adaptation", ValueError, "needs 'low'"),
+        ({"inner_steps": {"low": -1, "high": 3}}, "adaptation", ValueError, ">= 0"),
+        ({"inner_steps": {"low": 1.0, "high": 3.5}}, "adaptation", TypeError, "integer"),
+        ({"inner_lr": {"choices": []}}, "adaptation", ValueError, "non-empty"),
+        ({"inner_lr": {"low": 0.1, "high": 1, "log": "yes"}}, "adaptation", TypeError, "log"),
+        ({"inner_lr": 0.1}, "adaptation", TypeError, "optuna distribution"),
+        ({"algorithm": ["maml", "sgd"]}, "meta", ValueError, "'sgd'"),
+        ({"hidden_sizes": [[8], [0]]}, "meta", ValueError, "hidden_sizes"),
+        ({"meta_batch_size": [{"a": 1}]}, "meta", TypeError, "choice"),
+        ([("inner_lr", 0.1)], "adaptation", TypeError, "dict"),
+        ({}, "adaptation", ValueError, "empty"),
+    ],
+)
+def test_bad_search_spaces(space, mode, exc, match):
+    with pytest.raises(exc, match=match):
+        parse_search_space(space, MetaInitializedRegressor(), mode)
+
+
+def test_derived_params_need_default_mlp():
+    from torch import nn
+
+    est = MetaInitializedRegressor(module=nn.Linear(1, 1))
+    with pytest.raises(ValueError, match="own module"):
+        parse_search_space({"hidden_units": {"low": 4, "high": 8}}, est, "meta")
+
+
+# ----------------------------------------------------------------------------- storages
+
+
+def test_storages(tmp_path):
+    assert make_storage(None) is None
+    journal = make_storage(f"journal:{tmp_path / 'j.log'}")
+    assert isinstance(journal, optuna.storages.JournalStorage)
+    assert isinstance(make_storage(tmp_path / "k.log"), optuna.storages.JournalStorage)
+    rdb = make_storage(f"sqlite:///{tmp_path / 'a.db'}", heartbeat_interval=5)
+    assert isinstance(rdb, optuna.storages.RDBStorage)
+    assert rdb.get_heartbeat_interval() == 5
+    assert make_storage(rdb) is rdb
+
+
+@pytest.mark.parametrize(
+    "url, match",
+    [
+        ("foo://x/y", "unsupported database 'foo'"),
+        ("metafit.db", "neither a database URL"),
+        ("sqlite:///no/such/dir/x.db", "does not exist"),
+        ("sqlite://", "in-memory"),
+        ("journal:", "needs a file path"),
+        ("journal:/no/such/dir/x.log", "does not exist"),
+        ("postgresql://user:secret@127.0.0.1:1/db", "postgresql\\+psycopg://user:\\*\\*\\*"),
+    ],
+)
+def test_bad_storage_urls(url, match):
+    with pytest.raises(ValueError, match=match) as info:
+        make_storage(url)
+    assert "secret" not in str(info.value)
+
+
+def test_heartbeat_needs_database(tmp_path):
+    with pytest.raises(ValueError, match="heartbeats need a database"):
+        make_storage(f"journal:{tmp_path / 'j.log'}", heartbeat_interval=1)
+    with pytest.raises(ValueError, match="heartbeat_interval must be"):
+        make_storage(f"sqlite:///{tmp_path / 'a.db'}", heartbeat_interval=0)
+
+
+# ----------------------------------------------------------------------------- OptunaSearchCV
+
+
+def test_optuna_search_cv_uses_the_meta_init(meta_fitted):
+    from optuna_integration import OptunaSearchCV
+
+    task = SinusoidTasks(k_shot=30, random_state=5).sample(1)[0]
+    search = OptunaSearchCV(
+        meta_fitted,
+        {"inner_lr": FloatDistribution(1e-3, 0.02, log=True),
+         "inner_steps": IntDistribution(1, 10)},
+        n_trials=4, cv=3, random_state=0,
+    )
+    search.fit(task.X_support, task.y_support)
+    assert len(search.trials_) == 4
+    assert hasattr(search.best_estimator_, "meta_init_")
+    assert search.best_estimator_.meta_init_ is meta_fitted.meta_init_
+    assert np.isfinite(search.score(task.X_query, task.y_query))
