@@ -1,0 +1,130 @@
+"""MetaLearner: adaptation, evaluation, meta-steps, state and hooks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from metafit.learner import MetaLearner
+from metafit.models import MLP
+from metafit.tasks import SinusoidTasks, Task
+
+
+def learner(algorithm="maml", forward="auto", dtype=torch.float64, steps=2, **kw):
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        net = MLP(1, 1, (16, 16))
+    return MetaLearner(
+        net, loss="mse", algorithm=algorithm, inner_lr=0.02, inner_steps=steps,
+        forward=forward, dtype=dtype, **kw,
+    )
+
+
+TASKS = SinusoidTasks(5, 5, random_state=0).sample(6)
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd"])
+def test_forward_strategies_give_the_same_meta_steps(algorithm):
+    results = []
+    for forward in ("mlp", "vmap", "loop"):
+        ml = learner(algorithm, forward)
+        ml.init_optimizer(None, 10)
+        losses = [ml.meta_step(ml.batches(TASKS)) for _ in range(3)]
+        results.append((losses, ml.state_tensors()))
+    for losses, state in results[1:]:
+        np.testing.assert_allclose(losses, results[0][0], rtol=1e-9)
+        for k, v in state.items():
+            torch.testing.assert_close(v, results[0][1][k], rtol=1e-6, atol=1e-9)
+
+
+def test_meta_training_reduces_the_post_adaptation_loss():
+    ml = learner("maml", dtype=torch.float32, steps=1)
+    ml.init_optimizer(3e-3, 150)
+    held_out = SinusoidTasks(5, 20, random_state=1).sample(40)
+    before = ml.evaluate(held_out)
+    rng = np.random.default_rng(2)
+    family = SinusoidTasks(5, 5)
+    for _ in range(150):
+        ml.meta_step([family.sample_batch(10, rng)])
+    assert ml.evaluate(held_out) < 0.9 * before
+
+
+def test_evaluate_and_predict_match_a_manual_computation():
+    ml = learner()
+    X, y = ml.as_tensors(
+        np.stack([t.X_support for t in TASKS]), np.stack([t.y_support for t in TASKS])
+    )
+    phi = ml.adapt(X, y, track_graph=False, steps=3)
+    assert all(v.shape[0] == len(TASKS) and not v.requires_grad for v in phi.values())
+    Xq = torch.as_tensor(np.stack([t.X_query for t in TASKS]), dtype=torch.float64)
+    yq = torch.as_tensor(np.stack([t.y_query for t in TASKS]), dtype=torch.float64)
+    pred = ml.predict(phi, Xq)
+    assert not pred.requires_grad
+    want = float(((pred[..., 0] - yq) ** 2).mean())
+    assert ml.evaluate(TASKS, steps=3) == pytest.approx(want, rel=1e-12)
+    # Ragged evaluation averages over tasks, not over groups.
+    ragged = [*TASKS[:2], Task(TASKS[2].X_support[:3], TASKS[2].y_support[:3], *list(TASKS[2])[2:])]
+    per_task = [ml.evaluate([t]) for t in ragged]
+    assert ml.evaluate(ragged) == pytest.approx(np.mean(per_task), rel=1e-12)
+
+
+def test_adapt_works_under_no_grad_and_with_autograd_inner_gradient():
+    a, b = learner(), learner(inner_grad="autograd")
+    assert b.grad_fn is None and a.grad_fn is not None
+    batch = a.batches(TASKS)[0]
+    with torch.no_grad():
+        pa = a.adapt(batch.X_support, batch.y_support, track_graph=False)
+        pb = b.adapt(batch.X_support, batch.y_support, track_graph=False)
+    for k in pa:
+        torch.testing.assert_close(pa[k], pb[k], rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="inner_grad must be 'auto' or 'autograd'"):
+        learner(inner_grad="analytic")
+
+
+def test_state_tensors_round_trip_keeps_optimizer_references():
+    ml = learner("metasgd")
+    ml.init_optimizer(1e-2, 5)
+    state = ml.state_tensors()
+    assert any(k.startswith("extra.inner_lr.") for k in state)
+    ml.meta_step(ml.batches(TASKS))
+    changed = ml.state_tensors()
+    assert any(not torch.equal(state[k], changed[k]) for k in state)
+    ids = [id(p) for p in ml.meta_parameters()]
+    ml.load_state_tensors(state)
+    assert [id(p) for p in ml.meta_parameters()] == ids
+    for k, v in ml.state_tensors().items():
+        assert torch.equal(v, state[k])
+
+
+def test_meta_step_hooks_clipping_and_errors():
+    ml = learner()
+    with pytest.raises(RuntimeError, match="init_optimizer"):
+        ml.meta_step(ml.batches(TASKS))
+    ml.init_optimizer(0.1, 5)
+    seen = []
+
+    def hook(grads):
+        seen.append([g.clone() for g in grads])
+        for g in grads:
+            g.zero_()
+
+    before = [p.detach().clone() for p in ml.meta_parameters()]
+    ml.meta_step(ml.batches(TASKS), grad_hook=hook)
+    assert len(seen) == 1 and len(seen[0]) == len(before)
+    assert all(torch.equal(a, p) for a, p in zip(before, ml.meta_parameters()))  # zero grads
+    captured = {}
+    ml.optimizer.step = lambda: captured.update(
+        norm=float(torch.sqrt(sum((p.grad**2).sum() for p in ml.meta_parameters())))
+    )
+    ml.meta_step(ml.batches(TASKS), clip_grad_norm=1e-3)
+    assert captured["norm"] == pytest.approx(1e-3, rel=1e-6)
+
+
+def test_as_tensors_dtypes_and_device():
+    ml = MetaLearner(MLP(2, 3, (4,)), loss="cross_entropy", algorithm="fomaml", inner_lr=0.1,
+                     inner_steps=1, device="cpu")
+    X, y = ml.as_tensors(np.zeros((2, 5, 2)), np.zeros((2, 5)))
+    assert X.dtype == torch.float32 and y.dtype == torch.long and X.device.type == "cpu"
+    assert ml.as_tensors(np.zeros((1, 2)))[1] is None
+    assert ml.strategy == "mlp"
