@@ -1,0 +1,219 @@
+"""Tests of metafit.config: the example configs load, bad configs name the offending key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from metafit import MetaInitializedClassifier, MetaInitializedRegressor
+from metafit.config import ConfigError, EpochTasks, load_config
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _write(tmp_path, text, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BASE = """
+tasks:
+  source: sinusoid
+  validation_tasks: 4
+  test_tasks: 3
+estimator:
+  params:
+    hidden_sizes: [8]
+    meta_iterations: 3
+"""
+
+
+@pytest.mark.parametrize("name", ["sinusoid.yaml", "tabular.yaml", "digits.toml"])
+def test_examples_load_and_build(name):
+    config = load_config(EXAMPLES / name)
+    splits = config.build_tasks()
+    assert splits.validation and splits.test
+    task = next(iter(splits.train))
+    est = config.build_estimator()
+    assert task.X_support.shape[1:] == splits.validation[0].X_support.shape[1:]
+    expected = MetaInitializedClassifier if name.startswith("digits") else (
+        MetaInitializedRegressor
+    )
+    assert type(est) is expected
+    assert est.get_params()["random_state"] == 0
+
+
+def test_omniglot_example_loads():
+    config = load_config(EXAMPLES / "omniglot.yaml")
+    est = config.build_estimator()
+    assert est.get_params()["module__hidden_channels"] == 64
+    data = Path(os.environ.get("METAFIT_DATA", EXAMPLES.parent.parent / "shared" / "data"))
+    if not (data / "omniglot").exists():
+        pytest.skip(f"Omniglot data not found under {data}")
+
+
+def test_sinusoid_splits_are_disjoint_and_reproducible(tmp_path):
+    config = load_config(_write(tmp_path, BASE))
+    a, b = config.build_tasks(), config.build_tasks()
+    assert len(a.validation) == 4 and len(a.test) == 3
+    np.testing.assert_array_equal(a.validation[0].X_support, b.validation[0].X_support)
+    assert not np.array_equal(a.validation[0].X_support, a.test[0].X_support)
+    first_train = next(iter(a.train))
+    assert not np.array_equal(first_train.X_support, a.validation[0].X_support)
+
+
+def test_table_source_cycles_groups_and_splits_them(tmp_path):
+    config = load_config(EXAMPLES / "tabular.yaml")
+    splits = config.build_tasks()
+    assert isinstance(splits.train, EpochTasks)
+    assert len(splits.train) == 12 and len(splits.validation) == 6 and len(splits.test) == 6
+    stream = iter(splits.train)
+    assert len([next(stream) for _ in range(30)]) == 30  # endless
+    keys = {
+        part: {t.X_query.tobytes() for t in tasks}
+        for part, tasks in [("train", splits.train.tasks), ("val", splits.validation),
+                            ("test", splits.test)]
+    }
+    assert not keys["train"] & keys["val"] and not keys["val"] & keys["test"]
+
+
+def test_parquet_table(tmp_path):
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    frame = pd.read_csv(EXAMPLES / "tabular.csv")
+    frame.to_parquet(tmp_path / "t.parquet")
+    text = (EXAMPLES / "tabular.yaml").read_text().replace("tabular.csv", "t.parquet")
+    splits = load_config(_write(tmp_path, text)).build_tasks()
+    assert len(splits.validation) == 6
+
+
+def test_toml_and_yaml_agree(tmp_path):
+    toml = """
+[tasks]
+source = "sinusoid"
+validation_tasks = 4
+[estimator.params]
+hidden_sizes = [8]
+inner_lr = 0.05
+[search_space]
+inner_lr = { low = 0.001, high = 0.5, log = true }
+"""
+    yaml = """
+tasks: {source: sinusoid, validation_tasks: 4}
+estimator: {params: {hidden_sizes: [8], inner_lr: 0.05}}
+search_space: {inner_lr: {low: 0.001, high: 0.5, log: true}}
+"""
+    a = load_config(_write(tmp_path, toml, "c.toml"))
+    b = load_config(_write(tmp_path, yaml, "c.yaml"))
+    assert a.estimator == b.estimator and a.search_space == b.search_space
+    assert a.build_estimator().get_params() == b.build_estimator().get_params()
+
+
+def test_yaml_number_strings_are_numbers(tmp_path):
+    # PyYAML reads 1e-3 (no dot) as a string; configs accept it as a number.
+    text = BASE + "  \n" + "search_space:\n  inner_lr: {low: 1e-3, high: 1e-1, log: true}\n"
+    text = text.replace("meta_iterations: 3", "meta_iterations: 3\n    inner_lr: 5e-2")
+    config = load_config(_write(tmp_path, text))
+    assert config.estimator["params"]["inner_lr"] == 0.05
+    assert config.search_space["inner_lr"]["low"] == 0.001
+
+
+def test_samplers_and_pruners(tmp_path):
+    import optuna
+
+    text = BASE + """
+tune:
+  sampler: {name: random, seed: 3}
+  pruner: {name: hyperband, min_resource: 1, reduction_factor: 3}
+"""
+    config = load_config(_write(tmp_path, text))
+    assert isinstance(config.make_sampler(), optuna.samplers.RandomSampler)
+    assert isinstance(config.make_pruner(), optuna.pruners.HyperbandPruner)
+    assert isinstance(load_config(_write(tmp_path, BASE)).make_sampler(seed=1),
+                      optuna.samplers.TPESampler)
+
+
+BAD = [
+    ("tasks:\n  source: sinusoid\ntuning: {}\n", "unknown key 'tuning'"),
+    ("tasks:\n  source: sinusoid\n  shots: 3\n", "unknown key 'shots'"),
+    ("tasks:\n  source: sinus\n", "tasks.source must be one of"),
+    ("estimator: {}\n", "missing section 'tasks'"),
+    ("tasks: 3\n", "tasks must be a mapping"),
+    ("tasks:\n  source: sinusoid\n  k_shot: ten\n", "tasks.k_shot must be an int"),
+    ("tasks:\n  source: sinusoid\n  k_shot: 0\n", "tasks.k_shot must be >= 1"),
+    ("tasks:\n  source: sinusoid\nestimator:\n  params: {inner_rate: 0.1}\n",
+     "unknown parameter 'inner_rate'"),
+    ("tasks:\n  source: sinusoid\nestimator:\n  params: {inner_lr: fast}\n",
+     "estimator.params.inner_lr must be a number"),
+    ("tasks:\n  source: sinusoid\nestimator:\n  params: {hidden_sizes: [a]}\n",
+     "hidden_sizes must be a list of ints"),
+    ("tasks:\n  source: sinusoid\nestimator:\n  params: {module: x}\n", "estimator.model"),
+    ("tasks:\n  source: sinusoid\nestimator: {type: ranker}\n", "estimator.type"),
+    ("tasks:\n  source: sinusoid\nestimator: {model: ResNet}\n", "estimator.model 'ResNet'"),
+    ("tasks:\n  source: sinusoid\nestimator: {model: Conv4, module_params: {width: 3}}\n",
+     "takes no argument 'width'"),
+    ("tasks:\n  source: sinusoid\ntune: {n_trials: many}\n", "tune.n_trials must be an int"),
+    ("tasks:\n  source: sinusoid\ntune: {n_trials: 0}\n", "tune.n_trials must be >= 1"),
+    ("tasks:\n  source: sinusoid\ntune: {mode: full}\n", "tune.mode"),
+    ("tasks:\n  source: sinusoid\ntune: {sampler: {name: grid}}\n", "tune.sampler.name"),
+    ("tasks:\n  source: sinusoid\ntune: {pruner: {name: median, n: [1]}}\n",
+     "tune.pruner.n must be a scalar"),
+    ("tasks:\n  source: sinusoid\ntune: {workers: 3}\n", "unknown key 'workers'"),
+    ("tasks:\n  source: sinusoid\nsearch_space: {inner_lr: {low: 1, high: 0.1}}\n",
+     "greater than"),
+    ("tasks:\n  source: sinusoid\nsearch_space: {meta_lr: {low: 0.001, high: 0.1}}\n",
+     "mode='meta'"),
+    ("tasks:\n  source: sinusoid\nsearch_space: {inner_lr: {lo: 1, high: 2}}\n",
+     "unknown key 'lo'"),
+    ("tasks:\n  source: sinusoid\nsearch_space: [1, 2]\n", "search_space must be a mapping"),
+    ("tasks:\n  source: table\n  path: x.csv\n", "tasks.group is required"),
+    ("tasks: [\n", "invalid YAML at line"),
+    ("", "the config is empty"),
+    ("- 1\n- 2\n", "must be a mapping of sections"),
+]
+
+
+@pytest.mark.parametrize("text, match", BAD)
+def test_bad_configs_name_the_key(tmp_path, text, match):
+    with pytest.raises(ConfigError, match=match) as info:
+        load_config(_write(tmp_path, text))
+    assert "\n" not in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="unknown config format"):
+        load_config(_write(tmp_path, "a: 1", "c.json"))
+    with pytest.raises(ConfigError, match="invalid TOML"):
+        load_config(_write(tmp_path, "[tasks\n", "c.toml"))
+
+
+@pytest.mark.parametrize(
+    "extra, match",
+    [
+        ("  path: nothere.csv\n  group: site\n  target: load\n", "file not found"),
+        ("  path: {csv}\n  group: city\n  target: load\n", "tasks.group: column 'city'"),
+        ("  path: {csv}\n  group: site\n  target: load\n  features: [wind]\n",
+         "column 'wind'"),
+        ("  path: {csv}\n  group: site\n  target: load\n  validation_fraction: 1.5\n",
+         "validation_fraction"),
+        ("  path: {tsv}\n  group: site\n  target: load\n", "neither .csv"),
+    ],
+)
+def test_bad_tables_fail_on_build(tmp_path, extra, match):
+    extra = extra.format(csv=EXAMPLES / "tabular.csv", tsv=tmp_path / "t.xlsx")
+    (tmp_path / "t.xlsx").write_text("x")
+    config = load_config(_write(tmp_path, "tasks:\n  source: table\n" + extra))
+    with pytest.raises(ConfigError, match=match):
+        config.build_tasks()
+
+
+def test_bad_digits_arguments_fail_on_build(tmp_path):
+    config = load_config(_write(tmp_path, "tasks:\n  source: digits\n  n_way: 9\n"))
+    with pytest.raises(ConfigError, match="n_way"):
+        config.build_tasks()
