@@ -6,12 +6,14 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MLP"]
+__all__ = ["MLP", "Conv4"]
 
 _ACTIVATION_NAMES = ("relu", "tanh", "sigmoid", "gelu", "elu")
 
@@ -75,3 +77,292 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 h = act(h)
         return h
+
+
+# --------------------------------------------------------------------------- Conv4
+
+_DOWNSAMPLING = ("stride", "maxpool")
+_POOLING = ("mean", "flatten")
+#: Ways :meth:`Conv4.batched_forward` can batch the tasks' convolutions.
+CONV4_KERNELS = ("auto", "loop", "grouped", "hybrid")
+_BN_EPS = 1e-5
+
+
+def _batch_norm(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """BatchNorm of ``h`` (n, C, H, W) with its own batch statistics, in plain tensor ops.
+
+    Used by :meth:`Conv4.forward`, which the generic ``"vmap"`` strategy runs under
+    :func:`torch.func.vmap`: there, second-order gradients of ``F.batch_norm`` were found
+    to differ from the per-task loop (about 6e-3 relative in float64), while these ops
+    agree to rounding error. Outside vmap ``F.batch_norm`` is exact and faster, and
+    :meth:`Conv4.batched_forward` uses it.
+    """
+    mean = h.mean((0, 2, 3), keepdim=True)
+    var = (h - mean).pow(2).mean((0, 2, 3), keepdim=True)
+    scale = weight.view(1, -1, 1, 1) * torch.rsqrt(var + _BN_EPS)
+    return (h - mean) * scale + bias.view(1, -1, 1, 1)
+
+
+class Conv4(nn.Module):
+    """The four-block convolutional network of few-shot learning (Vinyals et al. 2016).
+
+    Each block is a 3x3 convolution with ``hidden_channels`` filters, BatchNorm, ReLU and a
+    2x down-sampling; a linear head follows. With the defaults (stride-2 convolutions,
+    features averaged over the last 2x2 positions) it is the Omniglot network of the
+    reference MAML implementation and of learn2learn's ``OmniglotCNN``, with the same
+    initialization (Xavier-uniform convolutions, uniform BatchNorm scales, standard-normal
+    head).
+
+    BatchNorm always normalizes with the statistics of the batch at hand (no running
+    statistics; learnable scale and shift), as in the reference MAML. In
+    :meth:`batched_forward` the statistics of each task come from that task's own
+    examples, so nothing leaks between the tasks of a meta-batch; meta-training and
+    ``fit`` normalize with the support set, prediction with the query batch.
+
+    Parameters
+    ----------
+    n_outputs : int
+        Number of classes (outputs of the head).
+    input_shape : sequence of 3 ints, default=(1, 28, 28)
+        ``(channels, height, width)`` of one example; flattened inputs of
+        ``prod(input_shape)`` features are reshaped to it.
+    hidden_channels : int, default=64
+        Filters of every convolution.
+    n_blocks : int, default=4
+        Convolutional blocks.
+    downsampling : {"stride", "maxpool"}, default="stride"
+        Halve the resolution with stride-2 convolutions (reference MAML on Omniglot) or
+        with 2x2 max-pooling after stride-1 convolutions (reference MAML on MiniImagenet).
+    pooling : {"mean", "flatten"}, default="mean"
+        Average the last feature map over its positions, or flatten it, for the head.
+    bn_steps : int or None, default=None
+        MAML++ per-step BatchNorm: ``bn_steps`` sets of BatchNorm scales and shifts, one
+        per inner step (see :class:`metafit.algorithms.MAMLPlusPlus`); None keeps one set.
+    kernel : {"auto", "loop", "grouped", "hybrid"}, default="auto"
+        How :meth:`batched_forward` batches the tasks: a loop of per-task convolutions,
+        grouped convolutions with the tasks folded into the channels (``groups=T``), or
+        grouped for small per-task batches (support sets) and the loop for large ones.
+        "auto" is "loop" on a CPU and "grouped" elsewhere (docs/omniglot.md has the
+        measurements).
+
+    Examples
+    --------
+    >>> net = Conv4(5)
+    >>> net(torch.zeros(10, 1, 28, 28)).shape
+    torch.Size([10, 5])
+    """
+
+    #: :func:`metafit.functional.make_forward` uses :meth:`batched_forward`.
+    preferred_forward = "module"
+
+    def __init__(
+        self,
+        n_outputs: int,
+        input_shape: Sequence[int] = (1, 28, 28),
+        hidden_channels: int = 64,
+        n_blocks: int = 4,
+        downsampling: str = "stride",
+        pooling: str = "mean",
+        bn_steps: int | None = None,
+        kernel: str = "auto",
+    ):
+        super().__init__()
+        try:
+            shape = tuple(int(s) for s in input_shape)
+        except (TypeError, ValueError):
+            shape = ()
+        if len(shape) != 3 or min(shape) < 1:
+            raise ValueError(
+                f"input_shape must be (channels, height, width) of positive ints, got "
+                f"{input_shape!r}; e.g. (1, 28, 28) for Omniglot."
+            )
+        for name, value in (
+            ("n_outputs", n_outputs),
+            ("hidden_channels", hidden_channels),
+            ("n_blocks", n_blocks),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        if downsampling not in _DOWNSAMPLING:
+            raise ValueError(f"downsampling must be 'stride' or 'maxpool', got {downsampling!r}.")
+        if pooling not in _POOLING:
+            raise ValueError(f"pooling must be 'mean' or 'flatten', got {pooling!r}.")
+        if bn_steps is not None and (
+            isinstance(bn_steps, bool) or not isinstance(bn_steps, int) or bn_steps < 1
+        ):
+            raise ValueError(f"bn_steps must be None or a positive int, got {bn_steps!r}.")
+        if kernel not in CONV4_KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(CONV4_KERNELS)}; got {kernel!r}.")
+        self.n_outputs = n_outputs
+        self.input_shape = shape
+        self.hidden_channels = hidden_channels
+        self.n_blocks = n_blocks
+        self.downsampling = downsampling
+        self.pooling = pooling
+        self.bn_steps = bn_steps
+        self.kernel = kernel
+        self._stride = 2 if downsampling == "stride" else 1
+        channels = [shape[0]] + [hidden_channels] * n_blocks
+        self.convs = nn.ModuleList(
+            nn.Conv2d(a, b, 3, stride=self._stride, padding=1)
+            for a, b in zip(channels, channels[1:])
+        )
+        bn_shape = (hidden_channels,) if bn_steps is None else (bn_steps, hidden_channels)
+        self.norms = nn.ModuleList(_AffineNorm(bn_shape) for _ in range(n_blocks))
+        h, w = shape[1:]
+        for _ in range(n_blocks):
+            h, w = (h + 1) // 2, (w + 1) // 2
+        n_features = hidden_channels * (1 if pooling == "mean" else h * w)
+        self.head = nn.Linear(n_features, n_outputs)
+        for conv in self.convs:
+            nn.init.xavier_uniform_(conv.weight)
+            nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+        self._ndim = {name: p.dim() for name, p in self.named_parameters()}
+
+    # ------------------------------------------------------------------ names and checks
+
+    def head_parameter_names(self) -> list[str]:
+        """Parameter names of the linear head (what ANIL adapts)."""
+        return ["head.weight", "head.bias"]
+
+    def norm_parameter_names(self) -> list[str]:
+        """Parameter names of the BatchNorm scales and shifts."""
+        return [f"norms.{i}.{k}" for i in range(self.n_blocks) for k in ("weight", "bias")]
+
+    def _bn_index(self, step: int | None) -> int | None:
+        if self.bn_steps is None:
+            return None
+        return 0 if step is None else min(int(step), self.bn_steps - 1)
+
+    def _as_images(self, X: torch.Tensor, lead: int) -> torch.Tensor:
+        shape = tuple(X.shape[lead:])
+        if shape == self.input_shape:
+            return X
+        if math.prod(shape) == math.prod(self.input_shape) and len(shape) in (1, 3):
+            return X.reshape(*X.shape[:lead], *self.input_shape)
+        raise ValueError(
+            f"Conv4 expects examples of shape {self.input_shape} or "
+            f"{math.prod(self.input_shape)} flattened features, got {shape}; "
+            "set input_shape=(channels, height, width)."
+        )
+
+    # ------------------------------------------------------------------ plain forward
+
+    def forward(self, X: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """Logits of one batch ``X`` of shape (n, C, H, W) or (n, C*H*W).
+
+        BatchNorm uses the statistics of ``X`` itself; ``step`` picks the per-step set of
+        BatchNorm parameters when ``bn_steps`` is set (default the first).
+        """
+        h = self._as_images(X, 1)
+        j = self._bn_index(step)
+        for conv, norm in zip(self.convs, self.norms):
+            weight = norm.weight if j is None else norm.weight[j]
+            bias = norm.bias if j is None else norm.bias[j]
+            h = torch.relu(_batch_norm(conv(h), weight, bias))
+            if self.downsampling == "maxpool":
+                h = F.max_pool2d(h, 2, ceil_mode=True)
+        h = h.mean((2, 3)) if self.pooling == "mean" else h.flatten(1)
+        return self.head(h)
+
+    # ------------------------------------------------------------------ batched forward
+
+    def resolve_kernel(self, device: torch.device | str) -> str:
+        """The kernel used on ``device``: ``kernel`` unless it is "auto"."""
+        if self.kernel != "auto":
+            return self.kernel
+        return "loop" if torch.device(device).type == "cpu" else "grouped"
+
+    def batched_forward(
+        self, params: dict[str, torch.Tensor], X: torch.Tensor, step: int | None = None
+    ) -> torch.Tensor:
+        """Logits of ``T`` tasks at once, each with its own parameters.
+
+        Parameters
+        ----------
+        params : dict of str to Tensor
+            The module's parameters, each with a leading task dimension ``T`` or shared
+            (module shape) by all tasks.
+        X : Tensor of shape (T, n, C, H, W) or (T, n, C*H*W)
+        step : int, optional
+            Inner step, for per-step BatchNorm.
+
+        Returns
+        -------
+        Tensor of shape (T, n, n_outputs)
+        """
+        X = self._as_images(X, 2)
+        kernel = self.resolve_kernel(X.device)
+        if kernel == "hybrid":
+            kernel = "grouped" if X.shape[1] <= 25 else "loop"
+        j = self._bn_index(step)
+        if kernel == "grouped":
+            feats = self._grouped(params, X, j)
+        else:
+            feats = self._loop(params, X, j)
+        weight, bias = params["head.weight"], params["head.bias"]
+        if weight.dim() == 2:
+            return F.linear(feats, weight, bias)
+        return torch.baddbmm(bias.unsqueeze(1), feats, weight.transpose(1, 2))
+
+    def _param(self, params, name: str, T: int, j: int | None = None) -> torch.Tensor:
+        """``params[name]`` with the task dimension (expanded if shared), step ``j``."""
+        p = params[name]
+        if p.dim() == self._ndim[name]:
+            p = p.unsqueeze(0).expand(T, *p.shape)
+        return p if j is None else p[:, j]
+
+    def _grouped(self, params, X: torch.Tensor, j: int | None) -> torch.Tensor:
+        # The tasks are folded into the channels, (n, T*C, H, W), and every convolution
+        # runs with groups=T. Each channel belongs to one task, so BatchNorm's
+        # per-channel batch statistics are per-task statistics.
+        T, n = X.shape[:2]
+        h = X.transpose(0, 1).reshape(n, T * X.shape[2], *X.shape[3:])
+        if h.device.type == "cpu":
+            h = h.contiguous(memory_format=torch.channels_last)
+        for i in range(self.n_blocks):
+            w = self._param(params, f"convs.{i}.weight", T)
+            b = self._param(params, f"convs.{i}.bias", T)
+            h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), b.reshape(-1), self._stride, 1, 1, T)
+            gamma = self._param(params, f"norms.{i}.weight", T, j).reshape(-1)
+            beta = self._param(params, f"norms.{i}.bias", T, j).reshape(-1)
+            h = torch.relu(F.batch_norm(h, None, None, gamma, beta, True, 0.0, _BN_EPS))
+            if self.downsampling == "maxpool":
+                h = F.max_pool2d(h, 2, ceil_mode=True)
+        if self.pooling == "mean":
+            return h.mean((2, 3)).view(n, T, -1).transpose(0, 1)
+        return h.reshape(n, T, self.hidden_channels, -1).flatten(2).transpose(0, 1)
+
+    def _loop(self, params, X: torch.Tensor, j: int | None) -> torch.Tensor:
+        T = X.shape[0]
+        blocks = [
+            (
+                self._param(params, f"convs.{i}.weight", T),
+                self._param(params, f"convs.{i}.bias", T),
+                self._param(params, f"norms.{i}.weight", T, j),
+                self._param(params, f"norms.{i}.bias", T, j),
+            )
+            for i in range(self.n_blocks)
+        ]
+        feats = []
+        for t in range(T):
+            h = X[t]
+            for w, b, gamma, beta in blocks:
+                h = F.conv2d(h, w[t], b[t], self._stride, 1)
+                h = torch.relu(F.batch_norm(h, None, None, gamma[t], beta[t], True, 0.0, _BN_EPS))
+                if self.downsampling == "maxpool":
+                    h = F.max_pool2d(h, 2, ceil_mode=True)
+            feats.append(h.mean((2, 3)) if self.pooling == "mean" else h.flatten(1))
+        return torch.stack(feats)
+
+
+class _AffineNorm(nn.Module):
+    """The learnable scale and shift of a BatchNorm layer (statistics come from the batch)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        # uniform(0, 1) scales, as learn2learn's MAML networks
+        self.weight = nn.Parameter(torch.rand(shape))
+        self.bias = nn.Parameter(torch.zeros(shape))
