@@ -21,6 +21,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.exceptions import NotFittedError
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
@@ -28,6 +29,7 @@ from torch import nn
 
 from metafit.algorithms import ALGORITHMS, MetaAlgorithm
 from metafit.callbacks import BestState, Checkpoint, EarlyStopping, ProgressBar
+from metafit.distributed import distributed_training
 from metafit.learner import MetaLearner
 from metafit.models import MLP
 from metafit.persistence import MetaInit, build_module, module_spec
@@ -651,7 +653,14 @@ class MetaInitializedEstimator(BaseEstimator):
         )
 
     def _fit_init(self) -> MetaInit | None:
-        return self._resolve_meta_init()
+        init = self._resolve_meta_init()
+        kind = init.metadata.get("estimator") if init is not None else None
+        if kind and kind != self._estimator_kind:
+            raise ValueError(
+                f"this meta-initialization was learned by a {kind}; it cannot serve a "
+                f"{self._estimator_kind}."
+            )
+        return init
 
     # ------------------------------------------------------------------ meta-training
 
@@ -739,7 +748,9 @@ class MetaInitializedEstimator(BaseEstimator):
             return self
 
         seed = _seed_from(self.random_state)
-        with _SeededTorch(seed, self.device):
+        # Under torchrun / in a process group: this rank's share of each meta-batch.
+        parallel = distributed_training(self.meta_batch_size, self.device)
+        with parallel, _SeededTorch(seed, self.device):
             module, kwargs = self._make_module(n_features, n_outputs)
             if self.module is not None and not isinstance(self.module, type):
                 kwargs = {}
@@ -786,15 +797,17 @@ class MetaInitializedEstimator(BaseEstimator):
                 return MetaInit(tensors, spec, {**meta, **extra})
 
             callbacks, best, stopper = self._training_callbacks(resume, val, make_meta_init)
+            callbacks = parallel.prepare(learner, callbacks)
             try:
                 result = meta_train(
                     learner,
-                    stream,
+                    parallel.shard(stream),
                     iterations=self.meta_iterations,
                     validation_tasks=val,
                     validation_interval=self.validation_interval,
                     validation_steps=self.inner_steps,
                     callbacks=callbacks,
+                    grad_hook=parallel.grad_hook,
                     clip_grad_norm=self.clip_grad_norm,
                     start_iteration=0 if resume is None else resume["state"].iteration,
                     start_time=0.0 if resume is None else resume["time"],
@@ -934,8 +947,9 @@ class MetaInitializedEstimator(BaseEstimator):
         Load it with ``MetaInitializedRegressor(meta_init=path)`` (or the classifier).
         """
         if not hasattr(self, "meta_init_"):
-            raise AttributeError(
-                "this estimator has no meta-learned initialization; call meta_fit first."
+            raise NotFittedError(
+                f"this {type(self).__name__} has no meta-learned initialization to save; "
+                "call meta_fit first."
             )
         self.meta_init_.save(path)
 
@@ -1028,10 +1042,31 @@ class MetaInitializedEstimator(BaseEstimator):
             learner.module.train(training)
 
     def to_skorch(self, **kwargs):
-        """A skorch net holding the learned weights, ready for further training.
+        """A skorch net whose module holds the learned weights, ready for more training.
 
-        The weights are the adapted ones after ``fit``, else the meta-learned
-        initialization. Keyword arguments go to the skorch net's constructor.
+        Parameters
+        ----------
+        **kwargs
+            Constructor arguments of the skorch net (``max_epochs``, ``callbacks``,
+            ``optimizer``, ...). Defaults: ``lr=inner_lr``, ``train_split=None``, the
+            estimator's ``device``, MSE (regressor) or cross-entropy on the logits
+            (classifier) as the criterion.
+
+        Returns
+        -------
+        skorch.NeuralNetRegressor or skorch.NeuralNetClassifier
+            Initialized, so ``predict`` works at once and ``partial_fit`` continues from
+            the exported weights (``fit`` too: skorch keeps a module instance's weights).
+            The module is a copy; training it leaves this estimator unchanged.
+
+        Notes
+        -----
+        The weights are the adapted ones after :meth:`fit`, else the meta-learned
+        initialization. skorch trains every parameter with its own optimizer: Meta-SGD's
+        learned per-parameter rates and ANIL's frozen body do not carry over. The
+        regressor's net expects 2-D float32 targets, ``y.reshape(-1, 1)``; the
+        classifier's net works on class indices ``0..n_outputs-1``, so encode labels with
+        ``np.searchsorted(est.classes_, y)``.
         """
         if hasattr(self, "adapted_params_"):
             module = copy.deepcopy(self._learner.module)
@@ -1040,11 +1075,13 @@ class MetaInitializedEstimator(BaseEstimator):
         else:
             init = self._resolve_meta_init()
             if init is None:
-                raise AttributeError(
-                    "nothing to export yet: call meta_fit or fit first (or pass meta_init)."
+                raise NotFittedError(
+                    f"this {type(self).__name__} has no weights to export yet: call meta_fit "
+                    "or fit first (or pass meta_init)."
                 )
-            module = copy.deepcopy(self._learner_from_init(init).module)
-        return self._skorch_net(module.cpu() if str(self.device) == "cpu" else module, kwargs)
+            module = self._learner_from_init(init).module
+        kwargs.setdefault("device", str(self.device))
+        return self._skorch_net(module, kwargs)
 
     def _skorch_net(self, module, kwargs):  # pragma: no cover - per subclass
         raise NotImplementedError
