@@ -1,0 +1,197 @@
+"""Tests of the ``metafit`` command line: commands, storages, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from metafit.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = """
+tasks:
+  source: sinusoid
+  k_shot: 5
+  k_query: 5
+  validation_tasks: 5
+  test_tasks: 5
+estimator:
+  params:
+    hidden_sizes: [8]
+    meta_batch_size: 4
+    meta_iterations: 5
+    random_state: 0
+    verbose: 0
+tune:
+  study_name: tiny
+  n_trials: 3
+  sampler: {name: random, seed: 0}
+search_space:
+  inner_lr: {low: 0.001, high: 0.01, log: true}
+  inner_steps: {low: 1, high: 4}
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("METAFIT_STORAGE", raising=False)
+    path = tmp_path / "tiny.yaml"
+    path.write_text(TINY)
+    return path
+
+
+def _run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _error(capsys, *argv, code=2):
+    got, out, err = _run(capsys, *argv)
+    assert got == code, (out, err)
+    lines = [x for x in err.splitlines() if x.startswith("metafit: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_tune_default_storage_prints_best_and_improvement_then_resumes(tiny, capsys):
+    code, out, _ = _run(capsys, "tune", tiny)
+    assert code == 0
+    assert (tiny.parent / "metafit.db").is_file()  # sqlite:///metafit.db in the cwd
+    assert "best parameters: inner_lr=" in out
+    assert "defaults (inner_lr=0.01, inner_steps=5): query MSE" in out
+    assert "% lower" in out or "% higher" in out
+    # Same study name again: the study is resumed, not restarted.
+    code, out, _ = _run(capsys, "tune", tiny, "--n-trials", 2)
+    assert code == 0 and "study 'tiny': 5 complete" in out
+    code, out, _ = _run(capsys, "best", "--json")
+    best = json.loads(out)
+    assert best["study_name"] == "tiny" and best["n_trials"] == 5
+    assert set(best["best_params"]) == {"inner_lr", "inner_steps"}
+    assert best["default_params"] == {"inner_lr": 0.01, "inner_steps": 5}
+
+
+def test_storage_from_environment_and_flags(tiny, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("METAFIT_STORAGE", f"journal:{tmp_path / 'env.log'}")
+    assert _run(capsys, "tune", tiny, "--n-trials", 1, "--study-name", "e")[0] == 0
+    assert (tmp_path / "env.log").stat().st_size > 0
+    assert not (tmp_path / "metafit.db").exists()
+    code, out, _ = _run(capsys, "best", "--study-name", "e")
+    assert code == 0 and "best trial #0" in out
+    flag = f"sqlite:///{tmp_path / 'flag.db'}"
+    assert _run(capsys, "tune", tiny, "--n-trials", 1, "--storage", flag)[0] == 0
+    assert (tmp_path / "flag.db").is_file()
+
+
+def test_meta_fit_then_evaluate_then_tune_from_init(tiny, capsys, tmp_path):
+    init = tmp_path / "init.safetensors"
+    code, out, _ = _run(capsys, "meta-fit", tiny, "-o", init)
+    assert code == 0 and init.is_file() and "validation query MSE" in out
+    code, out, _ = _run(capsys, "tune", tiny, "--init", init, "--n-trials", 2)
+    assert code == 0 and "meta-training" not in out
+    code, out, _ = _run(capsys, "evaluate", tiny, "--init", init, "--study-name", "tiny",
+                        "--param", "inner_steps=2")
+    assert code == 0
+    assert "test query MSE over 5 tasks" in out and "with inner_lr=" in out
+
+
+def test_report_writes_figures(tiny, capsys, tmp_path):
+    pytest.importorskip("matplotlib")
+    assert _run(capsys, "tune", tiny)[0] == 0
+    code, out, _ = _run(capsys, "report", "-o", tmp_path / "rep")
+    assert code == 0
+    for name in ("optimization_history", "param_importances", "slice"):
+        assert (tmp_path / "rep" / f"{name}.png").stat().st_size > 1000, out
+
+
+def test_meta_mode_from_the_command_line(tiny, capsys):
+    code, out, _ = _run(capsys, "tune", tiny, "--mode", "meta", "--study-name", "m",
+                        "--n-trials", 2)
+    assert code == 0 and "meta mode" in out and "best parameters" in out
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["tune", "{cfg}", "--storage", "foo://x"], "unsupported database 'foo'"),
+        (["tune", "{cfg}", "--storage", "sqlite:///no/such/dir/x.db"], "does not exist"),
+        (["tune", "{cfg}", "--storage", "postgresql://u:pw@127.0.0.1:1/db"],
+         "cannot open storage postgresql\\+psycopg://u:\\*\\*\\*@"),
+        (["tune", "missing.yaml"], "config file not found"),
+        (["tune", "{cfg}", "--init", "nothere.safetensors"], "--init: file not found"),
+        (["evaluate", "{cfg}", "--init", "nothere.safetensors"], "--init: file not found"),
+        (["meta-fit", "{cfg}", "-o", "no/such/dir/x.safetensors"], "directory"),
+        (["best", "--study-name", "nope"], "no study 'nope'"),
+        (["report", "-o", "r"], "--study-name is required"),
+    ],
+)
+def test_bad_arguments_one_line(tiny, capsys, argv, match):
+    line = _error(capsys, *[a.format(cfg=tiny) for a in argv])
+    assert __import__("re").search(match, line), line
+
+
+@pytest.mark.parametrize(
+    "old, new, match",
+    [
+        ("  k_shot: 5\n", "  k_shot: 5\n  shots: 3\n", "unknown key 'shots'"),
+        ("    hidden_sizes: [8]\n", "    hidden_sizes: [8]\n    speed: 3\n",
+         "unknown parameter 'speed'"),
+        ("    meta_iterations: 5\n", "    meta_iterations: five\n",
+         "meta_iterations must be an int"),
+        ("  n_trials: 3\n", "  n_trials: 3\n  storage: ftp://x\n", "unsupported database"),
+        ("high: 0.01", "high: 0.0001", "greater than"),
+    ],
+)
+def test_bad_configs_one_line(tiny, capsys, old, new, match):
+    assert old in TINY
+    tiny.write_text(TINY.replace(old, new))
+    line = _error(capsys, "tune", tiny)
+    assert match in line, line
+
+
+def test_missing_table_file_one_line(tiny, capsys):
+    tiny.write_text("tasks: {source: table, path: gone.csv, group: g, target: y}\n")
+    line = _error(capsys, "tune", tiny)
+    assert "file not found" in line and "gone.csv" in line
+
+
+def test_library_value_errors_are_one_line(tiny, capsys):
+    tiny.write_text(TINY.replace("meta_batch_size: 4", "meta_batch_size: 4\n    device: gpu9"))
+    line = _error(capsys, "tune", tiny, code=1)
+    assert "device" in line
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["tune"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit):
+        main(["tune", "x.yaml", "--n-trials", "0"])
+    assert "must be >= 1" in capsys.readouterr().err
+
+
+def test_python_dash_m_and_console_script(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "metafit", "best", "--storage", "nope://"],
+                          capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("metafit: error:") and "Traceback" not in done.stderr
+    parser_help = __import__("metafit.cli", fromlist=["build_parser"]).build_parser()
+    text = parser_help.format_help()
+    for command in ("meta-fit", "tune", "evaluate", "report", "best"):
+        assert command in text
+    from importlib.metadata import entry_points
+
+    scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
+    if "metafit" not in scripts:
+        pytest.skip("metafit is not pip-installed, so its console script is absent")
+    assert scripts["metafit"] == "metafit.cli:main"
+    assert shutil.which("metafit") is not None
