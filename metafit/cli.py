@@ -83,10 +83,16 @@ def _cmd_meta_fit(args) -> int:
     splits = config.build_tasks()
     est = config.build_estimator(**_verbose(config))
     n = est.get_params()["meta_iterations"]
-    print(f"meta-training {type(est).__name__} ({est.algorithm}) for {n} iterations ...")
+    from metafit.distributed import is_main_process
+
+    rank0 = is_main_process()  # under torchrun, rank 0 alone reports and writes the file
+    if rank0:
+        print(f"meta-training {type(est).__name__} ({est.algorithm}) for {n} iterations ...")
     start = time.perf_counter()
     est.meta_fit(splits.train, splits.validation)
     took = time.perf_counter() - start
+    if not rank0:
+        return 0
     est.save_meta_init(out)
     score = evaluate(est, splits.validation)
     print(
