@@ -9,6 +9,7 @@ from __future__ import annotations
 from metafit.algorithms.anil import ANIL
 from metafit.algorithms.base import GradientMetaAlgorithm, MetaAlgorithm
 from metafit.algorithms.maml import FOMAML, MAML
+from metafit.algorithms.mamlpp import MAMLPlusPlus
 from metafit.algorithms.metasgd import MetaSGD
 from metafit.algorithms.reptile import Reptile
 
@@ -17,6 +18,7 @@ __all__ = [
     "ANIL",
     "FOMAML",
     "MAML",
+    "MAMLPlusPlus",
     "GradientMetaAlgorithm",
     "MetaAlgorithm",
     "MetaSGD",
@@ -25,7 +27,7 @@ __all__ = [
 ]
 
 ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
-    cls.name: cls for cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD)
+    cls.name: cls for cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus)
 }
 
 
