@@ -23,16 +23,23 @@ def _tasks(n=3, n_features=4, n_way=3, seed=0, shape=None):
     for _ in range(n):
         y_s = np.arange(n_way).repeat(2)
         y_q = np.arange(n_way).repeat(3)
-        out.append(Task(rng.normal(size=(len(y_s), *shape)), y_s,
-                        rng.normal(size=(len(y_q), *shape)), y_q))  # fmt: skip
+        out.append(
+            Task(rng.normal(size=(len(y_s), *shape)), y_s, rng.normal(size=(len(y_q), *shape)), y_q)
+        )
     return out
 
 
 def _learner(algorithm, module=None, steps=2):
     torch.manual_seed(0)
     module = module or MLP(4, 3, (5,))
-    return MetaLearner(module, loss="cross_entropy", algorithm=algorithm, inner_lr=0.3,
-                       inner_steps=steps, dtype=torch.float64)  # fmt: skip
+    return MetaLearner(
+        module,
+        loss="cross_entropy",
+        algorithm=algorithm,
+        inner_lr=0.3,
+        inner_steps=steps,
+        dtype=torch.float64,
+    )
 
 
 def _hand_meta_grads(learner, tasks, weights, second_order):
@@ -119,9 +126,12 @@ def test_cosine_annealed_meta_lr():
     expected = [1e-4 + (1e-2 - 1e-4) * (1 + math.cos(math.pi * i / 4)) / 2 for i in range(4)]
     np.testing.assert_allclose(lrs, expected)
     assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(1e-4)
-    assert MAMLPlusPlus(cosine_meta_lr=False).make_optimizer(
-        [torch.zeros(1, requires_grad=True)], 1e-3, 4
-    )[1] is None
+    assert (
+        MAMLPlusPlus(cosine_meta_lr=False).make_optimizer(
+            [torch.zeros(1, requires_grad=True)], 1e-3, 4
+        )[1]
+        is None
+    )
 
 
 def test_per_step_batchnorm_uses_the_step_index():
@@ -154,8 +164,14 @@ def test_per_step_batchnorm_uses_the_step_index():
 
 def test_estimator_meta_fit_and_save(tmp_path):
     tasks = _tasks(8)
-    est = MetaInitializedClassifier(algorithm="mamlpp", hidden_sizes=(8,), inner_steps=2,
-                                    meta_batch_size=4, meta_iterations=4, random_state=0)  # fmt: skip
+    est = MetaInitializedClassifier(
+        algorithm="mamlpp",
+        hidden_sizes=(8,),
+        inner_steps=2,
+        meta_batch_size=4,
+        meta_iterations=4,
+        random_state=0,
+    )
     est.meta_fit(tasks)
     assert any(k.startswith("extra.lslr.") for k in est.meta_init_.tensors)
     t = tasks[0]

@@ -44,9 +44,16 @@ def _data(T=3, n_support=5, n_query=10, side=12, seed=0):
 def _meta_grads(net, forward, Xs, ys, Xq, yq, *, steps=2, second_order=True, task=None):
     theta = dict(net.named_parameters())
     phi = inner_loop(
-        forward, cross_entropy_loss, theta, Xs, ys, steps=steps, lr=0.4,
-        create_graph=second_order, shared=True,
-    )  # fmt: skip
+        forward,
+        cross_entropy_loss,
+        theta,
+        Xs,
+        ys,
+        steps=steps,
+        lr=0.4,
+        create_graph=second_order,
+        shared=True,
+    )
     losses = cross_entropy_loss(forward(phi, Xq), yq)
     loss = losses.sum() if task is None else losses[task]
     grads = torch.autograd.grad(loss, list(theta.values()))
@@ -69,8 +76,14 @@ def test_forward_accepts_images_and_flat_rows():
 @pytest.mark.parametrize("downsampling", ["stride", "maxpool"])
 @pytest.mark.parametrize("pooling", ["mean", "flatten"])
 def test_variants_shapes(downsampling, pooling):
-    net = Conv4(3, input_shape=(3, 20, 20), hidden_channels=4, n_blocks=3,
-                downsampling=downsampling, pooling=pooling)  # fmt: skip
+    net = Conv4(
+        3,
+        input_shape=(3, 20, 20),
+        hidden_channels=4,
+        n_blocks=3,
+        downsampling=downsampling,
+        pooling=pooling,
+    )
     assert net(torch.rand(2, 3, 20, 20)).shape == (2, 3)
     expected = 4 if pooling == "mean" else 4 * 3 * 3
     assert net.head.in_features == expected
@@ -167,7 +180,7 @@ def test_per_step_batchnorm_sets():
     net = _net(bn_steps=3)
     assert net.norms[0].weight.shape == (3, 6)
     with torch.no_grad():
-        for k, norm in enumerate(net.norms):
+        for norm in net.norms:
             norm.weight.copy_(torch.rand(3, 6, dtype=torch.float64) + 0.5)
     X = _data(1)[2][0]
     outs = [net(X, step=k) for k in range(4)]
@@ -204,14 +217,17 @@ def test_conv4_as_estimator_module_roundtrip(tmp_path):
     task = _digit_tasks(1, 1)[0]
     proba = est.fit(task.X_support, task.y_support).predict_proba(task.X_query)
     assert proba.shape == (25, 5)
-    flat = Task(task.X_support.reshape(5, 64), task.y_support, task.X_query.reshape(25, 64),
-                task.y_query)  # fmt: skip
+    flat = Task(
+        task.X_support.reshape(5, 64), task.y_support, task.X_query.reshape(25, 64), task.y_query
+    )
     proba_flat = est.fit(flat.X_support, flat.y_support).predict_proba(flat.X_query)
     np.testing.assert_allclose(proba_flat, proba, rtol=1e-5, atol=1e-6)
     path = tmp_path / "conv4.safetensors"
     est.save_meta_init(path)
     loaded = MetaInitializedClassifier(meta_init=path, inner_lr=0.4, inner_steps=1)
     np.testing.assert_allclose(
-        loaded.fit(task.X_support, task.y_support).predict_proba(task.X_query), proba,
-        rtol=1e-5, atol=1e-6,
-    )  # fmt: skip
+        loaded.fit(task.X_support, task.y_support).predict_proba(task.X_query),
+        proba,
+        rtol=1e-5,
+        atol=1e-6,
+    )
