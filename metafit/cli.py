@@ -215,7 +215,7 @@ def _cmd_evaluate(args) -> int:
     est = config.build_estimator(meta_init=args.init)
     overrides = {}
     if args.study_name:
-        study = _load_study(args)
+        study = _load_study(args, config)
         if study.user_attrs.get("metafit_mode", "adaptation") != "adaptation":
             raise UsageError(
                 f"study {study.study_name!r} tuned meta-training; meta-fit with its best "
@@ -258,24 +258,32 @@ def _parse_value(text: str):
 # ----------------------------------------------------------------------------- study tools
 
 
-def _load_study(args):
+def _load_study(args, config=None):
     import optuna
 
-    storage = _open_storage(_storage_url(args))
+    url = _storage_url(args, config)
+    local = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
+    if url.startswith("journal:"):
+        local = url[len("journal:"):]
+    elif "://" not in url and url.endswith((".log", ".journal")):
+        local = url
+    if local and not Path(local).expanduser().is_file():
+        raise UsageError(f"storage {url}: file {local} does not exist (no study was run there)")
+    storage = _open_storage(url)
     names = optuna.get_all_study_names(storage)
     name = args.study_name
     if name is None:
         if len(names) != 1:
             found = ", ".join(names) if names else "none"
             raise UsageError(
-                f"--study-name is required: storage {_storage_url(args)} holds {len(names)} "
+                f"--study-name is required: storage {url} holds {len(names)} "
                 f"studies ({found})"
             )
         name = names[0]
     if name not in names:
         found = ", ".join(names) if names else "none"
         raise UsageError(
-            f"--study-name: no study {name!r} in {_storage_url(args)} (studies: {found})"
+            f"--study-name: no study {name!r} in {url} (studies: {found})"
         )
     return optuna.load_study(study_name=name, storage=storage)
 

@@ -77,6 +77,9 @@ def test_tune_default_storage_prints_best_and_improvement_then_resumes(tiny, cap
     assert best["study_name"] == "tiny" and best["n_trials"] == 5
     assert set(best["best_params"]) == {"inner_lr", "inner_steps"}
     assert best["default_params"] == {"inner_lr": 0.01, "inner_steps": 5}
+    assert "no study 'nope' in sqlite:///metafit.db (studies: tiny)" in _error(
+        capsys, "best", "--study-name", "nope"
+    )
 
 
 def test_storage_from_environment_and_flags(tiny, capsys, monkeypatch, tmp_path):
@@ -86,6 +89,8 @@ def test_storage_from_environment_and_flags(tiny, capsys, monkeypatch, tmp_path)
     assert not (tmp_path / "metafit.db").exists()
     code, out, _ = _run(capsys, "best", "--study-name", "e")
     assert code == 0 and "best trial #0" in out
+    assert _run(capsys, "tune", tiny, "--n-trials", 1, "--study-name", "f")[0] == 0
+    assert "--study-name is required" in _error(capsys, "report", "-o", tmp_path / "r")
     flag = f"sqlite:///{tmp_path / 'flag.db'}"
     assert _run(capsys, "tune", tiny, "--n-trials", 1, "--storage", flag)[0] == 0
     assert (tmp_path / "flag.db").is_file()
@@ -129,8 +134,8 @@ def test_meta_mode_from_the_command_line(tiny, capsys):
         (["tune", "{cfg}", "--init", "nothere.safetensors"], "--init: file not found"),
         (["evaluate", "{cfg}", "--init", "nothere.safetensors"], "--init: file not found"),
         (["meta-fit", "{cfg}", "-o", "no/such/dir/x.safetensors"], "directory"),
-        (["best", "--study-name", "nope"], "no study 'nope'"),
-        (["report", "-o", "r"], "--study-name is required"),
+        (["best", "--study-name", "nope"], "metafit.db does not exist"),
+        (["report", "-o", "r", "--storage", "journal:x.log"], "x.log does not exist"),
     ],
 )
 def test_bad_arguments_one_line(tiny, capsys, argv, match):
