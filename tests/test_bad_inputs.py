@@ -8,6 +8,7 @@ appears in the working folder. Numeric parameters are also probed with hypothesi
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -171,17 +172,127 @@ def _tuning_cases():
     ]
 
 
+GOOD_CONFIG = """\
+tasks: {source: sinusoid, k_shot: 5, validation_tasks: 3, test_tasks: 3}
+estimator:
+  type: regressor
+  params: {hidden_sizes: [4], meta_iterations: 2, meta_batch_size: 2, random_state: 0}
+tune: {mode: adaptation, n_trials: 1}
+search_space:
+  inner_lr: {low: 0.001, high: 0.1, log: true}
+"""
+
+#: (id, file name, text, words the message must contain)
+CONFIG_ROWS = [
+    ("config-unknown-format", "c.json", "{}", r"use \.yaml, \.yml or \.toml"),
+    ("config-invalid-yaml", "c.yaml", "tasks: [1, 2\n", "invalid YAML at line"),
+    ("config-invalid-toml", "c.toml", "tasks = [", "invalid TOML"),
+    ("config-empty", "c.yaml", "", "needs at least a tasks section"),
+    ("config-not-a-mapping", "c.yaml", "- tasks\n", "must be a mapping of sections"),
+    (
+        "config-section-typo",
+        "c.yaml",
+        GOOD_CONFIG.replace("tune:", "tuning:"),
+        "unknown key 'tuning' .allowed:",
+    ),
+    ("config-missing-tasks", "c.yaml", "estimator: {type: regressor}\n", "missing section 'tasks'"),
+    (
+        "config-unknown-source",
+        "c.yaml",
+        GOOD_CONFIG.replace("sinusoid", "sinus"),
+        "tasks.source must be one of",
+    ),
+    (
+        "config-task-key-typo",
+        "c.yaml",
+        GOOD_CONFIG.replace("k_shot", "k_shots"),
+        "unknown key 'k_shots'",
+    ),
+    (
+        "config-k_shot-zero",
+        "c.yaml",
+        GOOD_CONFIG.replace("k_shot: 5", "k_shot: 0"),
+        "tasks.k_shot must be >= 1",
+    ),
+    (
+        "config-table-without-group",
+        "c.yaml",
+        "tasks: {source: table, path: t.csv, target: y}\n",
+        "tasks.group is required",
+    ),
+    (
+        "config-estimator-type",
+        "c.yaml",
+        GOOD_CONFIG.replace("type: regressor", "type: ranker"),
+        "estimator.type must be 'regressor' or 'classifier'",
+    ),
+    (
+        "config-unknown-model",
+        "c.yaml",
+        GOOD_CONFIG.replace("type: regressor", "type: regressor\n  model: ResNet50"),
+        "is not a network of metafit.models",
+    ),
+    (
+        "config-unknown-param",
+        "c.yaml",
+        GOOD_CONFIG.replace("random_state: 0}", "lr: 0.1}"),
+        "unknown parameter 'lr'; known:",
+    ),
+    (
+        "config-param-wrong-type",
+        "c.yaml",
+        GOOD_CONFIG.replace("random_state: 0}", "inner_lr: fast}"),
+        "inner_lr must be a number",
+    ),
+    (
+        "config-tune-mode",
+        "c.yaml",
+        GOOD_CONFIG.replace("mode: adaptation", "mode: full"),
+        "tune.mode must be 'adaptation' or 'meta'",
+    ),
+    (
+        "config-n_trials-zero",
+        "c.yaml",
+        GOOD_CONFIG.replace("n_trials: 1", "n_trials: 0"),
+        "tune.n_trials must be >= 1",
+    ),
+    (
+        "config-unknown-sampler",
+        "c.yaml",
+        GOOD_CONFIG.replace("n_trials: 1}", "n_trials: 1, sampler: {name: bayes}}"),
+        "tune.sampler.name must be one of",
+    ),
+    (
+        "config-space-low-above-high",
+        "c.yaml",
+        GOOD_CONFIG.replace("low: 0.001, high: 0.1", "low: 0.1, high: 0.001"),
+        "low=0.1 is greater than high=0.001",
+    ),
+]
+
+
 def _config_cases():
-    """Rows for metafit.config / metafit.cli, once those modules are committed."""
-    try:
-        from metafit import config  # noqa: F401
-    except ImportError:
-        return []
-    return _config_rows()
+    """Rows for metafit.config: each writes a config file, then loads it."""
+    from metafit.config import load_config
 
+    def make_loader(name, text):
+        def make(tmp):
+            path = tmp / name
+            path.write_text(text)
+            return None, lambda: load_config(path)
 
-def _config_rows():
-    return []
+        return make
+
+    rows = [Case(i, make_loader(n, t), ValueError, m) for i, n, t, m in CONFIG_ROWS]
+    rows.append(
+        Case(
+            "config-missing-file",
+            call(load_config, "no/such/config.yaml"),
+            ValueError,
+            "config file not found",
+        )
+    )
+    return rows
 
 
 CASES = [
@@ -632,6 +743,31 @@ def test_non_finite_fit_data_is_rejected_and_keeps_the_fit(bad, row):
     with pytest.raises(ValueError, match="NaN|infinity"):
         est.fit(X, Y4)
     np.testing.assert_array_equal(est.predict(X4), before)
+
+
+def test_good_config_loads(tmp_path):
+    from metafit.config import load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text(GOOD_CONFIG)
+    assert load_config(path).tasks["k_shot"] == 5  # the bad rows differ from a good file
+
+
+@pytest.mark.parametrize("row", CONFIG_ROWS[:6], ids=[r[0] for r in CONFIG_ROWS[:6]])
+def test_cli_reports_bad_configs_in_one_line_and_writes_nothing(row, tmp_path, monkeypatch, capsys):
+    from metafit.cli import main
+
+    _, name, text, match = row
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / name
+    path.write_text(text)
+    storage = f"sqlite:///{tmp_path}/study.db"
+    status = main(["tune", str(path), "--storage", storage, "--n-trials", "1"])
+    err = capsys.readouterr().err
+    assert status != 0
+    assert err.startswith("metafit: error:") and len(err.strip().splitlines()) == 1
+    assert re.search(match, err), err
+    assert sorted(os.listdir(tmp_path)) == [name]
 
 
 def test_meta_init_is_not_written_on_bad_input(tmp_path):
