@@ -78,7 +78,7 @@ def mse_loss(outputs: Tensor, y: Tensor) -> Tensor:
     """
     if y.dim() == 2:
         outputs = outputs[..., 0]
-    return (outputs - y).pow(2).flatten(1).mean(1)
+    return F.mse_loss(outputs, y, reduction="none").flatten(1).mean(1)
 
 
 def cross_entropy_loss(outputs: Tensor, y: Tensor) -> Tensor:
@@ -98,8 +98,10 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 def _mse_output_grad(out: Tensor, y: Tensor, scale: float) -> Tensor:
     n = out.shape[1]
     if y.dim() == 2:
+        if out.shape[-1] == 1:
+            return (out - y.unsqueeze(-1)) * (2.0 * scale / n)
         d = (out[..., :1] - y.unsqueeze(-1)) * (2.0 * scale / n)
-        return F.pad(d, (0, out.shape[-1] - 1)) if out.shape[-1] > 1 else d
+        return F.pad(d, (0, out.shape[-1] - 1))
     return (out - y) * (2.0 * scale / (n * out.shape[-1]))
 
 

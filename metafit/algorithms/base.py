@@ -18,7 +18,54 @@ if TYPE_CHECKING:
     from metafit.learner import MetaLearner
     from metafit.tasks import TaskBatch
 
-__all__ = ["MetaAlgorithm", "GradientMetaAlgorithm"]
+__all__ = ["MetaAlgorithm", "GradientMetaAlgorithm", "LeanAdam"]
+
+
+class LeanAdam(torch.optim.Adam):
+    """Fused Adam whose step goes straight to the fused kernel.
+
+    ``torch.optim.Adam.step`` spends about 0.1 ms in Python bookkeeping per call, as much
+    as 5% of a small meta-step. Once the state exists, this class calls the same fused
+    kernel directly; anything unusual (a closure, several groups, weight decay, amsgrad,
+    maximize, a missing gradient) takes the ordinary path. Same numbers, same state, same
+    ``state_dict``.
+    """
+
+    def step(self, closure=None):
+        group = self.param_groups[0]
+        params = group["params"]
+        if (
+            closure is not None
+            or len(self.param_groups) != 1
+            or not group.get("fused")
+            or group["amsgrad"]
+            or group["maximize"]
+            or group["weight_decay"] != 0
+            or isinstance(group["lr"], Tensor)
+            or any(p.grad is None or p not in self.state for p in params)
+        ):
+            return super().step(closure)
+        states = [self.state[p] for p in params]
+        steps = [s["step"] for s in states]
+        beta1, beta2 = group["betas"]
+        with torch.no_grad():
+            torch._foreach_add_(steps, 1)
+            torch._fused_adam_(
+                params,
+                [p.grad for p in params],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_sq"] for s in states],
+                [],
+                steps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=0.0,
+                eps=group["eps"],
+                amsgrad=False,
+                maximize=False,
+            )
+        return None
 
 
 class MetaAlgorithm:
@@ -54,7 +101,7 @@ class MetaAlgorithm:
         self, params: list[Tensor], meta_lr: float, total_iterations: int
     ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler | None]:
         """The meta-optimizer (Adam by default) and an optional per-iteration scheduler."""
-        return torch.optim.Adam(params, lr=meta_lr, foreach=False, fused=True), None
+        return LeanAdam(params, lr=meta_lr, fused=True), None
 
     def meta_gradients(
         self, learner: MetaLearner, batches: list[TaskBatch]
@@ -81,7 +128,7 @@ class GradientMetaAlgorithm(MetaAlgorithm):
     def meta_gradients(self, learner, batches):
         total = sum(b.n_tasks for b in batches)
         meta_params = learner.meta_parameters()
-        loss = 0.0
+        parts = []
         for batch in batches:
             phi = learner.adapt(
                 batch.X_support,
@@ -90,7 +137,8 @@ class GradientMetaAlgorithm(MetaAlgorithm):
                 keep_shared=True,
             )
             query = learner.loss_fn(learner.forward(phi, batch.X_query), batch.y_query)
-            loss = loss + query.sum() / total
+            parts.append(query.mean() if len(batches) == 1 else query.sum() / total)
+        loss = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
         grads = torch.autograd.grad(loss, meta_params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(meta_params, grads)]
         return loss.detach(), grads
