@@ -379,9 +379,11 @@ def write_report(study, out: Path) -> tuple[list[Path], list[str]]:
                     axes = getattr(ovm, func)(study)
                     first = axes.flat[0] if hasattr(axes, "flat") else axes
                     fig = first.get_figure()
-                    fig.tight_layout()
+                    if name == "slice":  # one panel per parameter, plus a colorbar
+                        n = len(getattr(axes, "flat", [axes]))
+                        fig.set_size_inches(max(6.4, 3.6 * n + 1.5), 4.8)
                     path = out / f"{name}.png"
-                    fig.savefig(path, dpi=100)
+                    fig.savefig(path, dpi=100, bbox_inches="tight")
                     plt.close(fig)
                     written.append(path)
                 if ovp is not None:
