@@ -112,7 +112,20 @@ _BACKWARDS = {
 }
 
 
-def _analytic_adapt(learner: MetaLearner, X: torch.Tensor, y: torch.Tensor, steps: int):
+def _analytic_covers(learner: MetaLearner) -> bool:
+    """Whether :func:`_analytic_adapt` handles this learner's network and algorithm."""
+    module = learner.module
+    return (
+        type(module) is MLP
+        and module.activation in _BACKWARDS
+        and learner.loss_name in ("mse", "cross_entropy")
+        and isinstance(learner.algorithm.inner_lr(learner), (float, dict))
+    )
+
+
+def _analytic_adapt(
+    learner: MetaLearner, X: torch.Tensor, y: torch.Tensor, steps: int, inner_lr: float
+):
     """``learner.adapt`` for one task of the default MLP, with hand-written gradients.
 
     The same SGD steps as :func:`metafit.functional.inner_loop` with ``track_graph=False``
@@ -122,16 +135,15 @@ def _analytic_adapt(learner: MetaLearner, X: torch.Tensor, y: torch.Tensor, step
     activation, per-step rates), and the caller falls back to the engine's inner loop.
     """
     module = learner.module
-    if type(module) is not MLP or module.activation not in _BACKWARDS:
-        return None
     loss = learner.loss_name
-    if loss not in ("mse", "cross_entropy") or y.dim() > 2:
+    if not _analytic_covers(learner) or y.dim() > 2:
         return None
     if loss == "mse" and (y.shape[1] if y.dim() == 2 else 1) != module.n_outputs:
         return None
     lr = learner.algorithm.inner_lr(learner)
-    if not isinstance(lr, (float, dict)):
-        return None
+    # A plain rate is the estimator's inner_lr, passed in: fit never mutates a learner
+    # that clones may share. Meta-SGD's learned per-parameter rates come as a dict.
+    lr = float(inner_lr) if isinstance(lr, float) else lr
     names = module.weight_bias_names()
     theta = learner.params()
     adapted = learner.algorithm.adapted_names(learner)
@@ -418,6 +430,10 @@ class MetaInitializedEstimator(BaseEstimator):
         if hasattr(self, "meta_init_"):
             new.meta_init_ = self.meta_init_
             new.meta_history_ = self.meta_history_
+        # A search clones before every fit: clones share the loaded meta_init file (and,
+        # through the MetaInit, the network built from it; see _build_learner).
+        if "_loaded_init" in self.__dict__:
+            new._loaded_init = self._loaded_init
         return new
 
     def __sklearn_is_fitted__(self):
@@ -655,7 +671,18 @@ class MetaInitializedEstimator(BaseEstimator):
 
     def _build_learner(self, init: MetaInit | None, n_features: int) -> MetaLearner:
         if init is not None:
-            return self._learner_from_init(init)
+            # Building the network costs about as much as a whole few-shot fit, and a
+            # search fits a fresh clone every time: learners built from an initialization
+            # are cached on it, per configuration. Only learners that fit never mutates
+            # (the analytic path) are shared, so threads may fit clones concurrently.
+            cache = init.__dict__.setdefault("_learners", {})
+            key = (n_features, self._config_key())
+            learner = cache.get(key)
+            if learner is None:
+                learner = self._learner_from_init(init)
+                if _analytic_covers(learner) and self.forward in ("auto", "mlp"):
+                    cache[key] = learner
+            return learner
         with _SeededTorch(_seed_from(self.random_state), self.device):
             module, _ = self._make_module(n_features, self._n_outputs_for_fit)
         return MetaLearner(
@@ -987,7 +1014,7 @@ class MetaInitializedEstimator(BaseEstimator):
         Xt, yt = learner.as_tensors(X, y)
         params = None
         if self.forward in ("auto", "mlp"):
-            params = _analytic_adapt(learner, Xt, yt, self.inner_steps)
+            params = _analytic_adapt(learner, Xt, yt, self.inner_steps, self.inner_lr)
         if params is None:
             # Only a module that draws random numbers (dropout) needs the seeded fork.
             with _SeededTorch(_seed_from(self.random_state), self.device):

@@ -98,6 +98,13 @@ class MetaInit:
     spec: dict[str, Any]
     metadata: dict[str, Any] = field(default_factory=dict)
 
+    def __getstate__(self):
+        # Estimators cache the networks built from this initialization on it (see
+        # MetaInitializedEstimator._build_learner); they hold closures and are rebuilt.
+        state = self.__dict__.copy()
+        state.pop("_learners", None)
+        return state
+
     @property
     def n_features(self) -> int:
         """Number of input features the initialization was learned on."""

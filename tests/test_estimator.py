@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import pickle
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import torch
@@ -131,7 +134,7 @@ def test_analytic_adapt_equals_the_engine_inner_loop(algorithm, activation, targ
             for v in learner.extras.values():
                 v.copy_(torch.rand(v.shape, generator=gen) * 0.1)
     X, yt = learner.as_tensors(rng.normal(size=(10, 4)), y)
-    fast = _analytic_adapt(learner, X, yt, 3)
+    fast = _analytic_adapt(learner, X, yt, 3, 0.05)
     ref = learner.adapt(X[None], yt[None], steps=3, track_graph=False)
     assert fast is not None
     for name in ref:
@@ -145,7 +148,7 @@ def test_analytic_adapt_declines_what_it_does_not_cover():
         MLP(2, 1, (4,), "gelu"), loss="mse", algorithm="maml", inner_lr=0.1, inner_steps=1
     )
     X, y = learner.as_tensors(np.zeros((3, 2)), np.zeros(3))
-    assert _analytic_adapt(learner, X, y, 1) is None
+    assert _analytic_adapt(learner, X, y, 1, 0.1) is None
 
 
 def test_custom_module_class_with_module_params():
@@ -267,6 +270,38 @@ def test_randomized_search_and_cross_val_score_use_the_meta_init(sinusoid_est, n
         scoring="neg_mean_squared_error",
     )
     assert -meta.mean() < 0.5 * -base.mean()
+
+
+def test_clones_share_the_network_built_from_the_meta_init(sinusoid_est, new_tasks):
+    task = new_tasks[2]
+    a = clone(sinusoid_est).fit(task.X_support, task.y_support)
+    b = clone(sinusoid_est).set_params(inner_lr=0.005).fit(task.X_support, task.y_support)
+    assert a._learner is b._learner  # built once, not once per clone
+    assert "_learners" not in pickle.loads(pickle.dumps(sinusoid_est.meta_init_)).__dict__
+    # fit never mutates a shared learner: concurrent fits with different rates agree
+    # with sequential ones.
+    rates = [0.002, 0.005, 0.01, 0.02] * 4
+    sequential = [
+        clone(sinusoid_est)
+        .set_params(inner_lr=r)
+        .fit(task.X_support, task.y_support)
+        .predict(task.X_query)
+        for r in rates
+    ]
+    with ThreadPoolExecutor(4) as pool:
+        threaded = list(
+            pool.map(
+                lambda r: (
+                    clone(sinusoid_est)
+                    .set_params(inner_lr=r)
+                    .fit(task.X_support, task.y_support)
+                    .predict(task.X_query)
+                ),
+                rates,
+            )
+        )
+    for x, y in zip(sequential, threaded):
+        np.testing.assert_array_equal(x, y)
 
 
 def test_pipeline_with_per_task_scaler_runs(sinusoid_est, new_tasks):
