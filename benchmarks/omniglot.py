@@ -1,0 +1,364 @@
+"""Omniglot few-shot benchmark: MAML, first-order MAML, Reptile and MAML++ with Conv4.
+
+Meta-trains on Omniglot (Vinyals/MAML protocol: 1,100 training characters, 423 test
+characters, 90-degree rotations as extra classes; or Lake's background/evaluation sets with
+``--protocol lake``) and reports, for every N-way K-shot configuration and algorithm, the
+query accuracy with a 95% interval over ``--episodes`` test episodes (600 by default) next to
+the meta-training throughput (tasks/s). Settings follow the papers:
+
+- MAML and first-order MAML (Finn et al. 2017): 5-way: inner lr 0.4, 1 step in training,
+  3 at test, meta-batch 32; 20-way: inner lr 0.1, 5 steps, meta-batch 16; Adam 1e-3;
+- Reptile (Nichol et al. 2018): 5 inner steps in training, 50 at test, meta-batch 5, outer
+  step 1.0 annealed linearly to 0 (inner plain SGD at lr 0.1 where the paper uses Adam);
+- MAML++ (Antoniou et al. 2019): 5 inner steps (training and test), inner lr 0.1 learned
+  per layer and step, multi-step loss, per-step BatchNorm, meta-batch 16 (8 for 20-way),
+  Adam 1e-3 cosine-annealed.
+
+BatchNorm uses batch statistics of each task's support set during adaptation and of its
+query set at prediction, as the reference MAML does. ``--minutes`` caps the training wall
+clock of each run (evaluations are not counted); ``--eval-at`` adds evaluations at given
+iterations. ``--compare`` times metafit's meta-step against a per-task loop in the same
+run: learn2learn's ``MAML`` if ``import learn2learn`` works, else the same algorithm written
+the way learn2learn runs it (copy the parameters per task, ``autograd.grad(create_graph=True)``
+per task, backward per task), labelled "per-task loop (learn2learn-style)".
+
+Usage::
+
+    python benchmarks/omniglot.py --configs 5w1s --algorithms maml --minutes 10
+    python benchmarks/omniglot.py --device cuda --configs 5w1s,5w5s,20w1s,20w5s \\
+        --algorithms maml,fomaml,reptile,mamlpp --iterations 60000
+    python benchmarks/omniglot.py --quick          # smoke run, a minute on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call
+
+from metafit.algorithms import MAMLPlusPlus
+from metafit.datasets import load_omniglot_split
+from metafit.learner import MetaLearner
+from metafit.models import Conv4
+from metafit.tasks import TaskBatch
+
+PUBLISHED = {  # accuracy in % for 5w1s, 5w5s, 20w1s, 20w5s
+    "maml": (98.7, 99.9, 95.8, 98.9),
+    "fomaml": (98.3, 99.2, 89.4, 97.9),
+    "reptile": (95.39, 98.90, 88.14, 96.65),
+    "mamlpp": (99.47, 99.85, 97.65, 99.33),
+}
+CONFIGS = ("5w1s", "5w5s", "20w1s", "20w5s")
+
+
+@dataclass
+class Setting:
+    inner_lr: float
+    train_steps: int
+    test_steps: int
+    meta_batch: int
+    meta_lr: float | None
+
+
+def paper_setting(algorithm: str, n_way: int) -> Setting:
+    """The published hyper-parameters of ``algorithm`` for ``n_way``-way Omniglot."""
+    if algorithm in ("maml", "fomaml"):
+        if n_way <= 5:
+            return Setting(0.4, 1, 3, 32, 1e-3)
+        return Setting(0.1, 5, 5, 16, 1e-3)
+    if algorithm == "reptile":
+        return Setting(0.1, 5, 50, 5, 1.0)
+    if algorithm == "mamlpp":
+        return Setting(0.1, 5, 5, 16 if n_way <= 5 else 8, 1e-3)
+    raise ValueError(f"unknown algorithm {algorithm!r}; use maml, fomaml, reptile or mamlpp.")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", default="5w1s", help=f"comma-separated, from {CONFIGS}")
+    p.add_argument("--algorithms", default="maml", help="maml,fomaml,reptile,mamlpp")
+    p.add_argument("--iterations", type=int, default=60000, help="cap (and schedule length)")
+    p.add_argument("--minutes", type=float, default=None, help="training wall-clock cap per run")
+    p.add_argument("--eval-at", default="", help="extra evaluations, e.g. 300,1000")
+    p.add_argument("--eval-minutes", default="", help="extra evaluations at training minutes")
+    p.add_argument("--episodes", type=int, default=600, help="test episodes per evaluation")
+    p.add_argument("--k-query", type=int, default=15, help="query images per class")
+    p.add_argument("--protocol", default="vinyals", choices=("vinyals", "lake"))
+    p.add_argument("--meta-batch", type=int, default=None, help="override the paper's")
+    p.add_argument("--inner-lr", type=float, default=None, help="override the paper's")
+    p.add_argument("--train-steps", type=int, default=None, help="override the paper's")
+    p.add_argument("--test-steps", type=int, default=None, help="override the paper's")
+    p.add_argument("--hidden", type=int, default=64, help="Conv4 filters")
+    p.add_argument("--image-size", type=int, default=28)
+    p.add_argument("--kernel", default="auto", help="Conv4 kernel: auto, loop, grouped, hybrid")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
+    p.add_argument("--compare", action="store_true", help="time against a per-task loop")
+    p.add_argument("--compare-steps", type=int, default=6, help="interleaved timed steps")
+    p.add_argument("--compare-only", action="store_true", help="timings only, no training")
+    p.add_argument("--data", default=None, help="folder with the Omniglot files")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="also append the report to this file")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny budget and net")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.iterations, args.episodes, args.hidden = 5, 20, 8
+        args.meta_batch = args.meta_batch or 4
+        args.compare_steps = 2
+    return args
+
+
+# ----------------------------------------------------------------------------- episodes
+
+
+class Episodes:
+    """Vectorized N-way K-shot episodes straight from the class-by-drawer image array."""
+
+    def __init__(self, images: np.ndarray, n_way: int, k_shot: int, k_query: int, device):
+        self.images = torch.as_tensor(np.ascontiguousarray(images), device=device)
+        self.n_way, self.k_shot, self.k_query = n_way, k_shot, k_query
+        self.device = device
+
+    def sample(self, n_tasks: int, rng: np.random.Generator) -> TaskBatch:
+        """``n_tasks`` episodes as one TaskBatch (support and query labels 0..n_way-1)."""
+        n_classes, n_drawers, h, w = self.images.shape
+        k, q = self.k_shot, self.k_query
+        classes = np.argsort(rng.random((n_tasks, n_classes)), axis=1)[:, : self.n_way]
+        drawers = np.argsort(rng.random((n_tasks, self.n_way, n_drawers)), axis=2)[..., : k + q]
+        ci = torch.as_tensor(classes[:, :, None], device=self.device)
+        di = torch.as_tensor(drawers, device=self.device)
+        imgs = self.images[ci, di]  # (T, n_way, k+q, h, w)
+        imgs = imgs.transpose(1, 2).unsqueeze(3)  # (T, k+q, n_way, 1, h, w)
+        labels = torch.arange(self.n_way, device=self.device)
+        return TaskBatch(
+            X_support=imgs[:, :k].reshape(n_tasks, k * self.n_way, 1, h, w),
+            y_support=labels.repeat(k).expand(n_tasks, -1),
+            X_query=imgs[:, k:].reshape(n_tasks, q * self.n_way, 1, h, w),
+            y_query=labels.repeat(q).expand(n_tasks, -1),
+        )
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+# ----------------------------------------------------------------------------- metafit
+
+
+def make_learner(algorithm: str, n_way: int, s: Setting, args) -> MetaLearner:
+    torch.manual_seed(args.seed)
+    bn_steps = s.train_steps if algorithm == "mamlpp" else None
+    module = Conv4(n_way, (1, args.image_size, args.image_size), args.hidden,
+                   bn_steps=bn_steps, kernel=args.kernel)  # fmt: skip
+    algo = MAMLPlusPlus() if algorithm == "mamlpp" else algorithm
+    learner = MetaLearner(module, loss="cross_entropy", algorithm=algo, inner_lr=s.inner_lr,
+                          inner_steps=s.train_steps, device=args.device)  # fmt: skip
+    learner.init_optimizer(s.meta_lr, args.iterations)
+    return learner
+
+
+def evaluate(learner: MetaLearner, episodes: Episodes, s: Setting, args) -> tuple[float, float]:
+    """Mean query accuracy (%) and the half-width of its 95% interval."""
+    rng = np.random.default_rng(10_000 + args.seed)
+    accs = []
+    left = args.episodes
+    while left > 0:
+        n = min(left, 50)
+        b = episodes.sample(n, rng)
+        phi = learner.adapt(b.X_support, b.y_support, steps=s.test_steps, track_graph=False)
+        pred = learner.predict(phi, b.X_query).argmax(-1)
+        accs.append((pred == b.y_query).float().mean(1).cpu().numpy())
+        left -= n
+    acc = np.concatenate(accs) * 100
+    return float(acc.mean()), float(1.96 * acc.std(ddof=1) / math.sqrt(len(acc)))
+
+
+def train_and_evaluate(algorithm, n_way, k_shot, data, args, emit) -> None:
+    s = paper_setting(algorithm, n_way)
+    s.meta_batch = args.meta_batch or s.meta_batch
+    s.inner_lr = args.inner_lr or s.inner_lr
+    s.train_steps = args.train_steps or s.train_steps
+    s.test_steps = args.test_steps or s.test_steps
+    train = Episodes(data["train"], n_way, k_shot, args.k_query, args.device)
+    test = Episodes(data["test"], n_way, k_shot, args.k_query, args.device)
+    learner = make_learner(algorithm, n_way, s, args)
+    rng = np.random.default_rng(args.seed)
+    checkpoints = {int(x) for x in args.eval_at.split(",") if x}
+    marks = sorted(float(x) * 60 for x in args.eval_minutes.split(",") if x)
+    budget = math.inf if args.minutes is None else args.minutes * 60
+    trained, iteration = 0.0, 0
+    while iteration < args.iterations and trained < budget:
+        batch = train.sample(s.meta_batch, rng)
+        sync(args.device)
+        start = time.perf_counter()
+        learner.meta_step([batch])
+        sync(args.device)
+        trained += time.perf_counter() - start
+        iteration += 1
+        done = iteration >= args.iterations or trained >= budget
+        at_mark = bool(marks) and trained >= marks[0]
+        while marks and trained >= marks[0]:
+            marks.pop(0)
+        if iteration in checkpoints or at_mark or done:
+            acc, half = evaluate(learner, test, s, args)
+            rate = iteration * s.meta_batch / trained
+            emit(
+                f"{n_way:>3}-way {k_shot}-shot  {algorithm:8s} {iteration:>7} it "
+                f"{trained / 60:7.2f} min  {rate:7.1f} tasks/s   "
+                f"{acc:6.2f} +- {half:4.2f} %   (published "
+                f"{PUBLISHED[algorithm][CONFIGS.index(f'{n_way}w{k_shot}s')]})"
+            )
+
+
+# ----------------------------------------------------------------------------- baseline
+
+
+class L2LStyleCNN(nn.Module):
+    """learn2learn's OmniglotCNN: conv-BN-ReLU blocks with nn.BatchNorm2d, mean pooling."""
+
+    def __init__(self, n_way: int, hidden: int):
+        super().__init__()
+        layers, c = [], 1
+        for _ in range(4):
+            layers += [nn.Conv2d(c, hidden, 3, 2, 1),
+                       nn.BatchNorm2d(hidden, track_running_stats=False), nn.ReLU()]  # fmt: skip
+            c = hidden
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Linear(hidden, n_way)
+
+    def forward(self, x):
+        return self.classifier(self.features(x).mean((2, 3)))
+
+
+def loop_baseline(n_way: int, s: Setting, first_order: bool, args):
+    """One meta-step done per task, learn2learn's way; real learn2learn when importable."""
+    try:
+        import learn2learn as l2l
+
+        model = l2l.vision.models.OmniglotCNN(n_way, hidden_size=args.hidden).to(args.device)
+        maml = l2l.algorithms.MAML(model, lr=s.inner_lr, first_order=first_order)
+        optimizer = torch.optim.Adam(maml.parameters(), 1e-3)
+
+        def step(batch: TaskBatch) -> None:
+            optimizer.zero_grad()
+            for t in range(batch.n_tasks):
+                learner = maml.clone()
+                for _ in range(s.train_steps):
+                    learner.adapt(F.cross_entropy(learner(batch.X_support[t]), batch.y_support[t]))
+                loss = F.cross_entropy(learner(batch.X_query[t]), batch.y_query[t])
+                (loss / batch.n_tasks).backward()
+            optimizer.step()
+
+        return f"learn2learn {l2l.__version__} MAML", step
+    except ImportError:
+        pass
+    model = L2LStyleCNN(n_way, args.hidden).to(args.device)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+
+    def step(batch: TaskBatch) -> None:
+        optimizer.zero_grad()
+        for t in range(batch.n_tasks):
+            params = {k: v.clone() for k, v in model.named_parameters()}
+            for _ in range(s.train_steps):
+                out = functional_call(model, params, (batch.X_support[t],))
+                loss = F.cross_entropy(out, batch.y_support[t])
+                grads = torch.autograd.grad(loss, list(params.values()),
+                                            create_graph=not first_order)  # fmt: skip
+                params = {k: v - s.inner_lr * g for (k, v), g in zip(params.items(), grads)}
+            out = functional_call(model, params, (batch.X_query[t],))
+            (F.cross_entropy(out, batch.y_query[t]) / batch.n_tasks).backward()
+        optimizer.step()
+
+    return "per-task loop (learn2learn-style)", step
+
+
+def compare(algorithm, n_way, k_shot, data, args, emit) -> None:
+    """Interleaved timing of metafit's meta-step and the per-task loop's, same batches."""
+    s = paper_setting(algorithm, n_way)
+    s.meta_batch = args.meta_batch or s.meta_batch
+    s.inner_lr = args.inner_lr or s.inner_lr
+    s.train_steps = args.train_steps or s.train_steps
+    episodes = Episodes(data["train"], n_way, k_shot, args.k_query, args.device)
+    learner = make_learner(algorithm, n_way, s, args)
+    name, baseline = loop_baseline(n_way, s, algorithm == "fomaml", args)
+    rng = np.random.default_rng(args.seed)
+    runs = {"metafit": lambda b: learner.meta_step([b]), name: baseline}
+    wall = {k: [] for k in runs}
+    cpu = {k: [] for k in runs}
+    for _ in range(args.compare_steps + 1):
+        batch = episodes.sample(s.meta_batch, rng)
+        for key, fn in runs.items():
+            sync(args.device)
+            w0, c0 = time.perf_counter(), time.thread_time()
+            fn(batch)
+            sync(args.device)
+            wall[key].append(time.perf_counter() - w0)
+            cpu[key].append(time.thread_time() - c0)
+    rates = {}
+    for key in runs:  # the first, warm-up step is dropped; min is robust to other load
+        rates[key] = (s.meta_batch / min(wall[key][1:]), s.meta_batch / min(cpu[key][1:]))
+        emit(
+            f"{n_way:>3}-way {k_shot}-shot  {algorithm:8s} {key:36s} "
+            f"{rates[key][0]:7.1f} tasks/s wall  {rates[key][1]:7.1f} tasks/s thread-CPU"
+        )
+    ours, theirs = rates["metafit"], rates[name]
+    emit(f"    speed-up: {ours[0] / theirs[0]:.2f}x wall, {ours[1] / theirs[1]:.2f}x thread-CPU")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if torch.device(args.device).type == "cpu":
+        torch.set_num_threads(args.threads)
+    lines: list[str] = []
+
+    def emit(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    emit(
+        f"# omniglot benchmark  {time.strftime('%Y-%m-%d %H:%M')}  device={args.device} "
+        f"threads={torch.get_num_threads()}  torch {torch.__version__}  "
+        f"{platform.processor() or platform.machine()}  python {sys.version.split()[0]}"
+    )
+    emit(f"# argv: {' '.join(sys.argv[1:] if argv is None else argv)}")
+    test_split = "test"
+    data = {
+        "train": load_omniglot_split("train", args.protocol, path=args.data,
+                                     image_size=args.image_size, rotations=True).images,
+        "test": load_omniglot_split(test_split, args.protocol, path=args.data,
+                                    image_size=args.image_size, rotations=True).images,
+    }  # fmt: skip
+    emit(
+        f"# protocol {args.protocol}: {len(data['train'])} training classes, "
+        f"{len(data['test'])} test classes (with rotations); {args.episodes} test episodes, "
+        f"{args.k_query} query images per class"
+    )
+    for config in args.configs.split(","):
+        if config not in CONFIGS:
+            raise SystemExit(f"unknown config {config!r}; use {', '.join(CONFIGS)}")
+        n_way, k_shot = int(config.split("w")[0]), int(config.split("w")[1][:-1])
+        for algorithm in args.algorithms.split(","):
+            if (args.compare or args.compare_only) and algorithm in ("maml", "fomaml"):
+                compare(algorithm, n_way, k_shot, data, args, emit)
+            if not args.compare_only:
+                train_and_evaluate(algorithm, n_way, k_shot, data, args, emit)
+    if args.out:
+        with open(args.out, "a", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n\n")
+
+
+if __name__ == "__main__":
+    main()
