@@ -111,6 +111,20 @@ def test_float64_and_lists_give_the_same_predictions(sinusoid_est, new_tasks):
     np.testing.assert_allclose(a, c, rtol=1e-6)
 
 
+def test_feature_names_follow_scikit_learn(sinusoid_est, new_tasks):
+    pd = pytest.importorskip("pandas")
+    task = new_tasks[0]
+    frame = pd.DataFrame(task.X_support, columns=["x"])
+    est = clone(sinusoid_est).fit(frame, task.y_support)
+    np.testing.assert_array_equal(est.feature_names_in_, ["x"])
+    with pytest.warns(UserWarning, match="does not have valid feature names"):
+        est.predict(task.X_query)
+    est.fit(task.X_support, task.y_support)  # the fast path drops the old names
+    assert not hasattr(est, "feature_names_in_") and est.n_features_in_ == 1
+    with pytest.warns(UserWarning, match="fitted without feature names"):
+        est.predict(pd.DataFrame(task.X_query, columns=["x"]))
+
+
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd"])
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
 @pytest.mark.parametrize("target", ["y1", "y2", "classes"])
