@@ -723,19 +723,29 @@ class MetaInitializedEstimator(BaseEstimator):
             ``meta_batch_size`` tasks at a time for ``meta_iterations`` meta-updates.
         validation_tasks : iterable of Task, optional
             Held-out tasks (at most the first 100 are used) whose post-adaptation query
-            loss is recorded every ``validation_interval`` iterations.
+            loss is recorded every ``validation_interval`` iterations; needed by
+            ``patience``, and used to pick the state kept after an interrupt.
 
         Returns
         -------
         self : object
             The estimator, with ``meta_init_`` and ``meta_history_`` set. A previous
-            ``fit`` is discarded, since its initialization changed.
+            ``fit`` is discarded, since its initialization changed. After Ctrl-C it holds
+            the best initialization so far (see ``on_interrupt``) and can resume with
+            ``warm_start=True``.
 
         Raises
         ------
         ValueError
-            If ``tasks`` is empty or its tasks disagree in features or outputs. Nothing
-            of the estimator changes when an error is raised.
+            If ``tasks`` is empty or its tasks disagree in features or outputs, or a
+            parameter is invalid. Nothing of the estimator changes when such an error
+            is raised.
+        metafit.training.DivergenceError
+            (a ValueError) If a loss or meta-gradient becomes NaN or infinite; the
+            message names the learning rate to lower. The estimator keeps the last
+            finite state when at least one iteration completed.
+        KeyboardInterrupt
+            Only with ``on_interrupt="raise"``, after the state was kept.
         """
         self._check_params()
         if isinstance(tasks, (Task, np.ndarray)) or not isinstance(tasks, Iterable):
