@@ -195,11 +195,18 @@ def _print_best(study, estimator_type: str | None = None) -> None:
     label = f"defaults ({_params_line(dparams)})" if dparams else "defaults"
     if estimator_type == "classifier":
         gain = 100 * (best.value - default)
-        print(f"{label}: {name} {_fmt(default)}; the best parameters gain {gain:+.1f} points")
+        verdict = f"the best parameters gain {gain:+.1f} points"
+        better = gain > 0
     elif default > 0 and math.isfinite(default):
         change = 100 * (default - best.value) / default
         word = "lower" if change >= 0 else "higher"
-        print(f"{label}: {name} {_fmt(default)}; the best parameters are {abs(change):.1f}% {word}")
+        verdict = f"the best parameters are {abs(change):.1f}% {word}"
+        better = change > 0
+    else:
+        return
+    print(f"{label}: {name} {_fmt(default)}; {verdict}")
+    if not better:
+        print("no trial beat the defaults yet: run more trials or widen the search space")
 
 
 # ----------------------------------------------------------------------------- evaluate
