@@ -138,9 +138,9 @@ def test_resume_same_study_and_mode_mismatch(meta_fitted, val_tasks, tmp_path):
 # ----------------------------------------------------------------------------- meta mode
 
 
-def _meta_study(pruner, enqueue, n_trials, val_tasks):
+def _meta_study(pruner, enqueue, n_trials, val_tasks, name=None):
     est = MetaInitializedRegressor(**{**SMALL, "meta_iterations": 16})
-    study = optuna.create_study()
+    study = optuna.create_study(study_name=name)
     for params in enqueue:
         study.enqueue_trial(params)
     space = {"meta_lr": {"low": 1e-6, "high": 1e-2, "log": True},
@@ -174,6 +174,17 @@ def test_meta_mode_reports_rungs_and_prunes_bad_trials(pruner, val_tasks):
     bad = [t for t in study.trials if t.params["meta_lr"] == BAD["meta_lr"]]
     assert all(t.state == TrialState.PRUNED for t in bad)
     assert "meta_init_" not in vars(est)  # meta mode leaves the estimator alone
+
+
+def test_meta_mode_with_hyperband(val_tasks):
+    # Hyperband assigns trials to brackets by hashing the study name and trial number;
+    # with this name, both BAD trials share a bracket with better ones.
+    pruner = optuna.pruners.HyperbandPruner(min_resource=4, max_resource=16, reduction_factor=3)
+    order = [GOOD, {**GOOD, "meta_lr": 2e-3}, BAD, BAD, GOOD, BAD]
+    _, study = _meta_study(pruner, order, 6, val_tasks, name="hb")
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert pruned and all(t.params["meta_lr"] == BAD["meta_lr"] for t in pruned)
+    assert all(len(t.intermediate_values) == 1 for t in pruned)
 
 
 def test_meta_mode_best_reproduces_with_tuned_estimator(val_tasks):
