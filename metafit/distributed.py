@@ -283,8 +283,14 @@ class DistributedMetaTraining:
             )
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+            return
+        try:  # after a failure (a dead peer, say) tearing down may fail too: keep the cause
+            self.close()
+        except Exception as teardown:  # pragma: no cover - depends on the backend
+            logger.warning("destroying the process group after an error failed: %s", teardown)
 
     def _init_group(self) -> None:
         backend = self.backend

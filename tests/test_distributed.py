@@ -1,8 +1,9 @@
 """Tests for metafit.distributed: data-parallel meta_fit over torch.distributed (gloo).
 
-The multi-process tests run 2 ranks on 127.0.0.1. The ranks that exercise the library are
-forked from the test process (``fork`` start method), which saves each of them the ~3 s of
-importing torch and scikit-learn; the command-line test launches real ``torchrun``.
+The multi-process tests run 2 ranks on 127.0.0.1. The ranks that exercise the library come
+from a ``forkserver`` that imported metafit once (a single-threaded process, so forking it is
+safe), which saves each rank the seconds of importing torch and scikit-learn; the
+command-line test launches real ``torchrun``.
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ def _rank_main(rank: int, port: int, out: Path, job: str) -> None:
     """Body of a forked rank: run ``job`` with torchrun's variables, report to files."""
     try:
         torch.set_num_threads(1)
+        os.environ.pop("METAFIT_DISTRIBUTED", None)
         os.environ.update(
             RANK=str(rank),
             WORLD_SIZE="2",
@@ -199,7 +201,8 @@ def _rank_dies(rank: int, out: Path) -> None:
 
 
 def _run_ranks(job: str, out: Path, timeout: float = 90) -> list[multiprocessing.Process]:
-    ctx = multiprocessing.get_context("fork")
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["metafit", "torch.distributed"])
     port = _free_port()
     procs = [ctx.Process(target=_rank_main, args=(r, port, out, job)) for r in range(2)]
     for p in procs:
@@ -215,6 +218,11 @@ def _run_ranks(job: str, out: Path, timeout: float = 90) -> list[multiprocessing
     return procs
 
 
+def _errors(out: Path) -> dict[int, str]:
+    files = {r: out / f"error{r}.txt" for r in range(2)}
+    return {r: f.read_text() for r, f in files.items() if f.exists()}
+
+
 @pytest.fixture(scope="module")
 def two_rank_fits(tmp_path_factory):
     out = tmp_path_factory.mktemp("fits")
@@ -224,9 +232,8 @@ def two_rank_fits(tmp_path_factory):
         procs = _run_ranks("fits", out)
     finally:
         os.environ.update(saved)
-    errors = [(out / f"error{r}.txt") for r in range(2)]
-    for p, err in zip(procs, errors):
-        assert p.exitcode == 0, err.read_text() if err.exists() else f"exit {p.exitcode}"
+    for p in procs:
+        assert p.exitcode == 0, _errors(out)
     ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
     return out, ranks
 
@@ -272,9 +279,10 @@ def test_a_dead_rank_makes_the_other_fail_clearly(tmp_path, no_launch):
     start = time.perf_counter()
     procs = _run_ranks("dies", tmp_path, timeout=60)
     took = time.perf_counter() - start
-    assert procs[1].exitcode == 3
-    assert procs[0].exitcode == 1
-    message = (tmp_path / "error0.txt").read_text().splitlines()[0]
+    errors = _errors(tmp_path)
+    assert procs[1].exitcode == 3, errors
+    assert procs[0].exitcode == 1, errors
+    message = errors[0].splitlines()[0]
     assert message.startswith("DistributedError: distributed meta-training failed on rank 0")
     assert "a peer process died or did not answer" in message
     assert took < 60
