@@ -817,6 +817,12 @@ def _check_study(study: optuna.Study, direction: str, mode: str) -> None:
 def _store_default(study, estimator, space, tasks, validation, mode) -> None:
     params = estimator.get_params()
     defaults = {k: params[k] for k in space if k in params}
+    sizes = params.get("hidden_sizes")
+    sizes = (sizes,) if isinstance(sizes, numbers.Integral) else tuple(sizes or ())
+    if "hidden_layers" in space:
+        defaults["hidden_layers"] = len(sizes)
+    if "hidden_units" in space and sizes and len(set(sizes)) == 1:
+        defaults["hidden_units"] = int(sizes[0])
     if mode == "adaptation":
         value = evaluate(estimator, validation)
     else:

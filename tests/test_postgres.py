@@ -1,8 +1,9 @@
 """Many workers on one study: concurrency, SIGKILL mid-trial, heartbeats, resuming.
 
 Every test starts real ``python -m metafit tune`` processes. The journal-file and SQLite
-variants always run; the PostgreSQL variants need a server, whose URL comes from
-``METAFIT_TEST_POSTGRES_URL`` (``.ci/postgres.sh`` installs and starts one and exports it).
+variants always run (heartbeats need a database, hence SQLite there); the PostgreSQL
+variants need a server, whose URL comes from ``METAFIT_TEST_POSTGRES_URL``
+(``.ci/postgres.sh`` installs and starts one and exports it).
 """
 
 from __future__ import annotations
@@ -156,21 +157,10 @@ def _kill_mid_trial(workdir, url, name, *extra):
     return done, running[0]
 
 
-def test_sigkill_loses_no_finished_trial_and_resume(workdir):
-    url, name = _url("journal", workdir), "kill"
-    done, killed = _kill_mid_trial(workdir, url, name)
-    # Rerunning `metafit tune` with the same study name resumes the study.
-    _finish(_worker(workdir, "quick.yaml", url, name, 2))
-    after = _study(url, name).get_trials(deepcopy=False)
-    assert {t.number: t.value for t in after if t.number in done} == done
-    assert len(after) == len(done) + 1 + 2
-    assert sum(t.state == TrialState.COMPLETE for t in after) == len(done) + 2
-    # Without heartbeats nothing can tell a dead worker from a slow one.
-    assert after[killed.number].state == TrialState.RUNNING
-
-
 @pytest.mark.parametrize("kind", ["sqlite", pytest.param("postgres", marks=needs_pg)])
-def test_heartbeat_fails_and_retries_the_stale_trial(kind, workdir, cleanup):
+def test_sigkill_heartbeat_retry_and_resume(kind, workdir, cleanup):
+    """A worker killed mid-trial loses no finished trial; with heartbeats its stale trial
+    is failed and retried by the next worker, which resumes the same study."""
     url, name = _url(kind, workdir), f"hb-{uuid.uuid4().hex[:8]}"
     cleanup.append((url, name))
     hb = ("--heartbeat", 1, "--grace-period", 2)
@@ -185,3 +175,5 @@ def test_heartbeat_fails_and_retries_the_stale_trial(kind, workdir, cleanup):
     assert retries[0].state == TrialState.COMPLETE
     assert retries[0].params == killed.params
     assert not [t for t in trials if t.state == TrialState.RUNNING]
+    # The second `metafit tune` resumed the study: same numbering, one more trial.
+    assert [t.number for t in trials] == list(range(len(done) + 2))
