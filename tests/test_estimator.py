@@ -379,11 +379,6 @@ def test_same_random_state_same_predictions_and_global_rng_untouched(new_tasks):
     assert after[0] == np_state[0] and np.array_equal(after[1], np_state[1])
 
 
-@pytest.mark.xfail(
-    reason="_check_adapted (divergence guard in _adapt) runs a forward pass outside the "
-    "seeded fork, so dropout draws from the global RNG; reported to its owner",
-    strict=False,
-)
 def test_dropout_module_is_seeded_and_leaves_global_rng(new_tasks):
     class DropNet(torch.nn.Module):
         def __init__(self, n_inputs, n_outputs):
