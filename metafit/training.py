@@ -254,10 +254,14 @@ class _NonFiniteGradient(Exception):  # noqa: N818 - internal signal
 
 
 def _all_finite(tensors) -> bool:
-    tensors = list(tensors)
+    """Whether every entry is finite: one fused norm per tensor and a single sync.
+
+    A norm also overflows for entries beyond ~1e19, which counts as diverged too.
+    """
+    tensors = [t.detach() for t in tensors]
     if not tensors:
         return True
-    return bool(torch.stack([torch.isfinite(t).all() for t in tensors]).all())
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
 
 
 def _lr_of(learner: MetaLearner) -> float:
