@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -113,8 +114,10 @@ def test_report_writes_figures(tiny, capsys, tmp_path):
     assert _run(capsys, "tune", tiny)[0] == 0
     code, out, _ = _run(capsys, "report", "-o", tmp_path / "rep")
     assert code == 0
+    html = importlib.util.find_spec("plotly") is not None  # the plot extra: HTML as well
     for name in ("optimization_history", "param_importances", "slice"):
         assert (tmp_path / "rep" / f"{name}.png").stat().st_size > 1000, out
+        assert (tmp_path / "rep" / f"{name}.html").is_file() == html
 
 
 def test_meta_mode_from_the_command_line(tiny, capsys):
