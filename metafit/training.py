@@ -456,7 +456,11 @@ def meta_train(
                 logger.info("stopped early after iteration %d", iteration)
                 break
     except KeyboardInterrupt:
-        # The interrupt may have landed anywhere, even inside an optimizer step.
+        # The interrupt may have landed anywhere, even inside an optimizer step, or
+        # between taking the snapshot of an iteration and recording it.
+        recorded = result.history[-1].iteration if result.history else start_iteration
+        if result.last_state.iteration != recorded and previous_state is not None:
+            result.last_state = previous_state
         result.last_state.restore(learner)
         result.interrupted = True
         logger.info("meta-training interrupted; restored iteration %d", result.last_iteration)
