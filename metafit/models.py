@@ -337,18 +337,24 @@ class Conv4(nn.Module):
 
     def _loop(self, params, X: torch.Tensor, j: int | None) -> torch.Tensor:
         T = X.shape[0]
+        # unbind, not p[t]: its backward stacks the T gradients once, where T selections
+        # would each write a zero-filled (T, ...) gradient.
         blocks = [
-            (
-                self._param(params, f"convs.{i}.weight", T),
-                self._param(params, f"convs.{i}.bias", T),
-                self._param(params, f"norms.{i}.weight", T, j),
-                self._param(params, f"norms.{i}.bias", T, j),
+            tuple(
+                self._param(params, f"{kind}.{i}.{part}", T, j if kind == "norms" else None).unbind(
+                    0
+                )
+                for kind, part in (
+                    ("convs", "weight"),
+                    ("convs", "bias"),
+                    ("norms", "weight"),
+                    ("norms", "bias"),
+                )
             )
             for i in range(self.n_blocks)
         ]
         feats = []
-        for t in range(T):
-            h = X[t]
+        for t, h in enumerate(X.unbind(0)):
             for w, b, gamma, beta in blocks:
                 h = F.conv2d(h, w[t], b[t], self._stride, 1)
                 h = torch.relu(F.batch_norm(h, None, None, gamma[t], beta[t], True, 0.0, _BN_EPS))
