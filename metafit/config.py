@@ -501,6 +501,9 @@ def load_config(path) -> Config:
     for key in ("validation_tasks", "test_tasks", "k_shot", "k_query", "n_way", "min_query"):
         if key in tasks and tasks[key] < 1:
             raise ConfigError(f"{p}: tasks.{key} must be >= 1, got {tasks[key]}")
+    for key in ("validation_tasks", "test_tasks"):
+        if tasks.get(key, 0) > 1000:
+            raise ConfigError(f"{p}: tasks.{key} must be <= 1000, got {tasks[key]}")
 
     _check_keys(f"{p}: estimator", est, _ESTIMATOR_KEYS)
     for key, kind in _ESTIMATOR_KEYS.items():

@@ -145,6 +145,7 @@ BAD = [
     ("tasks: 3\n", "tasks must be a mapping"),
     ("tasks:\n  source: sinusoid\n  k_shot: ten\n", "tasks.k_shot must be an int"),
     ("tasks:\n  source: sinusoid\n  k_shot: 0\n", "tasks.k_shot must be >= 1"),
+    ("tasks:\n  source: sinusoid\n  validation_tasks: 5000\n", "must be <= 1000"),
     ("tasks:\n  source: sinusoid\nestimator:\n  params: {inner_rate: 0.1}\n",
      "unknown parameter 'inner_rate'"),
     ("tasks:\n  source: sinusoid\nestimator:\n  params: {inner_lr: fast}\n",
