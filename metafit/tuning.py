@@ -622,6 +622,14 @@ def _check_disjoint(tasks, validation: list) -> None:
             )
 
 
+def _meta_fit(est, tasks, validation) -> None:
+    # Early stopping (patience) needs validation tasks; otherwise skip their cost.
+    if est.get_params().get("patience") is not None:
+        est.meta_fit(tasks, validation)
+    else:
+        est.meta_fit(tasks)
+
+
 def _adaptation_objective(estimator, space, validation):
     def objective(trial: optuna.Trial) -> float:
         params = _suggest_all(trial, space)
@@ -651,7 +659,7 @@ def _meta_objective(estimator, space, tasks, validation):
             # style), so the last rung is exactly the run tuned_estimator reproduces.
             est.set_params(meta_iterations=budget)
             try:
-                est.meta_fit(tasks)
+                _meta_fit(est, tasks, validation)
                 value = evaluate(est, validation)
             except Exception as exc:
                 if _is_divergence(exc):
@@ -827,7 +835,7 @@ def _store_default(study, estimator, space, tasks, validation, mode) -> None:
         value = evaluate(estimator, validation)
     else:
         est = _fresh(estimator, {})
-        est.meta_fit(tasks)
+        _meta_fit(est, tasks, validation)
         value = evaluate(est, validation)
     study.set_user_attr(_ATTR + "default_params", {k: _jsonable(v) for k, v in defaults.items()})
     study.set_user_attr(_ATTR + "default_value", None if math.isnan(value) else value)
@@ -841,7 +849,8 @@ def _jsonable(v):
     return v if v is None or isinstance(v, (bool, int, float, str, list)) else repr(v)
 
 
-def tuned_estimator(estimator, study: optuna.Study | Mapping, *, tasks=None):
+def tuned_estimator(estimator, study: optuna.Study | Mapping, *, tasks=None,
+                    validation_tasks=None):
     """The estimator with the study's best parameters set.
 
     Parameters
@@ -853,6 +862,9 @@ def tuned_estimator(estimator, study: optuna.Study | Mapping, *, tasks=None):
     tasks : iterable of Task, optional
         For a meta-mode study: meta-train the tuned estimator on these tasks. Without them
         the returned estimator is not meta-fitted yet.
+    validation_tasks : iterable of Task, optional
+        Passed to ``meta_fit`` (meta mode); the trials used them only for early stopping,
+        when the estimator has ``patience`` set.
 
     Returns
     -------
@@ -878,5 +890,5 @@ def tuned_estimator(estimator, study: optuna.Study | Mapping, *, tasks=None):
         return clone(estimator).set_params(**to_estimator_params(params, estimator))
     est = _fresh(estimator, params)
     if tasks is not None:
-        est.meta_fit(tasks)
+        est.meta_fit(tasks, validation_tasks)
     return est
