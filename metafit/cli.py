@@ -134,6 +134,8 @@ def _cmd_tune(args) -> int:
         raise UsageError(f"--init: file not found: {args.init}")
     splits = config.build_tasks()
     est = config.build_estimator(meta_init=args.init, **_verbose(config))
+    if "on_interrupt" in est.get_params():
+        est.set_params(on_interrupt="raise")  # Ctrl-C ends the command
     if mode == "adaptation" and args.init is None:
         n = est.get_params()["meta_iterations"]
         print(f"meta-training the initialization ({n} iterations) ...", flush=True)

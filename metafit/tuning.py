@@ -651,6 +651,8 @@ def _meta_objective(estimator, space, tasks, validation):
     def objective(trial: optuna.Trial) -> float:
         params = _suggest_all(trial, space)
         est = _fresh(estimator, params)
+        if "on_interrupt" in est.get_params():
+            est.set_params(on_interrupt="raise")  # Ctrl-C stops the study, not one rung
         total = int(est.get_params()["meta_iterations"])
         rungs = sorted({max(1, round(f * total)) for f in META_RUNGS})
         value = math.nan
