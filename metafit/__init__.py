@@ -21,9 +21,17 @@ from metafit.tasks import (  # noqa: E402
     Task,
     tasks_from_groups,
 )
+from metafit.training import (  # noqa: E402
+    DivergenceError,
+    InterruptedTrainingWarning,
+    MetaHistory,
+)
 from metafit.tuning import tune, tuned_estimator  # noqa: E402
 
 __all__ = [
+    "DivergenceError",
+    "InterruptedTrainingWarning",
+    "MetaHistory",
     "MetaInit",
     "MetaInitializedClassifier",
     "MetaInitializedEstimator",
