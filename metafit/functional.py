@@ -30,6 +30,7 @@ MAML needs a single backward pass instead of a double backward. It equals
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
@@ -78,7 +79,7 @@ def mse_loss(outputs: Tensor, y: Tensor) -> Tensor:
     """
     if y.dim() == 2:
         outputs = outputs[..., 0]
-    return F.mse_loss(outputs, y, reduction="none").flatten(1).mean(1)
+    return (outputs - y).pow(2).flatten(1).mean(1)
 
 
 def cross_entropy_loss(outputs: Tensor, y: Tensor) -> Tensor:
@@ -358,7 +359,7 @@ def _rate(lr: LearningRate, name: str):
 
 
 def _is_number(rate) -> bool:
-    return isinstance(rate, (int, float)) and not isinstance(rate, bool)
+    return isinstance(rate, numbers.Real) and not isinstance(rate, bool)
 
 
 def inner_loop(
@@ -470,7 +471,7 @@ def inner_loop(
                 for n, g in zip(names, grads):
                     r = _rate(rate, n)
                     current[n] = (
-                        torch.add(current[n], g, alpha=-r)
+                        torch.add(current[n], g, alpha=-float(r))
                         if _is_number(r)
                         else torch.addcmul(current[n], r, g, value=-1)
                     )

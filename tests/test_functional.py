@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import weakref
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -173,6 +174,12 @@ def test_inner_loop_per_step_rates_on_step_and_shared_results(use_grad_fn):
         p = {k: v - rate * gg for (k, v), gg in zip(p.items(), g)}
     for k in p:
         torch.testing.assert_close(out[k], p[k].detach())
+    np_rates = inner_loop(
+        forward, mse_loss, theta, X, y, steps=2, lr=[np.float64(0.1), np.float32(0.05)],
+        grad_fn=grad_fn, shared=True, track_graph=False,
+    )
+    for k in p:
+        torch.testing.assert_close(np_rates[k], p[k].detach(), rtol=1e-6, atol=1e-9)
     zero = inner_loop(forward, mse_loss, theta, X, y, steps=0, lr=0.1, shared=True, grad_fn=grad_fn)
     assert all(zero[k].shape == (T, *theta[k].shape) for k in theta)
     kept = inner_loop(

@@ -128,3 +128,25 @@ def test_as_tensors_dtypes_and_device():
     assert X.dtype == torch.float32 and y.dtype == torch.long and X.device.type == "cpu"
     assert ml.as_tensors(np.zeros((1, 2)))[1] is None
     assert ml.strategy == "mlp"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd"])
+@pytest.mark.parametrize("forward", ["mlp", "vmap"])
+def test_cuda_meta_steps_match_cpu(algorithm, forward):
+    results = []
+    for device in ("cpu", "cuda"):
+        ml = learner(algorithm, forward, device=device)
+        ml.init_optimizer(None, 10)
+        batches = ml.batches(TASKS)
+        assert batches[0].X_support.device.type == device
+        losses = [ml.meta_step(batches) for _ in range(3)]
+        assert all(p.device.type == device for p in ml.meta_parameters())
+        losses.append(ml.evaluate(TASKS, steps=2))
+        results.append((losses, {k: v.cpu() for k, v in ml.state_tensors().items()}))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-7)
+    for k, v in results[1][1].items():
+        torch.testing.assert_close(v, results[0][1][k], rtol=1e-6, atol=1e-9)
+    family = SinusoidTasks(5, 5)
+    batch = family.sample_batch(4, np.random.default_rng(0), device="cuda", dtype=torch.float64)
+    assert batch.X_query.device.type == "cuda"
