@@ -50,8 +50,8 @@ class MetaLearner:
         Batched forward strategy, see :func:`metafit.functional.make_forward`.
     inner_grad : {"auto", "autograd"}, default="auto"
         How the inner loop differentiates the support loss: ``"auto"`` uses the
-        strategy's gradient function where it has one (analytic for ``"mlp"``,
-        ``torch.func.grad`` for ``"vmap"``), ``"autograd"`` always
+        strategy's gradient function where it has one (the analytic gradient of the
+        ``"mlp"`` strategy for the built-in losses), ``"autograd"`` always
         ``torch.autograd.grad``. Both give the same numbers; ``"auto"`` is faster.
     device : str or torch.device, default="cpu"
     dtype : torch.dtype, default=torch.float32
