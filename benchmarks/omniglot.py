@@ -95,11 +95,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--protocol", default="vinyals", choices=("vinyals", "lake"))
     p.add_argument("--meta-batch", type=int, default=None, help="override the paper's")
     p.add_argument("--inner-lr", type=float, default=None, help="override the paper's")
+    p.add_argument("--meta-lr", type=float, default=None, help="override the paper's")
     p.add_argument("--train-steps", type=int, default=None, help="override the paper's")
     p.add_argument("--test-steps", type=int, default=None, help="override the paper's")
     p.add_argument("--hidden", type=int, default=64, help="Conv4 filters")
     p.add_argument("--image-size", type=int, default=28)
-    p.add_argument("--kernel", default="auto", help="Conv4 kernel: auto, loop, grouped, hybrid")
+    p.add_argument(
+        "--kernel",
+        default="auto",
+        help="Conv4 kernel: auto, loop, grouped, hybrid; a list for --compare",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     p.add_argument("--compare", action="store_true", help="time against a per-task loop")
@@ -155,14 +160,22 @@ def sync(device) -> None:
 # ----------------------------------------------------------------------------- metafit
 
 
-def make_learner(algorithm: str, n_way: int, s: Setting, args) -> MetaLearner:
+def make_learner(algorithm: str, n_way: int, s: Setting, args, kernel=None) -> MetaLearner:
     torch.manual_seed(args.seed)
+    kernel = kernel or args.kernel.split(",")[0]
     bn_steps = s.train_steps if algorithm == "mamlpp" else None
-    module = Conv4(n_way, (1, args.image_size, args.image_size), args.hidden,
-                   bn_steps=bn_steps, kernel=args.kernel)  # fmt: skip
+    module = Conv4(
+        n_way, (1, args.image_size, args.image_size), args.hidden, bn_steps=bn_steps, kernel=kernel
+    )
     algo = MAMLPlusPlus() if algorithm == "mamlpp" else algorithm
-    learner = MetaLearner(module, loss="cross_entropy", algorithm=algo, inner_lr=s.inner_lr,
-                          inner_steps=s.train_steps, device=args.device)  # fmt: skip
+    learner = MetaLearner(
+        module,
+        loss="cross_entropy",
+        algorithm=algo,
+        inner_lr=s.inner_lr,
+        inner_steps=s.train_steps,
+        device=args.device,
+    )
     learner.init_optimizer(s.meta_lr, args.iterations)
     return learner
 
@@ -187,6 +200,7 @@ def train_and_evaluate(algorithm, n_way, k_shot, data, args, emit) -> None:
     s = paper_setting(algorithm, n_way)
     s.meta_batch = args.meta_batch or s.meta_batch
     s.inner_lr = args.inner_lr or s.inner_lr
+    s.meta_lr = args.meta_lr or s.meta_lr
     s.train_steps = args.train_steps or s.train_steps
     s.test_steps = args.test_steps or s.test_steps
     train = Episodes(data["train"], n_way, k_shot, args.k_query, args.device)
@@ -196,14 +210,15 @@ def train_and_evaluate(algorithm, n_way, k_shot, data, args, emit) -> None:
     checkpoints = {int(x) for x in args.eval_at.split(",") if x}
     marks = sorted(float(x) * 60 for x in args.eval_minutes.split(",") if x)
     budget = math.inf if args.minutes is None else args.minutes * 60
-    trained, iteration = 0.0, 0
+    trained, cpu, iteration = 0.0, 0.0, 0
     while iteration < args.iterations and trained < budget:
         batch = train.sample(s.meta_batch, rng)
         sync(args.device)
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.thread_time()
         learner.meta_step([batch])
         sync(args.device)
         trained += time.perf_counter() - start
+        cpu += time.thread_time() - cpu0
         iteration += 1
         done = iteration >= args.iterations or trained >= budget
         at_mark = bool(marks) and trained >= marks[0]
@@ -214,7 +229,7 @@ def train_and_evaluate(algorithm, n_way, k_shot, data, args, emit) -> None:
             rate = iteration * s.meta_batch / trained
             emit(
                 f"{n_way:>3}-way {k_shot}-shot  {algorithm:8s} {iteration:>7} it "
-                f"{trained / 60:7.2f} min  {rate:7.1f} tasks/s   "
+                f"{trained / 60:6.2f} min ({cpu / 60:5.2f} thread-CPU)  {rate:6.1f} tasks/s   "
                 f"{acc:6.2f} +- {half:4.2f} %   (published "
                 f"{PUBLISHED[algorithm][CONFIGS.index(f'{n_way}w{k_shot}s')]})"
             )
@@ -230,8 +245,11 @@ class L2LStyleCNN(nn.Module):
         super().__init__()
         layers, c = [], 1
         for _ in range(4):
-            layers += [nn.Conv2d(c, hidden, 3, 2, 1),
-                       nn.BatchNorm2d(hidden, track_running_stats=False), nn.ReLU()]  # fmt: skip
+            layers += [
+                nn.Conv2d(c, hidden, 3, 2, 1),
+                nn.BatchNorm2d(hidden, track_running_stats=False),
+                nn.ReLU(),
+            ]
             c = hidden
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(hidden, n_way)
@@ -272,8 +290,9 @@ def loop_baseline(n_way: int, s: Setting, first_order: bool, args):
             for _ in range(s.train_steps):
                 out = functional_call(model, params, (batch.X_support[t],))
                 loss = F.cross_entropy(out, batch.y_support[t])
-                grads = torch.autograd.grad(loss, list(params.values()),
-                                            create_graph=not first_order)  # fmt: skip
+                grads = torch.autograd.grad(
+                    loss, list(params.values()), create_graph=not first_order
+                )
                 params = {k: v - s.inner_lr * g for (k, v), g in zip(params.items(), grads)}
             out = functional_call(model, params, (batch.X_query[t],))
             (F.cross_entropy(out, batch.y_query[t]) / batch.n_tasks).backward()
@@ -289,10 +308,14 @@ def compare(algorithm, n_way, k_shot, data, args, emit) -> None:
     s.inner_lr = args.inner_lr or s.inner_lr
     s.train_steps = args.train_steps or s.train_steps
     episodes = Episodes(data["train"], n_way, k_shot, args.k_query, args.device)
-    learner = make_learner(algorithm, n_way, s, args)
     name, baseline = loop_baseline(n_way, s, algorithm == "fomaml", args)
     rng = np.random.default_rng(args.seed)
-    runs = {"metafit": lambda b: learner.meta_step([b]), name: baseline}
+    runs = {}
+    for kernel in args.kernel.split(","):
+        learner = make_learner(algorithm, n_way, s, args, kernel)
+        resolved = learner.module.resolve_kernel(args.device)
+        runs[f"metafit (Conv4 kernel {resolved})"] = lambda b, lr=learner: lr.meta_step([b])
+    runs[name] = baseline
     wall = {k: [] for k in runs}
     cpu = {k: [] for k in runs}
     for _ in range(args.compare_steps + 1):
@@ -311,8 +334,13 @@ def compare(algorithm, n_way, k_shot, data, args, emit) -> None:
             f"{n_way:>3}-way {k_shot}-shot  {algorithm:8s} {key:36s} "
             f"{rates[key][0]:7.1f} tasks/s wall  {rates[key][1]:7.1f} tasks/s thread-CPU"
         )
-    ours, theirs = rates["metafit"], rates[name]
-    emit(f"    speed-up: {ours[0] / theirs[0]:.2f}x wall, {ours[1] / theirs[1]:.2f}x thread-CPU")
+    theirs = rates[name]
+    for key, ours in rates.items():
+        if key != name:
+            emit(
+                f"    {key}: {ours[0] / theirs[0]:.2f}x wall, {ours[1] / theirs[1]:.2f}x "
+                "thread-CPU the per-task loop's speed"
+            )
 
 
 # ----------------------------------------------------------------------------- main
@@ -336,11 +364,13 @@ def main(argv=None) -> None:
     emit(f"# argv: {' '.join(sys.argv[1:] if argv is None else argv)}")
     test_split = "test"
     data = {
-        "train": load_omniglot_split("train", args.protocol, path=args.data,
-                                     image_size=args.image_size, rotations=True).images,
-        "test": load_omniglot_split(test_split, args.protocol, path=args.data,
-                                    image_size=args.image_size, rotations=True).images,
-    }  # fmt: skip
+        "train": load_omniglot_split(
+            "train", args.protocol, path=args.data, image_size=args.image_size, rotations=True
+        ).images,
+        "test": load_omniglot_split(
+            test_split, args.protocol, path=args.data, image_size=args.image_size, rotations=True
+        ).images,
+    }
     emit(
         f"# protocol {args.protocol}: {len(data['train'])} training classes, "
         f"{len(data['test'])} test classes (with rotations); {args.episodes} test episodes, "
