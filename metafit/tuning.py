@@ -556,9 +556,7 @@ def _rdb_storage(url, heartbeat_interval, grace_period, max_retry):
                     else "failed_trial_callback"
                 )
                 kwargs[key] = retry(max_retry=max_retry)
-            return optuna.storages.RDBStorage(
-                parsed.render_as_string(hide_password=False), **kwargs
-            )
+            return _create_rdb_storage(parsed.render_as_string(hide_password=False), kwargs)
     except ModuleNotFoundError as exc:
         raise ValueError(
             f"storage {shown}: the database driver is not installed ({exc.name}); for "
@@ -569,6 +567,30 @@ def _rdb_storage(url, heartbeat_interval, grace_period, max_retry):
         raise ValueError(
             f"cannot open storage {shown}: {first[0] if first else type(exc).__name__}"
         ) from None
+
+
+def _create_rdb_storage(url: str, kwargs: dict, attempts: int = 6):
+    """``RDBStorage(url)``, retried when workers race to create the schema.
+
+    Several workers started together on a fresh PostgreSQL database all issue
+    ``CREATE TABLE``; all but one can fail with a duplicate-key or already-exists error
+    from the catalog. The tables exist by then, so a short jittered retry succeeds.
+    """
+    import random
+    import time
+
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (IntegrityError, ProgrammingError) as exc:
+            text = str(getattr(exc, "orig", None) or exc)
+            racing = "duplicate key" in text or "already exists" in text
+            if not racing or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1) * (1 + random.random()))
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------- tuning
