@@ -239,7 +239,11 @@ class MetaLearner:
             p.grad = g.detach()
         if clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(params, clip_grad_norm)
-        self.optimizer.step()
+        fast_step = getattr(self.optimizer, "fast_step", None)  # LeanAdam
+        if fast_step is not None:
+            fast_step()
+        else:
+            self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)

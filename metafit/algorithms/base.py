@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+import torch.optim.optimizer as _optim_module
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -28,23 +29,25 @@ class LeanAdam(torch.optim.Adam):
     as 5% of a small meta-step. Once the state exists, this class calls the same fused
     kernel directly; anything unusual (a closure, several groups, weight decay, amsgrad,
     maximize, a missing gradient) takes the ordinary path. Same numbers, same state, same
-    ``state_dict``.
+    ``state_dict``. :meth:`fast_step` also skips the step-hook wrapper when no hook is
+    registered (what :meth:`metafit.learner.MetaLearner.meta_step` calls).
     """
 
-    def step(self, closure=None):
+    def _fast_ok(self) -> bool:
+        group = self.param_groups[0]
+        return (
+            len(self.param_groups) == 1
+            and bool(group.get("fused"))
+            and not group["amsgrad"]
+            and not group["maximize"]
+            and group["weight_decay"] == 0
+            and not isinstance(group["lr"], Tensor)
+            and all(p.grad is not None and p in self.state for p in group["params"])
+        )
+
+    def _fused_step(self) -> None:
         group = self.param_groups[0]
         params = group["params"]
-        if (
-            closure is not None
-            or len(self.param_groups) != 1
-            or not group.get("fused")
-            or group["amsgrad"]
-            or group["maximize"]
-            or group["weight_decay"] != 0
-            or isinstance(group["lr"], Tensor)
-            or any(p.grad is None or p not in self.state for p in params)
-        ):
-            return super().step(closure)
         states = [self.state[p] for p in params]
         steps = [s["step"] for s in states]
         beta1, beta2 = group["betas"]
@@ -65,7 +68,26 @@ class LeanAdam(torch.optim.Adam):
                 amsgrad=False,
                 maximize=False,
             )
-        return None
+
+    def step(self, closure=None):
+        if closure is None and self._fast_ok():
+            self._fused_step()
+            return None
+        return super().step(closure)
+
+    def fast_step(self) -> None:
+        """:meth:`step` without the hook wrapper, unless step hooks are registered."""
+        hooks = (
+            self._optimizer_step_pre_hooks,
+            self._optimizer_step_post_hooks,
+            _optim_module._global_optimizer_pre_hooks,
+            _optim_module._global_optimizer_post_hooks,
+        )
+        if any(hooks) or not self._fast_ok():
+            self.step()
+            return
+        self._opt_called = True  # what an LR scheduler's step-counting wrapper records
+        self._fused_step()
 
 
 class MetaAlgorithm:
