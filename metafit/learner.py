@@ -246,5 +246,6 @@ class MetaLearner:
             self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        for p in params:  # zero_grad(set_to_none=True) without its bookkeeping
+            p.grad = None
         return float(loss)
