@@ -248,3 +248,12 @@ def test_first_order_memory_is_flat_in_steps_second_order_grows(use_grad_fn):
     assert first[0] == first[1] == first[2]
     assert detached == [0, 0, 0]
     assert second[0] > 0 and second[1] > 4 * second[0] and second[2] > 1.8 * second[1]
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "gelu", "elu"])
+def test_mlp_forward_equals_the_module_for_every_activation(activation):
+    net = _net(activation)
+    X, _ = _data("mse")
+    out = make_forward(net, "mlp")(dict(net.named_parameters()), X)
+    for t in range(T):
+        torch.testing.assert_close(out[t], net(X[t]))
