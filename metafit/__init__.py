@@ -26,7 +26,6 @@ from metafit.training import (  # noqa: E402
     InterruptedTrainingWarning,
     MetaHistory,
 )
-from metafit.tuning import tune, tuned_estimator  # noqa: E402
 
 __all__ = [
     "DivergenceError",
@@ -44,3 +43,13 @@ __all__ = [
     "tuned_estimator",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # Optuna is imported only when tuning is used: the engine and the estimators stay
+    # importable (and quick to import) without it.
+    if name in ("tune", "tuned_estimator"):
+        from metafit import tuning
+
+        return getattr(tuning, name)
+    raise AttributeError(f"module 'metafit' has no attribute {name!r}")

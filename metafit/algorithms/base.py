@@ -9,11 +9,20 @@ those gradients (and averaging them across processes) happens outside, in
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-import torch.optim.optimizer as _optim_module
 from torch import Tensor
+
+# ``import torch.optim.optimizer as m`` fails on some torch versions whose torch.optim
+# namespace does not expose the submodule; importlib always finds it.
+_optim_module = importlib.import_module("torch.optim.optimizer")
+# LeanAdam's shortcut uses torch internals; without any of them it takes the public path.
+_HAS_FUSED_KERNEL = hasattr(torch, "_fused_adam_") and all(
+    hasattr(_optim_module, name)
+    for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
+)
 
 if TYPE_CHECKING:
     from metafit.learner import MetaLearner
@@ -36,7 +45,8 @@ class LeanAdam(torch.optim.Adam):
     def _fast_ok(self) -> bool:
         group = self.param_groups[0]
         return (
-            len(self.param_groups) == 1
+            _HAS_FUSED_KERNEL
+            and len(self.param_groups) == 1
             and bool(group.get("fused"))
             and not group["amsgrad"]
             and not group["maximize"]
@@ -77,6 +87,9 @@ class LeanAdam(torch.optim.Adam):
 
     def fast_step(self) -> None:
         """:meth:`step` without the hook wrapper, unless step hooks are registered."""
+        if not _HAS_FUSED_KERNEL:
+            self.step()
+            return
         hooks = (
             self._optimizer_step_pre_hooks,
             self._optimizer_step_post_hooks,
