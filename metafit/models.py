@@ -142,7 +142,8 @@ class Conv4(nn.Module):
         How :meth:`batched_forward` batches the tasks: a loop of per-task convolutions,
         grouped convolutions with the tasks folded into the channels (``groups=T``), or
         grouped for small per-task batches (support sets) and the loop for large ones.
-        "auto" is "grouped" (docs/omniglot.md has the measurements).
+        "auto" is "loop" on a CPU with 32 filters or more, else "grouped"
+        (docs/omniglot.md has the measurements).
 
     Examples
     --------
@@ -272,9 +273,12 @@ class Conv4(nn.Module):
         """The kernel used on ``device``: ``kernel`` unless it is "auto"."""
         if self.kernel != "auto":
             return self.kernel
-        # Measured on a CPU (docs/omniglot.md): "grouped" ties the loop with 64 filters,
-        # where the convolutions dominate, and is 2-3x faster with few filters, where
-        # per-task overheads do. On a GPU the loop is launch-bound.
+        # Measured on a CPU (docs/omniglot.md): with 32 filters or more the convolutions
+        # dominate and the loop is as fast or faster (64: 25.0 vs 18.7 tasks/s); with
+        # fewer, per-task overheads dominate and "grouped" wins (8: 2x). On a GPU the
+        # per-task loop is bound by kernel launches.
+        if torch.device(device).type == "cpu" and self.hidden_channels >= 32:
+            return "loop"
         return "grouped"
 
     def batched_forward(

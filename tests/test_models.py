@@ -115,9 +115,10 @@ def test_wrong_input_shape_message():
 
 def test_resolve_kernel_by_device():
     net = Conv4(5)
-    assert net.resolve_kernel("cpu") == "grouped"
+    assert net.resolve_kernel("cpu") == "loop"
     assert net.resolve_kernel("cuda") == "grouped"
-    assert Conv4(5, kernel="loop").resolve_kernel("cpu") == "loop"
+    assert Conv4(5, hidden_channels=16).resolve_kernel("cpu") == "grouped"
+    assert Conv4(5, kernel="hybrid").resolve_kernel("cuda") == "hybrid"
 
 
 # ----------------------------------------------------------------------------- kernels
