@@ -44,7 +44,7 @@ def _storage_url(args, config=None) -> str:
 
 
 def _open_storage(url: str, **kwargs):
-    from metafit.tuning import make_storage
+    from metafit.storage import make_storage
 
     try:
         return make_storage(url, **kwargs)
@@ -270,27 +270,24 @@ def _parse_value(text: str):
 def _load_study(args, config=None):
     import optuna
 
+    from metafit.storage import journal_path
+
     url = _storage_url(args, config)
-    local = url[len("sqlite:///"):] if url.startswith("sqlite:///") else None
-    if url.startswith("journal:"):
-        local = url[len("journal:"):]
-    elif "://" not in url and url.endswith((".log", ".journal")):
-        local = url
+    local = url[len("sqlite:///"):] if url.startswith("sqlite:///") else journal_path(url)
     if local and not Path(local).expanduser().is_file():
         raise UsageError(f"storage {url}: file {local} does not exist (no study was run there)")
     storage = _open_storage(url)
     names = optuna.get_all_study_names(storage)
+    found = ", ".join(names) if names else "none"
     name = args.study_name
     if name is None:
         if len(names) != 1:
-            found = ", ".join(names) if names else "none"
             raise UsageError(
                 f"--study-name is required: storage {url} holds {len(names)} "
                 f"studies ({found})"
             )
         name = names[0]
     if name not in names:
-        found = ", ".join(names) if names else "none"
         raise UsageError(
             f"--study-name: no study {name!r} in {url} (studies: {found})"
         )

@@ -246,50 +246,48 @@ class Config:
             raise ConfigError(f"{self.path}: tasks ({source}): {msg}") from None
 
     @staticmethod
-    def _counts(spec: dict, default_val: int = 100) -> tuple[int, int]:
-        return int(spec.pop("validation_tasks", default_val)), int(
-            spec.pop("test_tasks", default_val)
+    def _pop_counts(spec: dict) -> tuple[int, int, int]:
+        """Pop (validation_tasks, test_tasks, random_state) out of a task section."""
+        n_val = int(spec.pop("validation_tasks", 100))
+        n_test = int(spec.pop("test_tasks", 100))
+        return n_val, n_test, spec.pop("random_state", 0)
+
+    @staticmethod
+    def _splits(train, val_source, test_source, n_val: int, n_test: int, seed: int):
+        # Held-out tasks get seeds of their own, apart from the training stream's.
+        return TaskSplits(
+            train,
+            val_source.sample(n_val, random_state=seed + 1_000_003),
+            test_source.sample(n_test, random_state=seed + 2_000_003),
         )
 
     def _tasks_sinusoid(self, spec: dict) -> TaskSplits:
         from metafit.tasks import SinusoidTasks
 
-        n_val, n_test = self._counts(spec)
-        seed = spec.pop("random_state", 0)
-        train = SinusoidTasks(random_state=seed, **spec)
+        n_val, n_test, seed = self._pop_counts(spec)
         sampler = SinusoidTasks(**spec)
-        return TaskSplits(
-            train,
-            sampler.sample(n_val, random_state=seed + 1_000_003),
-            sampler.sample(n_test, random_state=seed + 2_000_003),
-        )
+        train = SinusoidTasks(random_state=seed, **spec)
+        return self._splits(train, sampler, sampler, n_val, n_test, seed)
 
     def _tasks_digits(self, spec: dict) -> TaskSplits:
         from metafit.datasets import load_digits_tasks
 
-        n_val, n_test = self._counts(spec)
-        seed = spec.pop("random_state", 0)
+        n_val, n_test, seed = self._pop_counts(spec)
         train = load_digits_tasks(split="train", random_state=seed, **spec)
-        held_out = load_digits_tasks(split="test", random_state=seed, **spec)
         # The digits have two class splits: validation and test tasks are different
         # episodes over the held-out digits.
-        return TaskSplits(
-            train,
-            held_out.sample(n_val, random_state=seed + 1_000_003),
-            held_out.sample(n_test, random_state=seed + 2_000_003),
-        )
+        held_out = load_digits_tasks(split="test", random_state=seed, **spec)
+        return self._splits(train, held_out, held_out, n_val, n_test, seed)
 
     def _tasks_omniglot(self, spec: dict) -> TaskSplits:
         from metafit.datasets import omniglot_tasks
 
-        n_val, n_test = self._counts(spec)
-        seed = spec.pop("random_state", 0)
+        n_val, n_test, seed = self._pop_counts(spec)
         if "path" in spec:
             spec["path"] = str(self._resolve(spec["path"]))
         train = omniglot_tasks("train", random_state=seed, **spec)
-        val = omniglot_tasks("val", **spec).sample(n_val, random_state=seed + 1_000_003)
-        test = omniglot_tasks("test", **spec).sample(n_test, random_state=seed + 2_000_003)
-        return TaskSplits(train, val, test)
+        val, test = omniglot_tasks("val", **spec), omniglot_tasks("test", **spec)
+        return self._splits(train, val, test, n_val, n_test, seed)
 
     def _tasks_table(self, spec: dict) -> TaskSplits:
         from metafit.tasks import tasks_from_groups
@@ -604,7 +602,7 @@ def _check_space(p: str, space, config: Config, mode: str):
             for k in ("low", "high", "step"):
                 if isinstance(spec.get(k), str):
                     spec[k] = _coerce(f"{p}: search_space.{name}.{k}", spec[k], _NUMBER)
-    from metafit.tuning import parse_search_space
+    from metafit.search_space import parse_search_space
 
     try:
         parse_search_space(space, config.build_estimator(), mode)

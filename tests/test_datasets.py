@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from metafit import datasets as D
+from metafit.datasets import _png as P
 from metafit.datasets import omniglot as O
 from metafit.tasks import NWayKShotTasks
 
@@ -166,12 +167,12 @@ def test_builtin_png_decoder_all_filters(depth):
     rng = np.random.default_rng(depth)
     levels = rng.integers(0, 2**depth, size=(9, 13))
     data = _png(levels, depth=depth, filters=(0, 1, 2, 3, 4))
-    got = O._decode_png_builtin(data)
+    got = P.decode_png_builtin(data)
     np.testing.assert_array_equal(got, levels * (255 // (2**depth - 1)))
 
 
 def test_builtin_decoder_used_without_pillow(tmp_path, monkeypatch):
-    monkeypatch.setattr(O, "_PIL_IMAGE", None)
+    monkeypatch.setattr(P, "_PIL_IMAGE", None)
     zpath = _write_zip(tmp_path / "images_background.zip", _tiny_files())
     data = D.load_omniglot(zpath, image_size=None, cache=False)
     np.testing.assert_array_equal(data.images, _expected_tiny_ink())
@@ -187,7 +188,7 @@ def test_builtin_decoder_matches_pillow_on_real_pngs():
         for name in names:
             raw = zf.read(name)
             expected = np.asarray(pil.open(io.BytesIO(raw)).convert("L"))
-            np.testing.assert_array_equal(O._decode_png_builtin(raw), expected)
+            np.testing.assert_array_equal(P.decode_png_builtin(raw), expected)
 
 
 # ----------------------------------------------------------------------------- real data
