@@ -18,43 +18,13 @@ from metafit import (
     MetaInit,
     MetaInitializedClassifier,
     MetaInitializedRegressor,
-    NWayKShotTasks,
     SinusoidTasks,
 )
-
-KW = dict(
-    hidden_sizes=(16, 16),
-    meta_iterations=5,
-    meta_batch_size=4,
-    inner_lr=0.02,
-    inner_steps=3,
-    random_state=0,
-)
-
-
-@pytest.fixture(scope="module")
-def reg():
-    return MetaInitializedRegressor(**KW).meta_fit(SinusoidTasks(random_state=0))
 
 
 @pytest.fixture(scope="module")
 def task():
     return SinusoidTasks(random_state=7).sample(1)[0]
-
-
-@pytest.fixture(scope="module")
-def clf_data():
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(6), 10)
-    X = (rng.normal(size=(6, 3))[y] * 3 + rng.normal(size=(60, 3))).astype(np.float32)
-    return X, y
-
-
-@pytest.fixture(scope="module")
-def clf(clf_data):
-    X, y = clf_data
-    tasks = NWayKShotTasks(X, y, n_way=3, k_shot=2, k_query=2, random_state=0)
-    return MetaInitializedClassifier(**KW).meta_fit(tasks)
 
 
 def roundtrips(est, tmp_path):
@@ -66,22 +36,22 @@ def roundtrips(est, tmp_path):
 # ---------------------------------------------------------------------------- pickle, joblib
 
 
-def test_pickle_and_joblib_of_a_meta_fitted_estimator(reg, task, tmp_path):
-    expected = pickle.loads(pickle.dumps(reg)).fit(task.X_support, task.y_support)
+def test_pickle_and_joblib_of_a_meta_fitted_estimator(sine_reg, task, tmp_path):
+    expected = pickle.loads(pickle.dumps(sine_reg)).fit(task.X_support, task.y_support)
     expected = expected.predict(task.X_query)
-    for loaded in roundtrips(reg, tmp_path):
+    for loaded in roundtrips(sine_reg, tmp_path):
         assert not hasattr(loaded, "adapted_params_")
-        torch.testing.assert_close(loaded.meta_init_.tensors, reg.meta_init_.tensors)
-        assert loaded.meta_history_ == reg.meta_history_
+        torch.testing.assert_close(loaded.meta_init_.tensors, sine_reg.meta_init_.tensors)
+        assert loaded.meta_history_ == sine_reg.meta_history_
         pred = loaded.fit(task.X_support, task.y_support).predict(task.X_query)
         np.testing.assert_array_equal(pred, expected)
 
 
-def test_pickle_and_joblib_of_fitted_estimators(reg, clf, clf_data, task, tmp_path):
-    fitted = pickle.loads(pickle.dumps(reg)).fit(task.X_support, task.y_support)
-    X, y = clf_data
+def test_pickle_and_joblib_of_fitted_estimators(sine_reg, blob_clf, blobs, task, tmp_path):
+    fitted = pickle.loads(pickle.dumps(sine_reg)).fit(task.X_support, task.y_support)
+    X, y = blobs
     mask = np.isin(y, [1, 4])
-    fitted_clf = pickle.loads(pickle.dumps(clf)).fit(X[mask], np.where(y[mask] == 1, "a", "b"))
+    fitted_clf = pickle.loads(pickle.dumps(blob_clf)).fit(X[mask], np.where(y[mask] == 1, "a", "b"))
     scratch = MetaInitializedRegressor(hidden_sizes=(8,), random_state=1).fit(
         task.X_support, task.y_support
     )
@@ -93,9 +63,9 @@ def test_pickle_and_joblib_of_fitted_estimators(reg, clf, clf_data, task, tmp_pa
         np.testing.assert_array_equal(loaded.classes_, ["a", "b"])
 
 
-def test_pickled_estimator_predicts_without_its_meta_init_file(reg, task, tmp_path):
+def test_pickled_estimator_predicts_without_its_meta_init_file(sine_reg, task, tmp_path):
     path = tmp_path / "init.safetensors"
-    reg.save_meta_init(path)
+    sine_reg.save_meta_init(path)
     est = MetaInitializedRegressor(meta_init=path, **MetaInit.load(path).estimator_params())
     est.fit(task.X_support, task.y_support)
     blob = pickle.dumps(est)
@@ -108,10 +78,10 @@ def test_pickled_estimator_predicts_without_its_meta_init_file(reg, task, tmp_pa
 # ---------------------------------------------------------------------------- the file
 
 
-def test_save_and_load_meta_init_gives_identical_predictions(reg, task, tmp_path):
+def test_save_and_load_meta_init_gives_identical_predictions(sine_reg, task, tmp_path):
     path = tmp_path / "sub" / "sine.safetensors"
-    reg.save_meta_init(path)
-    expected = pickle.loads(pickle.dumps(reg)).fit(task.X_support, task.y_support)
+    sine_reg.save_meta_init(path)
+    expected = pickle.loads(pickle.dumps(sine_reg)).fit(task.X_support, task.y_support)
     expected = expected.predict(task.X_query)
     for meta_init in (path, str(path), MetaInit.load(path)):
         est = MetaInitializedRegressor(
@@ -122,14 +92,14 @@ def test_save_and_load_meta_init_gives_identical_predictions(reg, task, tmp_path
     assert os.listdir(path.parent) == ["sine.safetensors"]  # no temporary file left
 
 
-def test_meta_init_file_carries_its_metadata(reg, tmp_path):
+def test_meta_init_file_carries_its_metadata(sine_reg, tmp_path):
     path = tmp_path / "init.safetensors"
-    reg.save_meta_init(path)
+    sine_reg.save_meta_init(path)
     with safetensors.safe_open(str(path), framework="pt") as f:
         header = f.metadata()
         names = set(f.keys())
     assert header["format"] == "metafit.meta_init"
-    assert names == set(reg.meta_init_.tensors)
+    assert names == set(sine_reg.meta_init_.tensors)
     spec, meta = json.loads(header["spec"]), json.loads(header["metadata"])
     assert spec == {
         "class": "metafit.models.MLP",
@@ -189,10 +159,10 @@ def write_header(path, spec, metadata, tensors=None):
         ("future", "format version 99"),
     ],
 )
-def test_corrupt_or_foreign_files_get_clear_errors(reg, tmp_path, kind, match):
+def test_corrupt_or_foreign_files_get_clear_errors(sine_reg, tmp_path, kind, match):
     path = tmp_path / "f.safetensors"
     good = tmp_path / "good.safetensors"
-    reg.save_meta_init(good)
+    sine_reg.save_meta_init(good)
     meta = {"n_features": 1, "n_outputs": 1}
     if kind == "garbage":
         path.write_bytes(os.urandom(256))
@@ -236,9 +206,9 @@ def test_missing_file():
         )
 
 
-def test_mismatched_architecture_features_and_kind(reg, clf, tmp_path):
+def test_mismatched_architecture_features_and_kind(sine_reg, blob_clf, tmp_path):
     path = tmp_path / "init.safetensors"
-    reg.save_meta_init(path)
+    sine_reg.save_meta_init(path)
     X, y = np.zeros((4, 1), dtype=np.float32), np.zeros(4, dtype=np.float32)
     with pytest.raises(ValueError, match=r"architecture mismatch.*hidden_sizes=\(16, 16\)"):
         MetaInitializedRegressor(meta_init=path).fit(X, y)  # default (40, 40)
@@ -263,34 +233,28 @@ def test_mismatched_architecture_features_and_kind(reg, clf, tmp_path):
         )
 
 
-def test_classifier_meta_init_round_trip(clf, clf_data, tmp_path):
-    X, y = clf_data
+def test_classifier_meta_init_round_trip(blob_clf, blobs, tmp_path):
+    X, y = blobs
     mask = np.isin(y, [0, 3, 5])
     path = tmp_path / "clf.safetensors"
-    clf.save_meta_init(path)
+    blob_clf.save_meta_init(path)
     init = MetaInit.load(path)
     assert init.n_outputs == 3 and init.metadata["loss"] == "cross_entropy"
     a = MetaInitializedClassifier(meta_init=path, **init.estimator_params()).fit(X[mask], y[mask])
-    b = pickle.loads(pickle.dumps(clf)).fit(X[mask], y[mask])
+    b = pickle.loads(pickle.dumps(blob_clf)).fit(X[mask], y[mask])
     np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
 
 
-def test_save_is_atomic(reg, tmp_path, monkeypatch):
+def test_save_is_atomic(sine_reg, tmp_path, break_safetensors_save):
     path = tmp_path / "init.safetensors"
-    reg.save_meta_init(path)
+    sine_reg.save_meta_init(path)
     before = path.read_bytes()
-
-    def failing_save(tensors, filename, metadata=None):
-        with open(filename, "wb") as fh:
-            fh.write(b"half a file")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    break_safetensors_save()
     with pytest.raises(OSError, match="disk full"):
-        reg.save_meta_init(path)
+        sine_reg.save_meta_init(path)
     assert path.read_bytes() == before  # the old file is intact
     with pytest.raises(OSError, match="disk full"):
-        reg.save_meta_init(tmp_path / "new.safetensors")
+        sine_reg.save_meta_init(tmp_path / "new.safetensors")
     assert sorted(os.listdir(tmp_path)) == ["init.safetensors"]  # nothing half-written
 
 

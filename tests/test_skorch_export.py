@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -10,19 +12,8 @@ from skorch import NeuralNetClassifier, NeuralNetRegressor
 from skorch.callbacks import Callback
 
 from metafit import (
-    MetaInitializedClassifier,
     MetaInitializedRegressor,
-    NWayKShotTasks,
     SinusoidTasks,
-)
-
-KW = dict(
-    hidden_sizes=(16, 16),
-    meta_iterations=5,
-    meta_batch_size=4,
-    inner_lr=0.02,
-    inner_steps=5,
-    random_state=0,
 )
 
 
@@ -33,11 +24,6 @@ class EpochCounter(Callback):
 
     def on_epoch_end(self, net, **kwargs):
         self.epochs += 1
-
-
-@pytest.fixture(scope="module")
-def reg():
-    return MetaInitializedRegressor(**KW).meta_fit(SinusoidTasks(random_state=0))
 
 
 @pytest.fixture(scope="module")
@@ -52,22 +38,22 @@ def assert_same_weights(module, tensors):
         torch.testing.assert_close(state[name], value, rtol=0, atol=0)
 
 
-def test_export_of_the_meta_init(reg, task):
-    net = reg.to_skorch(verbose=0)
+def test_export_of_the_meta_init(sine_reg, task, tiny_params):
+    net = sine_reg.to_skorch(verbose=0)
     assert isinstance(net, NeuralNetRegressor)
-    assert_same_weights(net.module_, reg.meta_init_.tensors)
+    assert_same_weights(net.module_, sine_reg.meta_init_.tensors)
     # With zero adaptation steps our predictions are the meta-init's own outputs.
-    ours = MetaInitializedRegressor(**{**KW, "inner_steps": 0})
-    ours.meta_init_ = reg.meta_init_
+    ours = MetaInitializedRegressor(**{**tiny_params, "inner_steps": 0})
+    ours.meta_init_ = sine_reg.meta_init_
     ours.fit(task.X_support, task.y_support)
     np.testing.assert_allclose(
         net.predict(task.X_query)[:, 0], ours.predict(task.X_query), rtol=1e-6, atol=1e-6
     )
 
 
-def test_export_of_the_adapted_weights_and_further_training(reg, task):
-    est = MetaInitializedRegressor(**KW)
-    est.meta_init_ = reg.meta_init_
+def test_export_of_the_adapted_weights_and_further_training(sine_reg, task, tiny_params):
+    est = MetaInitializedRegressor(**tiny_params)
+    est.meta_init_ = sine_reg.meta_init_
     est.fit(task.X_support, task.y_support)
     expected = est.predict(task.X_query)
     counter = EpochCounter()
@@ -87,13 +73,9 @@ def test_export_of_the_adapted_weights_and_further_training(reg, task):
     assert fresh.history[0, "train_loss"] == pytest.approx(start, rel=1e-5)
 
 
-def test_classifier_export(task):
-    rng = np.random.default_rng(0)
-    y = np.repeat(np.arange(6), 10)
-    X = (rng.normal(size=(6, 3))[y] * 3 + rng.normal(size=(60, 3))).astype(np.float32)
-    clf = MetaInitializedClassifier(**KW).meta_fit(
-        NWayKShotTasks(X, y, n_way=3, k_shot=2, k_query=2, random_state=0)
-    )
+def test_classifier_export(blob_clf, blobs):
+    X, y = blobs
+    clf = pickle.loads(pickle.dumps(blob_clf))
     mask = np.isin(y, [0, 2, 4])
     labels = np.array(list("abcdef"))[y[mask]]
     clf.fit(X[mask], labels)

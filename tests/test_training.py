@@ -347,19 +347,13 @@ def test_meta_init_checkpoint_resumes_with_warm_start(tmp_path):
     assert [r["iteration"] for r in est.meta_history_] == [5, 6]
 
 
-def test_failed_checkpoint_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch):
-    import safetensors.torch
-
+def test_failed_checkpoint_write_keeps_the_old_file_and_no_temp(
+    tmp_path, break_safetensors_save
+):
     path = tmp_path / "m.safetensors"
     make(meta_iterations=2, checkpoint_path=path, checkpoint_interval=1).meta_fit(tasks())
     old = path.read_bytes()
-
-    def broken(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"partial")
-        raise OSError("disk full")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
+    break_safetensors_save()
     with pytest.raises(OSError, match="disk full"):
         make(meta_iterations=2, checkpoint_path=path, checkpoint_interval=1).meta_fit(tasks())
     assert path.read_bytes() == old

@@ -290,6 +290,14 @@ def test_bad_search_spaces(space, mode, exc, match):
         parse_search_space(space, MetaInitializedRegressor(), mode)
 
 
+def test_search_space_accepts_every_algorithm_of_the_estimator():
+    from metafit.algorithms import ALGORITHMS
+
+    est = MetaInitializedRegressor()
+    space = parse_search_space({"algorithm": sorted(ALGORITHMS)}, est, "meta")
+    assert set(space["algorithm"].choices) == set(ALGORITHMS)
+
+
 def test_derived_params_need_default_mlp():
     from torch import nn
 
@@ -328,6 +336,23 @@ def test_bad_storage_urls(url, match):
     with pytest.raises(ValueError, match=match) as info:
         make_storage(url)
     assert "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "url, path",
+    [
+        ("journal:./study.log", "./study.log"),
+        ("journal:///abs/study.log", "/abs/study.log"),
+        ("journal:", ""),
+        ("runs/study.journal", "runs/study.journal"),
+        ("sqlite:///study.log", None),
+        ("metafit.db", None),
+    ],
+)
+def test_journal_path_reads_every_spelling(url, path):
+    from metafit.storage import journal_path
+
+    assert journal_path(url) == path
 
 
 def test_heartbeat_needs_database(tmp_path):
