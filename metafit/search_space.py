@@ -271,6 +271,13 @@ def _decode_hidden(value) -> tuple[int, ...]:
     )
 
 
+def _layer_widths(hidden_sizes) -> tuple:
+    """An estimator's ``hidden_sizes`` as a tuple of widths (an int is one layer)."""
+    if isinstance(hidden_sizes, numbers.Integral):
+        return (hidden_sizes,)
+    return tuple(hidden_sizes or ())
+
+
 def to_estimator_params(params: Mapping[str, Any], estimator=None) -> dict[str, Any]:
     """Turn a trial's parameters into ``set_params`` keyword arguments.
 
@@ -283,7 +290,7 @@ def to_estimator_params(params: Mapping[str, Any], estimator=None) -> dict[str, 
         out["hidden_sizes"] = _decode_hidden(out["hidden_sizes"])
     if set(DERIVED_PARAMS) & set(params):
         current = (40, 40) if estimator is None else estimator.get_params()["hidden_sizes"]
-        current = (current,) if isinstance(current, numbers.Integral) else tuple(current)
+        current = _layer_widths(current)
         layers = params.get("hidden_layers", len(current))
         units = params.get("hidden_units", current[0] if current else 40)
         out["hidden_sizes"] = (int(units),) * int(layers)

@@ -33,6 +33,7 @@ from metafit.search_space import (
     ADAPTATION_PARAMS,
     _check_mode,
     _is_number,
+    _layer_widths,
     _suggest_all,
     default_search_space,
     parse_search_space,
@@ -401,8 +402,7 @@ def _check_study(study: optuna.Study, direction: str, mode: str) -> None:
 def _store_default(study, estimator, space, tasks, validation, mode) -> None:
     params = estimator.get_params()
     defaults = {k: params[k] for k in space if k in params}
-    sizes = params.get("hidden_sizes")
-    sizes = (sizes,) if isinstance(sizes, numbers.Integral) else tuple(sizes or ())
+    sizes = _layer_widths(params.get("hidden_sizes"))
     if "hidden_layers" in space:
         defaults["hidden_layers"] = len(sizes)
     if "hidden_units" in space and sizes and len(set(sizes)) == 1:

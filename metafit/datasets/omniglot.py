@@ -12,7 +12,8 @@ Two on-disk forms of the official data are read:
 Images come back as float32 with ink = 1.0 and paper = 0.0, resized with antialiased
 bilinear filtering (the filter of Pillow's BILINEAR resize). Characters of a PNG archive
 are ordered by the character number in their file names, the order the npz conversion
-used, so both forms of one set give the same arrays.
+used, so both forms of one set give the same arrays. The PNG files themselves are read by
+:mod:`metafit.datasets._png`.
 """
 
 from __future__ import annotations
