@@ -112,11 +112,15 @@ def evaluate(estimator, tasks: Iterable) -> float:
     return float(np.mean(scores))
 
 
+def _check_iterable(tasks, name: str) -> None:
+    if not isinstance(tasks, Iterable) or isinstance(tasks, (str, bytes)):
+        raise TypeError(f"{name} must be an iterable of Task, got {type(tasks).__name__}.")
+
+
 def _materialize(tasks, name: str) -> list:
     if tasks is None:
         raise ValueError(f"{name} is required: pass a list of held-out tasks.")
-    if not isinstance(tasks, Iterable) or isinstance(tasks, (str, bytes)):
-        raise TypeError(f"{name} must be an iterable of Task, got {type(tasks).__name__}.")
+    _check_iterable(tasks, name)
     out = list(itertools.islice(iter(tasks), _MAX_VALIDATION_TASKS + 1))
     if len(out) > _MAX_VALIDATION_TASKS:
         raise ValueError(
@@ -178,8 +182,7 @@ def _fresh(estimator, params: Mapping):
 def _check_reiterable(tasks) -> None:
     if tasks is None:
         raise ValueError("mode='meta' needs tasks to meta-train on in every trial.")
-    if not isinstance(tasks, Iterable) or isinstance(tasks, (str, bytes)):
-        raise TypeError(f"tasks must be an iterable of Task, got {type(tasks).__name__}.")
+    _check_iterable(tasks, "tasks")
     if iter(tasks) is tasks:
         raise TypeError(
             "mode='meta' re-runs meta_fit in every trial, so tasks must be re-iterable (a "
