@@ -97,132 +97,6 @@ class _SeededTorch:
         return self._fork.__exit__(*exc)
 
 
-# The C++ entry point of aten::threshold_backward; the OpOverload wrapper costs a Python
-# frame per call, a measurable share of a few-microsecond operation.
-_threshold_backward = torch.ops.aten.threshold_backward.default._op
-
-
-def _relu_backward(d: torch.Tensor, a: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    return _threshold_backward(d, h, 0)  # d * (h > 0): one op instead of two
-
-
-#: ``d * activation'(a)`` from the pre-activation ``a`` and the activation ``h = act(a)``.
-_BACKWARDS = {
-    "relu": _relu_backward,
-    "tanh": lambda d, a, h: d.mul_(1 - h * h),
-    "sigmoid": lambda d, a, h: d.mul_(h * (1 - h)),
-}
-
-
-def _analytic_covers(learner: MetaLearner) -> bool:
-    """Whether :func:`_analytic_adapt` handles this learner's network and algorithm."""
-    module = learner.module
-    return (
-        type(module) is MLP
-        and module.activation in _BACKWARDS
-        and learner.loss_name in ("mse", "cross_entropy")
-        and isinstance(learner.algorithm.inner_lr(learner), (float, dict))
-    )
-
-
-def _analytic_plan(learner: MetaLearner) -> dict | None:
-    """What :func:`_analytic_adapt` needs of a learner, computed once and kept on it."""
-    plan = learner.__dict__.get("_metafit_analytic_plan", False)
-    if plan is not False:
-        return plan
-    plan = None
-    if _analytic_covers(learner):
-        module = learner.module
-        names = module.weight_bias_names()
-        theta = learner.params()
-        adapted = learner.algorithm.adapted_names(learner)
-        adapted = set(theta) if adapted is None else set(adapted)
-        flat_names = [k for w_b in names for k in w_b]
-        lr = learner.algorithm.inner_lr(learner)
-        update = [j for j, k in enumerate(flat_names) if k in adapted]
-        plan = {
-            "names": flat_names,
-            # Detached views: they follow the module's parameters, never copy them.
-            "theta": [theta[k].detach() for k in flat_names],
-            "adapted": [k in adapted for k in flat_names],
-            "first": min(j for j in update) // 2,
-            "update": update,
-            "rates": (
-                [lr[flat_names[j]].detach() for j in update] if isinstance(lr, dict) else None
-            ),
-            "act": getattr(torch, module.activation),
-            "backward": _BACKWARDS[module.activation],
-            "n_outputs": module.n_outputs,
-        }
-    learner.__dict__["_metafit_analytic_plan"] = plan
-    return plan
-
-
-def _analytic_adapt(
-    learner: MetaLearner, X: torch.Tensor, y: torch.Tensor, steps: int, inner_lr: float
-):
-    """``learner.adapt`` for one task of the default MLP, with hand-written gradients.
-
-    The same SGD steps as :func:`metafit.functional.inner_loop` with ``track_graph=False``
-    (equal to float32 rounding, see tests/test_estimator.py), but without autograd and
-    with about 20 tensor operations per step: half the time of the engine's inner loop
-    for the tiny networks of few-shot fits. Returns None when the setup is not covered
-    (custom module, other activation, per-step rates), and the caller falls back to the
-    engine's inner loop.
-    """
-    plan = _analytic_plan(learner)
-    if plan is None or y.dim() > 2:
-        return None
-    mse = learner.loss_name == "mse"
-    if mse and (y.shape[1] if y.dim() == 2 else 1) != plan["n_outputs"]:
-        return None
-    theta, first, update, rates = plan["theta"], plan["first"], plan["update"], plan["rates"]
-    act, backward, linear = plan["act"], plan["backward"], torch.nn.functional.linear
-    n_layers = len(theta) // 2
-    n = X.shape[0]
-    with torch.no_grad():
-        h = X.flatten(1) if X.dim() > 2 else X
-        for i in range(first):  # a frozen body (ANIL) is run once, not every step
-            h = act(linear(h, theta[2 * i], theta[2 * i + 1]))
-        body = h
-        flat = [t.clone() if a else t for t, a in zip(theta, plan["adapted"])]
-        W, B = flat[0::2], flat[1::2]
-        current = [flat[j] for j in update]
-        # The loss gradient's constant factor (2 / numel for MSE, 1 / n for the mean
-        # cross-entropy) is folded into the step size: one tensor operation less per step.
-        if mse:
-            targets = y.reshape(n, -1)
-            scale = 2.0 / targets.numel()
-        else:
-            rows, cols, scale = torch.arange(n, device=X.device), y, 1.0 / n
-        alpha = -float(inner_lr) * scale
-        grads = [None] * len(flat)
-        for _ in range(steps):
-            inputs, pre = [body], []
-            h = body
-            for i in range(first, n_layers):
-                a = linear(h, W[i], B[i])
-                h = act(a) if i < n_layers - 1 else a
-                pre.append(a)
-                inputs.append(h)
-            if mse:
-                d = h - targets
-            else:
-                d = torch.softmax(h, dim=1)
-                d[rows, cols] -= 1.0
-            for i in range(n_layers - 1, first - 1, -1):
-                grads[2 * i] = torch.mm(d.t(), inputs[i - first])
-                grads[2 * i + 1] = d.sum(0)
-                if i > first:
-                    d = backward(torch.mm(d, W[i]), pre[i - first - 1], inputs[i - first])
-            step = [grads[j] for j in update]
-            if rates is None:
-                torch._foreach_add_(current, step, alpha=alpha)
-            else:  # Meta-SGD: learned per-parameter rates
-                torch._foreach_addcmul_(current, rates, step, value=-scale)
-    return {k: v.unsqueeze(0) for k, v in zip(plan["names"], flat)}
-
-
 #: Why both estimators declare the ``poor_score`` tag (the scikit-learn checks then skip
 #: their accuracy thresholds, nothing else): ``fit`` is a few-shot adapter, ``inner_steps``
 #: (default 5) plain SGD steps at ``inner_lr`` from an initialization. From a meta-learned
@@ -704,7 +578,7 @@ class MetaInitializedEstimator(BaseEstimator):
             learner = cache.get(key)
             if learner is None:
                 learner = self._learner_from_init(init)
-                if _analytic_covers(learner) and self.forward in ("auto", "mlp"):
+                if type(learner.module) is MLP:
                     cache[key] = learner
             return learner
         with _SeededTorch(_seed_from(self.random_state), self.device):
@@ -1039,24 +913,50 @@ class MetaInitializedEstimator(BaseEstimator):
                 f"X has {X[0].size} feature(s), but the meta-learned initialization expects "
                 f"{init.n_features} feature(s); pass the features used in meta-training."
             )
-        key = (id(init), X.shape[1:], self._n_outputs_for_fit, self._config_key())
+        # Without an initialization the learner's starting rates (Meta-SGD's) come from
+        # inner_lr, so a new inner_lr needs a new learner.
+        lr = float(self.inner_lr) if init is None else None
+        key = (id(init), X.shape[1:], self._n_outputs_for_fit, lr, self._config_key())
         if getattr(self, "_learner_key", None) != key:
             self._learner = self._build_learner(init, X.shape[1])
             self._learner_key = key
         learner = self._learner
-        learner.inner_lr = float(self.inner_lr)
+        if init is not None:
+            self._warn_metasgd_steps(learner, init)
         Xt, yt = learner.as_tensors(X, y)
-        params = None
-        if self.forward in ("auto", "mlp"):
-            params = _analytic_adapt(learner, Xt, yt, self.inner_steps, self.inner_lr)
-        if params is None:
-            # Only a module that draws random numbers (dropout) needs the seeded fork.
-            with _SeededTorch(_seed_from(self.random_state), self.device):
-                params = learner.adapt(
-                    Xt.unsqueeze(0), yt.unsqueeze(0), steps=self.inner_steps, track_graph=False
-                )
+        # The MLP draws no random numbers; other modules may (dropout): seed those.
+        seeded = (
+            contextlib.nullcontext()
+            if type(learner.module) is MLP
+            else _SeededTorch(_seed_from(self.random_state), self.device)
+        )
+        with seeded:
+            params = learner.adapt(
+                Xt.unsqueeze(0),
+                yt.unsqueeze(0),
+                steps=self.inner_steps,
+                inner_lr=self.inner_lr,
+                track_graph=False,
+            )
         self._check_adapted(learner, params, Xt, yt)
-        self.adapted_params_ = {k: v.detach() for k, v in params.items()}
+        self.adapted_params_ = params
+
+    def _warn_metasgd_steps(self, learner: MetaLearner, init: MetaInit) -> None:
+        """Warn when Meta-SGD's learned rates are used for more steps than they learned."""
+        if learner.algorithm.name != "metasgd":
+            return
+        trained = init.metadata.get("meta_inner_steps", init.metadata.get("inner_steps"))
+        if trained is None or self.inner_steps <= int(trained):
+            return
+        warnings.warn(
+            f"fit adapts with inner_steps={self.inner_steps}, but this Meta-SGD "
+            f"initialization was meta-trained with {int(trained)} inner step(s): its learned "
+            "per-parameter learning rates are tuned for that many steps, and more steps "
+            "often diverge (inf/nan). Set inner_steps (or meta_inner_steps when "
+            f"meta-fitting) to {int(trained)} or fewer.",
+            UserWarning,
+            stacklevel=4,
+        )
 
     def _check_adapted(self, learner, params, Xt, yt) -> None:
         """Raise DivergenceError if adaptation made a parameter NaN, infinite or huge.

@@ -96,28 +96,6 @@ LOSSES: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
 }
 
 
-def _mse_output_grad(out: Tensor, y: Tensor, scale: float) -> Tensor:
-    n = out.shape[1]
-    if y.dim() == 2:
-        if out.shape[-1] == 1:
-            return (out - y.unsqueeze(-1)) * (2.0 * scale / n)
-        d = (out[..., :1] - y.unsqueeze(-1)) * (2.0 * scale / n)
-        return F.pad(d, (0, out.shape[-1] - 1))
-    return (out - y) * (2.0 * scale / (n * out.shape[-1]))
-
-
-def _cross_entropy_output_grad(out: Tensor, y: Tensor, scale: float) -> Tensor:
-    onehot = F.one_hot(y, out.shape[-1]).to(out.dtype)
-    return (torch.softmax(out, -1) - onehot) * (scale / out.shape[1])
-
-
-#: d(sum over tasks of the loss)/d(outputs), times ``scale``, for the built-in losses.
-_OUTPUT_GRADS: dict[Callable, Callable[[Tensor, Tensor, float], Tensor]] = {
-    mse_loss: _mse_output_grad,
-    cross_entropy_loss: _cross_entropy_output_grad,
-}
-
-
 # --------------------------------------------------------------------------- forwards
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -128,24 +106,51 @@ _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "elu": F.elu,
 }
 
-# Derivatives as (grad, pre-activation z, activation a) -> grad * act'(z). The aten
-# backward kernels are themselves differentiable, which second-order MAML needs.
+
+def _kernel(op):
+    """The C++ entry point of an aten overload, else the overload itself.
+
+    The Python wrapper costs a frame per call, a measurable share of a few-microsecond
+    operation.
+    """
+    return getattr(op, "_op", op)
+
+
+_threshold_backward = _kernel(torch.ops.aten.threshold_backward.default)
+_tanh_backward = _kernel(torch.ops.aten.tanh_backward.default)
+_sigmoid_backward = _kernel(torch.ops.aten.sigmoid_backward.default)
+_gelu_backward = _kernel(torch.ops.aten.gelu_backward.default)
+_elu_backward = _kernel(torch.ops.aten.elu_backward.default)
+
+# Derivatives as (grad, pre-activation z, activation a) -> grad * act'(z), one kernel each
+# (ReLU: d * (a > 0) in one op instead of two). The aten backward kernels are themselves
+# differentiable, which second-order MAML needs.
 _ACTIVATION_GRADS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
-    "relu": lambda d, z, a: torch.ops.aten.threshold_backward(d, a, 0.0),
-    "tanh": lambda d, z, a: torch.ops.aten.tanh_backward(d, a),
-    "sigmoid": lambda d, z, a: torch.ops.aten.sigmoid_backward(d, a),
-    "gelu": lambda d, z, a: torch.ops.aten.gelu_backward(d, z),
-    "elu": lambda d, z, a: torch.ops.aten.elu_backward(d, 1.0, 1, 1, False, z),
+    "relu": lambda d, z, a: _threshold_backward(d, a, 0.0),
+    "tanh": lambda d, z, a: _tanh_backward(d, a),
+    "sigmoid": lambda d, z, a: _sigmoid_backward(d, a),
+    "gelu": lambda d, z, a: _gelu_backward(d, z, approximate="none"),
+    "elu": lambda d, z, a: _elu_backward(d, 1.0, 1, 1, False, z),
 }
 
 
 def _linear(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
-    """``h @ w.T + b`` for batched ``h`` (T, n, in) and shared or batched ``w``, ``b``."""
+    """``h @ w.T + b`` for batched ``h`` (T, n, in) and shared or batched ``w``, ``b``.
+
+    With a shared ``w`` and ``b`` this is one ``F.linear``, whatever the dimensions of
+    ``h`` (a single task's ``(n, in)`` too).
+    """
     if w.dim() == 2:
         if b.dim() == 1:
             return F.linear(h, w, b)
         return F.linear(h, w) + b.unsqueeze(1)
     return torch.baddbmm(b.unsqueeze(-2), h, w.mT)
+
+
+#: A prepared gradient: ``step(params) -> raw gradients`` (a list in the order of the
+#: adapted names) and the constant ``factor``; the gradient of the summed loss is
+#: ``factor * raw``. See :meth:`_MLPGradient.prepare`.
+PreparedGrad = tuple[Callable[[Mapping[str, Tensor]], list[Tensor]], float]
 
 
 class _MLPPath:
@@ -155,6 +160,27 @@ class _MLPPath:
         self.names = list(names)
         self.act = _ACTIVATIONS[activation]
         self.act_grad = _ACTIVATION_GRADS[activation]
+        self._plans: dict[tuple[str, ...], tuple] = {}
+
+    def _plan(self, names: Sequence[str]) -> tuple:
+        """``(first, layers)`` for the adapted ``names``, computed once per name set.
+
+        ``first`` is the first layer with an adapted parameter; ``layers`` lists, from
+        there on, each layer's index from ``first``, weight and bias names, and the
+        positions of their gradients in the result (None where not adapted).
+        """
+        key = tuple(names)
+        plan = self._plans.get(key)
+        if plan is None:
+            slot = {k: i for i, k in enumerate(key)}
+            need = [w in slot or b in slot for w, b in self.names]
+            first = need.index(True) if any(need) else len(self.names)
+            layers = [
+                (i - first, w, b, slot.get(w), slot.get(b))
+                for i, (w, b) in enumerate(self.names)
+            ][first:]
+            plan = self._plans[key] = (first, layers)
+        return plan
 
     def forward(self, params: Mapping[str, Tensor], X: Tensor) -> Tensor:
         h = X.flatten(2) if X.dim() > 3 else X
@@ -165,43 +191,111 @@ class _MLPPath:
                 h = self.act(h)
         return h
 
-    def loss_grad(
+    def prepare(
         self,
-        output_grad: Callable[[Tensor, Tensor, float], Tensor],
+        loss_fn: Callable,
         params: Mapping[str, Tensor],
         X: Tensor,
         y: Tensor,
         names: Sequence[str],
-        scale: float | None,
-    ) -> Params:
-        wanted = set(names)
-        need = [w in wanted or b in wanted for w, b in self.names]
-        if not any(need):
-            return {}
-        first = need.index(True)
-        last = len(self.names) - 1
-        h = X.flatten(2) if X.dim() > 3 else X
-        inputs, pre, post = [], [], []
-        for i, (w, b) in enumerate(self.names):
-            inputs.append(h)
-            h = _linear(h, params[w], params[b])
-            if i < last:
-                pre.append(h)
-                h = self.act(h)
-                post.append(h)
-        d = output_grad(h, y, 1.0 if scale is None else float(scale))
-        grads: Params = {}
-        for i in range(last, first - 1, -1):
-            wn, bn = self.names[i]
-            if wn in wanted:
-                grads[wn] = torch.bmm(d.mT, inputs[i])
-            if bn in wanted:
-                grads[bn] = d.sum(1)
-            if i > first:
-                w = params[wn]
-                d = torch.matmul(d, w) if w.dim() == 2 else torch.bmm(d, w)
-                d = self.act_grad(d, pre[i - 1], post[i - 1])
-        return grads
+        single: bool = False,
+    ) -> PreparedGrad:
+        """Precompute what every inner step shares; return the step's gradient function.
+
+        Done once per inner loop: the flattened inputs, the targets in the shape of the
+        outputs (or the one-hot classes), and the activations of the layers before the
+        first adapted one (ANIL's frozen body), which no step changes. The loss's constant
+        factor (``2 / numel`` for the MSE, ``1 / n`` for the mean cross-entropy) is left
+        to the caller, who folds it into the step size: one operation less per step.
+
+        With ``single``, ``X`` and ``y`` hold one task (``T = 1``) and every parameter has
+        its module shape: the task dimension is dropped and each layer is one
+        ``F.linear`` forward and two ``mm`` backward, without batched kernels.
+        """
+        first, plan = self._plan(names)
+        if not plan:
+            return (lambda current: []), 1.0
+        if single:
+            X, y = X[0], y[0]
+            h = X.flatten(1) if X.dim() > 2 else X
+        else:
+            h = X.flatten(2) if X.dim() > 3 else X
+        act, act_grad = self.act, self.act_grad
+        for w, b in self.names[:first]:  # the frozen body: once, not every step
+            h = act(_linear(h, params[w], params[b]))
+        body = h
+        n, n_out = h.shape[-2], params[self.names[-1][0]].shape[-2]
+        column = y.dim() == h.dim() - 1  # one target per example
+        if loss_fn is mse_loss:
+            target = y.unsqueeze(-1) if column else y
+            factor = 2.0 / (n if column else n * y.shape[-1])
+            if column and n_out > 1:  # only the first output is compared
+
+                def output_grad(out):
+                    return F.pad(out[..., :1] - target, (0, n_out - 1))
+            else:
+
+                def output_grad(out):
+                    return out - target
+        elif loss_fn is cross_entropy_loss:
+            onehot = F.one_hot(y, n_out).to(h.dtype)
+            factor = 1.0 / n
+
+            def output_grad(out):
+                return torch.softmax(out, -1) - onehot
+        else:  # pragma: no cover - make_grad_fn only builds this for the losses above
+            raise ValueError(f"no analytic gradient for the loss {loss_fn!r}.")
+        if single:  # module-shaped parameters: plain 2-D kernels
+            linear, mm, back = F.linear, torch.mm, torch.mm
+        else:
+            linear, mm = _linear, torch.bmm
+
+            def back(d, w):
+                return torch.matmul(d, w) if w.dim() == 2 else torch.bmm(d, w)
+
+        backward_plan = plan[::-1]
+        hidden, n_names = len(plan) - 1, len(names)
+
+        def step(current: Mapping[str, Tensor]) -> list[Tensor]:
+            h = body
+            inputs, pre, post = [], [], []
+            for j, w, b, _, _ in plan:
+                inputs.append(h)
+                h = linear(h, current[w], current[b])
+                if j < hidden:
+                    pre.append(h)
+                    h = act(h)
+                    post.append(h)
+            d = output_grad(h)
+            grads = [None] * n_names
+            for j, w, _, sw, sb in backward_plan:
+                if sw is not None:
+                    grads[sw] = mm(d.mT, inputs[j])
+                if sb is not None:
+                    grads[sb] = d.sum(-2)
+                if j:
+                    d = act_grad(back(d, current[w]), pre[j - 1], post[j - 1])
+            return grads
+
+        return step, factor
+
+
+class _MLPGradient:
+    """The ``"mlp"`` strategy's :data:`GradFn`, plus :meth:`prepare` for the inner loop."""
+
+    def __init__(self, path: _MLPPath, loss_fn: Callable):
+        self.path = path
+        self.loss_fn = loss_fn
+
+    def __call__(self, params, X, y, names, scale=None) -> Params:
+        names = list(names)
+        step, factor = self.path.prepare(self.loss_fn, params, X, y, names)
+        c = factor * (1.0 if scale is None else float(scale))
+        return {k: g * c for k, g in zip(names, step(params))}
+
+    def prepare(self, params, X, y, names, single: bool = False) -> PreparedGrad:
+        """See :meth:`_MLPPath.prepare`; :func:`inner_loop` calls this once per loop."""
+        return self.path.prepare(self.loss_fn, params, X, y, names, single)
 
 
 def _shared_flags(module: nn.Module) -> Callable[[Mapping[str, Tensor]], dict[str, int | None]]:
@@ -315,16 +409,8 @@ def make_grad_fn(
     vmap).
     """
     strategy = resolve_strategy(module, strategy)
-    if strategy == "mlp":
-        output_grad = _OUTPUT_GRADS.get(loss_fn)
-        if output_grad is None:
-            return None
-        path = _MLPPath(module.weight_bias_names(), module.activation)
-
-        def grad_fn(params, X, y, names, scale):
-            return path.loss_grad(output_grad, params, X, y, names, scale)
-
-        return grad_fn
+    if strategy == "mlp" and loss_fn in (mse_loss, cross_entropy_loss):
+        return _MLPGradient(_MLPPath(module.weight_bias_names(), module.activation), loss_fn)
     return None
 
 
@@ -359,6 +445,8 @@ def _rate(lr: LearningRate, name: str):
 
 
 def _is_number(rate) -> bool:
+    if type(rate) is float:  # the common case, without the ABC check
+        return True
     return isinstance(rate, numbers.Real) and not isinstance(rate, bool)
 
 
@@ -433,52 +521,138 @@ def inner_loop(
         The adapted parameters.
     """
     names = list(params) if adapt is None else list(adapt)
-    per_step = isinstance(lr, Sequence) and not isinstance(lr, (str, Tensor))
+    per_step = not _is_number(lr) and isinstance(lr, Sequence) and not isinstance(lr, (str, Tensor))
     n_tasks = X.shape[0]
     current: Params = dict(params)
+    prepare = getattr(grad_fn, "prepare", None)
+    # One task: drop the task dimension for the whole loop (module-shaped parameters,
+    # unbatched kernels) and put it back at the end.
+    single = prepare is not None and n_tasks == 1
     if shared and grad_fn is None:
         current = expand_params(current, n_tasks)
         shared = False
-    unbatched = set(current) if shared else set()
     if not track_graph:
-        current = {k: v.detach() for k, v in current.items()}
-    for step in range(steps):
-        rate = lr[step] if per_step else lr
-        if grad_fn is not None:
-            # Second order needs a differentiable gradient; otherwise it is a constant.
-            number = _is_number(rate)
-            with torch.set_grad_enabled(create_graph and track_graph):
-                # A number is folded into the gradient: the update is one addition.
-                grads = grad_fn(current, X, y, names, -float(rate) if number else None)
-            with torch.set_grad_enabled(track_graph):
-                for n in names:
-                    current[n] = (
-                        current[n] + grads[n]
-                        if number
-                        else torch.addcmul(current[n], _rate(rate, n), grads[n], value=-1)
-                    )
+        # The updates run outside autograd; only what they never touch needs detaching.
+        adapted = set(names) if steps > 0 else ()
+        current = {
+            k: (v.detach() if v.requires_grad and k not in adapted else v)
+            for k, v in current.items()
+        }
+    if single and not shared:
+        current = {k: v[0] for k, v in current.items()}
+    unbatched = set(current) if shared and not single else set()
+
+    def result(current: Params) -> Params:
+        if single:
+            kept = set(current).difference(names if steps else ()) if shared and keep_shared else ()
+            return {k: (v if k in kept else v.unsqueeze(0)) for k, v in current.items()}
+        return current if keep_shared else _batched(current, unbatched, n_tasks)
+
+    if steps <= 0:
+        return result(current)
+    # Second order needs a differentiable gradient; otherwise it is a constant.
+    grad_mode = create_graph and track_graph
+    caller_mode = torch.is_grad_enabled()
+    update = _SGDUpdate(names, None if per_step else lr)
+    try:
+        if grad_fn is None:
+            step_grads, factor = _autograd_step(
+                forward, loss_fn, X, y, names, track_graph, grad_mode
+            )
+        elif prepare is not None:
+            torch.set_grad_enabled(grad_mode)
+            step_grads, factor = prepare(current, X, y, names, single=single)
         else:
-            with torch.enable_grad():
-                leaves = {
-                    n: (v if track_graph and v.requires_grad else v.detach().requires_grad_(True))
-                    for n, v in ((n, current[n]) for n in names)
-                }
-                loss = loss_fn(forward({**current, **leaves}, X), y).sum()
-                grads = torch.autograd.grad(
-                    loss, list(leaves.values()), create_graph=create_graph and track_graph
-                )
-            with torch.set_grad_enabled(track_graph):
-                for n, g in zip(names, grads):
-                    r = _rate(rate, n)
-                    current[n] = (
-                        torch.add(current[n], g, alpha=-float(r))
-                        if _is_number(r)
-                        else torch.addcmul(current[n], r, g, value=-1)
-                    )
-        unbatched.difference_update(names)
-        if on_step is not None:
-            on_step(step, current if keep_shared else _batched(current, unbatched, n_tasks))
-    return current if keep_shared else _batched(current, unbatched, n_tasks)
+
+            def step_grads(p):
+                g = grad_fn(p, X, y, names, None)
+                return [g[n] for n in names]
+
+            factor = 1.0
+        for step in range(steps):
+            rate = lr[step] if per_step else lr  # before the forward (see MAML++'s cursor)
+            if grad_mode != track_graph or step == 0:
+                torch.set_grad_enabled(grad_mode)
+            grads = step_grads(current)
+            if grad_mode != track_graph or step == 0:
+                torch.set_grad_enabled(track_graph)
+            # Outside autograd, once the first step made the adapted tensors the loop's
+            # own, later steps update them in place (unless on_step may keep them).
+            inplace = step > 0 and not track_graph and on_step is None
+            update(current, grads, rate, factor, inplace)
+            unbatched.difference_update(names)
+            if on_step is not None:
+                torch.set_grad_enabled(caller_mode)
+                on_step(step, result(current))
+                torch.set_grad_enabled(track_graph)
+    finally:
+        torch.set_grad_enabled(caller_mode)
+    return result(current)
+
+
+def _autograd_step(forward, loss_fn, X, y, names, track_graph, create_graph):
+    """The inner gradient by ``torch.autograd.grad``, for strategies without a GradFn."""
+
+    def step_grads(current: Params) -> Sequence[Tensor]:
+        with torch.enable_grad():
+            leaves = {
+                n: (v if track_graph and v.requires_grad else v.detach().requires_grad_(True))
+                for n, v in ((n, current[n]) for n in names)
+            }
+            loss = loss_fn(forward({**current, **leaves}, X), y).sum()
+            return torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
+
+    return step_grads, 1.0
+
+
+class _SGDUpdate:
+    """``current[n] -= rate_n * factor * grads[n]`` for the adapted names.
+
+    Outside autograd one ``_foreach`` kernel updates every tensor (in place when asked).
+    Under autograd the per-tensor ops are used: the ``_foreach`` nodes save their inputs
+    for backward, which would keep every step's parameters alive and break the flat
+    memory of first order. ``rate`` given here (the same for every step) is inspected
+    once; None means it is passed per call.
+    """
+
+    def __init__(self, names: list[str], rate):
+        self.names = names
+        self.fixed = rate is not None
+        self.kind = self._kind(rate) if self.fixed else None
+
+    def _kind(self, rate) -> str:
+        if _is_number(rate):
+            return "number"
+        rates = [_rate(rate, n) for n in self.names]
+        return "tensors" if all(isinstance(r, Tensor) for r in rates) else "mixed"
+
+    def __call__(self, current: Params, grads, rate, factor: float, inplace: bool) -> None:
+        names = self.names
+        kind = self.kind if self.fixed else self._kind(rate)
+        params = [current[n] for n in names]
+        if not torch.is_grad_enabled() and kind != "mixed":
+            grads = list(grads)
+            if kind == "number":
+                alpha = -float(rate) * factor
+                if inplace:
+                    torch._foreach_add_(params, grads, alpha=alpha)
+                    return
+                new = torch._foreach_add(params, grads, alpha=alpha)
+            else:  # Meta-SGD, MAML++: tensor rates
+                rates = [_rate(rate, n) for n in names]
+                if inplace:
+                    torch._foreach_addcmul_(params, rates, grads, value=-factor)
+                    return
+                new = torch._foreach_addcmul(params, rates, grads, value=-factor)
+        else:
+            new = [
+                torch.add(p, g, alpha=-float(r) * factor)
+                if _is_number(r)
+                else torch.addcmul(p, r, g, value=-factor)
+                for p, r, g in zip(params, (_rate(rate, n) for n in names), grads)
+            ]
+        for n, v in zip(names, new):
+            current[n] = v
 
 
 def _batched(current: Params, unbatched: set[str], n_tasks: int) -> Params:

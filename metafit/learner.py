@@ -89,12 +89,26 @@ class MetaLearner:
         self.extras: dict[str, Tensor] = self.algorithm.extra_parameters(self)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
+        # Where each parameter lives: params() reads these dicts instead of walking the
+        # module tree (a few microseconds of every few-shot fit); a reassigned parameter
+        # is still found.
+        self._slots = []
+        for name, _ in self.module.named_parameters():
+            owner, _, leaf = name.rpartition(".")
+            self._slots.append((name, self.module.get_submodule(owner)._parameters, leaf))
+        self._adapted: tuple[MetaAlgorithm, list[str] | None] | None = None
 
     # ------------------------------------------------------------------ parameters
 
     def params(self) -> Params:
         """The initialization ``theta``: the module's parameters, by name."""
-        return dict(self.module.named_parameters())
+        return {name: owner[leaf] for name, owner, leaf in self._slots}
+
+    def adapted_names(self) -> list[str] | None:
+        """Names of the parameters the inner loop adapts (None: all), computed once."""
+        if self._adapted is None or self._adapted[0] is not self.algorithm:
+            self._adapted = (self.algorithm, self.algorithm.adapted_names(self))
+        return self._adapted[1]
 
     def meta_parameters(self) -> list[Tensor]:
         """All meta-learned tensors: ``theta`` first, then the algorithm's extras."""
@@ -137,6 +151,7 @@ class MetaLearner:
         y: Tensor,
         *,
         steps: int | None = None,
+        inner_lr: float | None = None,
         create_graph: bool = False,
         track_graph: bool = True,
         on_step=None,
@@ -144,12 +159,19 @@ class MetaLearner:
     ) -> Params:
         """Run the inner loop from ``theta`` on a batch of support sets.
 
+        This is what meta-training adapts with, and what the estimators' ``fit`` calls
+        with one task (``T = 1``), for which the inner loop drops the task dimension.
+
         Parameters
         ----------
         X, y : Tensor
             Support sets with a leading task dimension.
         steps : int, optional
             Defaults to ``inner_steps``.
+        inner_lr : float, optional
+            The plain learning rate for this call instead of :attr:`inner_lr`, which is
+            left unchanged (so that threads may adapt with one learner at several rates).
+            Learned rates (Meta-SGD's) are used whatever the value.
         create_graph, track_graph, on_step
             See :func:`metafit.functional.inner_loop`. ``track_graph=False`` also
             detaches the learning rates (no meta-gradient at all).
@@ -162,21 +184,21 @@ class MetaLearner:
         dict of str to Tensor
             Adapted parameters with the task dimension.
         """
-        theta = self.params()
-        lr = self.algorithm.inner_lr(self)
-        if not track_graph:
-            theta = {k: v.detach() for k, v in theta.items()}
-            if isinstance(lr, dict):
-                lr = {k: v.detach() for k, v in lr.items()}
+        # With track_graph=False the loop runs outside autograd and detaches what it
+        # returns: the learning rates need no detaching here.
         return inner_loop(
             self.forward,
             self.loss_fn,
-            theta,
+            self.params(),
             X,
             y,
             steps=self.inner_steps if steps is None else steps,
-            lr=lr,
-            adapt=self.algorithm.adapted_names(self),
+            lr=(
+                self.algorithm.inner_lr(self)
+                if inner_lr is None or inner_lr == self.inner_lr
+                else self.algorithm.inner_lr(self, float(inner_lr))
+            ),
+            adapt=self.adapted_names(),
             create_graph=create_graph,
             track_graph=track_graph,
             on_step=on_step,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,9 +22,9 @@ from metafit import (
     SinusoidTasks,
     Task,
 )
-from metafit.estimator import _analytic_adapt
-from metafit.learner import MetaLearner
+from metafit.functional import inner_loop
 from metafit.models import MLP
+from metafit.persistence import MetaInit, module_spec
 
 # Reptile meta-trains a useful sinusoid initialization in ~2 s on one core.
 META = dict(
@@ -125,44 +126,130 @@ def test_feature_names_follow_scikit_learn(sinusoid_est, new_tasks):
         est.predict(pd.DataFrame(task.X_query, columns=["x"]))
 
 
+def _random_meta_init(algorithm, activation, n_out, kind, gen):
+    """A MetaInit with random weights (and random Meta-SGD rates) for a 4-8-6-n_out MLP."""
+    kwargs = {"n_inputs": 4, "n_outputs": n_out, "hidden_sizes": [8, 6], "activation": activation}
+    module = MLP(**kwargs)
+    tensors = {k: torch.randn(v.shape, generator=gen) * 0.5 for k, v in module.state_dict().items()}
+    if algorithm == "metasgd":
+        for k, v in module.named_parameters():
+            tensors[f"extra.inner_lr.{k}"] = torch.rand(v.shape, generator=gen) * 0.1
+    metadata = {
+        "estimator": kind,
+        "algorithm": algorithm,
+        "inner_lr": 0.05,
+        "inner_steps": 3,
+        "meta_inner_steps": 3,
+        "n_features": 4,
+        "n_outputs": n_out,
+    }
+    return MetaInit(tensors, module_spec(module, kwargs), metadata)
+
+
+def _reference_sgd(init, X, y, loss, steps, lr, algorithm):
+    """Plain autograd SGD on a copy of the module: what fit must compute."""
+    spec = init.spec["kwargs"]
+    net = MLP(spec["n_inputs"], spec["n_outputs"], spec["hidden_sizes"], spec["activation"])
+    net.load_state_dict({k: v for k, v in init.tensors.items() if not k.startswith("extra.")})
+    params = dict(net.named_parameters())
+    adapted = net.head_parameter_names() if algorithm == "anil" else list(params)
+    X, y = torch.as_tensor(X, dtype=torch.float32), torch.as_tensor(y)
+    for _ in range(steps):
+        out = net(X)
+        if loss == "cross_entropy":
+            value = torch.nn.functional.cross_entropy(out, y)
+        else:
+            value = torch.nn.functional.mse_loss(out[:, 0] if y.dim() == 1 else out, y.float())
+        grads = torch.autograd.grad(value, [params[n] for n in adapted])
+        with torch.no_grad():
+            for n, g in zip(adapted, grads):
+                rate = init.tensors[f"extra.inner_lr.{n}"] if algorithm == "metasgd" else lr
+                params[n] -= rate * g
+    return net
+
+
 @pytest.mark.parametrize("algorithm", ["maml", "fomaml", "reptile", "anil", "metasgd"])
 @pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid"])
 @pytest.mark.parametrize("target", ["y1", "y2", "classes"])
-def test_analytic_adapt_equals_the_engine_inner_loop(algorithm, activation, target):
+def test_fit_equals_plain_autograd_sgd_on_a_copy_of_the_module(algorithm, activation, target):
     rng = np.random.default_rng(0)
+    gen = torch.Generator().manual_seed(0)
+    X, Xq = rng.normal(size=(10, 4)), rng.normal(size=(7, 4))
     y = {
         "y1": rng.normal(size=10),
         "y2": rng.normal(size=(10, 2)),
-        "classes": rng.integers(0, 3, 10),
+        "classes": np.array([0, 1, 2, 2, 1, 0, 0, 2, 1, 1]),
     }[target]
-    loss = "cross_entropy" if target == "classes" else "mse"
-    n_out = 3 if target == "classes" else y.reshape(10, -1).shape[1]
-    gen = torch.Generator().manual_seed(0)
-    module = MLP(4, n_out, (8, 6), activation)
+    classifier = target == "classes"
+    n_out = 3 if classifier else y.reshape(10, -1).shape[1]
+    kind = "classifier" if classifier else "regressor"
+    init = _random_meta_init(algorithm, activation, n_out, kind, gen)
+    cls = MetaInitializedClassifier if classifier else MetaInitializedRegressor
+    # inner_lr differs from the initialization's 0.05: fit's own rate must be the one used
+    est = cls(hidden_sizes=(8, 6), activation=activation, inner_lr=0.03, inner_steps=3)
+    est.set_params(meta_init=init).fit(X, y)
+    ref = _reference_sgd(init, X, y, "cross_entropy" if classifier else "mse", 3, 0.03, algorithm)
+    for name, want in ref.named_parameters():
+        got = est.adapted_params_[name]
+        assert got.shape == (1, *want.shape)
+        torch.testing.assert_close(got[0], want.detach(), rtol=1e-5, atol=1e-6)
     with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
-    learner = MetaLearner(module, loss=loss, algorithm=algorithm, inner_lr=0.05, inner_steps=3)
-    if algorithm == "metasgd":
-        with torch.no_grad():
-            for v in learner.extras.values():
-                v.copy_(torch.rand(v.shape, generator=gen) * 0.1)
-    X, yt = learner.as_tensors(rng.normal(size=(10, 4)), y)
-    fast = _analytic_adapt(learner, X, yt, 3, 0.05)
-    ref = learner.adapt(X[None], yt[None], steps=3, track_graph=False)
-    assert fast is not None
-    for name in ref:
-        torch.testing.assert_close(
-            fast[name].expand_as(ref[name]), ref[name].detach(), rtol=1e-5, atol=1e-6
+        out = ref(torch.as_tensor(Xq, dtype=torch.float32)).double().numpy()
+    if classifier:
+        np.testing.assert_allclose(est.decision_function(Xq), out, rtol=1e-5, atol=1e-5)
+    else:
+        want = out[:, 0] if target == "y1" else out
+        np.testing.assert_allclose(est.predict(Xq), want, rtol=1e-5, atol=1e-5)
+
+
+def test_fit_runs_the_engine_inner_loop(monkeypatch):
+    import metafit.learner
+
+    calls = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["steps"])
+        return inner_loop(*args, **kwargs)
+
+    monkeypatch.setattr(metafit.learner, "inner_loop", spy)
+    X = np.random.default_rng(0).normal(size=(6, 2))
+    for algorithm in ("maml", "anil", "metasgd"):
+        MetaInitializedRegressor(algorithm=algorithm, inner_steps=4, random_state=0).fit(X, X[:, 0])
+    assert calls == [4, 4, 4]
+
+
+def test_metasgd_warns_when_fit_takes_more_steps_than_meta_training():
+    tasks = SinusoidTasks(k_shot=5, k_query=5, random_state=0)
+    est = MetaInitializedRegressor(
+        algorithm="metasgd",
+        hidden_sizes=(8,),
+        meta_inner_steps=1,
+        inner_steps=3,
+        meta_iterations=2,
+        meta_batch_size=2,
+        random_state=0,
+    ).meta_fit(tasks)
+    task = tasks.sample(1)[0]
+    with pytest.warns(UserWarning, match="meta-trained with 1 inner step") as record:
+        est.fit(task.X_support, task.y_support)
+    assert len([w for w in record if "Meta-SGD" in str(w.message)]) == 1  # once per fit
+    assert "inner_steps=3" in str(record[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        clone(est).set_params(inner_steps=1).fit(task.X_support, task.y_support)
+        # MAML's single rate has no such limit, nor a Meta-SGD net never meta-trained
+        maml = MetaInitializedRegressor(
+            meta_inner_steps=1,
+            inner_steps=3,
+            meta_iterations=2,
+            meta_batch_size=2,
+            hidden_sizes=(8,),
+            random_state=0,
         )
-
-
-def test_analytic_adapt_declines_what_it_does_not_cover():
-    learner = MetaLearner(
-        MLP(2, 1, (4,), "gelu"), loss="mse", algorithm="maml", inner_lr=0.1, inner_steps=1
-    )
-    X, y = learner.as_tensors(np.zeros((3, 2)), np.zeros(3))
-    assert _analytic_adapt(learner, X, y, 1, 0.1) is None
+        maml.meta_fit(tasks).fit(task.X_support, task.y_support)
+        MetaInitializedRegressor(algorithm="metasgd", inner_steps=9, random_state=0).fit(
+            task.X_support, task.y_support
+        )
 
 
 def test_custom_module_class_with_module_params():

@@ -128,9 +128,13 @@ class MetaAlgorithm:
         """Names of the parameters the inner loop adapts; None for all."""
         return None
 
-    def inner_lr(self, learner: MetaLearner):
-        """Learning rate(s) of the inner loop, as :func:`metafit.functional.inner_loop` takes."""
-        return learner.inner_lr
+    def inner_lr(self, learner: MetaLearner, base: float | None = None):
+        """Learning rate(s) of the inner loop, as :func:`metafit.functional.inner_loop` takes.
+
+        ``base`` is the plain rate to use instead of ``learner.inner_lr`` (an estimator's
+        ``fit`` with another ``inner_lr`` than meta-training had); learned rates ignore it.
+        """
+        return learner.inner_lr if base is None else base
 
     def make_optimizer(
         self, params: list[Tensor], meta_lr: float, total_iterations: int

@@ -195,7 +195,7 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
             for name in names
         }
 
-    def inner_lr(self, learner):
+    def inner_lr(self, learner, base=None):
         steps = max(int(learner.inner_steps), 1)
         if self.learn_inner_lr:
             rates = [
@@ -203,7 +203,7 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
                 for k in range(steps)
             ]
         else:
-            rates = [learner.inner_lr] * steps
+            rates = [learner.inner_lr if base is None else base] * steps
         return _StepRates(rates, self._cursor)
 
     def make_optimizer(self, params, meta_lr, total_iterations):

@@ -28,5 +28,5 @@ class MetaSGD(GradientMetaAlgorithm):
             for name, p in learner.module.named_parameters()
         }
 
-    def inner_lr(self, learner):
+    def inner_lr(self, learner, base=None):
         return {name[len(_PREFIX) :]: value for name, value in learner.extras.items()}
