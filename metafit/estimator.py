@@ -1,4 +1,4 @@
-"""scikit-learn estimators over the meta-learning engine.
+"""scikit-learn estimators over the meta-learning engine: the shared base class.
 
 ``meta_fit(tasks)`` learns an initialization from many related tasks; ``fit(X, y)`` adapts
 it to one new task with ``inner_steps`` gradient steps of the same inner loop that
@@ -10,92 +10,31 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 import itertools
-import math
-import numbers
-import os
 import warnings
 from collections.abc import Iterable
 
 import numpy as np
 import torch
-from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
-from sklearn.preprocessing import LabelEncoder
-from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
-from torch import nn
 
-from metafit.algorithms import ALGORITHMS, MetaAlgorithm
-from metafit.callbacks import BestState, Checkpoint, EarlyStopping, ProgressBar
+from metafit._building import LearnerBuildingMixin
+from metafit._meta_training import MetaTrainingMixin
+from metafit._validation import SeededTorch, check_params, fast_X, seed_from
 from metafit.distributed import distributed_training
 from metafit.learner import MetaLearner
 from metafit.models import MLP
-from metafit.persistence import MetaInit, build_module, module_spec
+from metafit.persistence import MetaInit, module_spec
 from metafit.tasks import Task, iter_meta_batches
-from metafit.training import (
-    DivergenceError,
-    InterruptedTrainingWarning,
-    MetaHistory,
-    TrainingState,
-    meta_train,
-)
+from metafit.training import DivergenceError, TrainingState, meta_train
 
 __all__ = [
     "MetaInitializedEstimator",
     "MetaInitializedRegressor",
     "MetaInitializedClassifier",
 ]
-
-_FORWARDS = ("auto", "mlp", "vmap", "loop")
-
-
-def _seed_from(random_state) -> int:
-    """An int seed from ``random_state`` without touching any global RNG."""
-    if random_state is None:
-        return int(np.random.default_rng().integers(2**31 - 1))
-    if isinstance(random_state, numbers.Integral):
-        return int(random_state)
-    if isinstance(random_state, np.random.RandomState):
-        # Copy so that the caller's generator is not advanced by a seed draw.
-        return int(copy.deepcopy(random_state).randint(2**31 - 1))
-    if isinstance(random_state, np.random.Generator):
-        return int(copy.deepcopy(random_state).integers(2**31 - 1))
-    raise ValueError(
-        f"random_state must be None, an int, a numpy RandomState or Generator; "
-        f"got {random_state!r}."
-    )
-
-
-class _SeededTorch:
-    """Run a block with the torch CPU RNG seeded, restoring its previous state after.
-
-    Module initializers and dropout draw from the global generator; forking it keeps
-    results reproducible from ``random_state`` while leaving the user's RNG as it was.
-    """
-
-    def __init__(self, seed: int, device=None):
-        self.seed = seed
-        device = torch.device("cpu" if device is None else device)
-        # Only the generators that are forked get seeded: torch.manual_seed would also
-        # reseed every CUDA device, which fork_rng(devices=[]) does not restore (and it
-        # costs ~50 us more than seeding the CPU generator alone).
-        self.cuda = device.type == "cuda"
-        self.index = (device.index or 0) if self.cuda else None
-
-    def __enter__(self):
-        devices = [self.index] if self.cuda else []
-        self._fork = torch.random.fork_rng(devices=devices)
-        self._fork.__enter__()
-        torch.default_generator.manual_seed(self.seed)
-        if self.cuda:
-            with torch.cuda.device(self.index):
-                torch.cuda.manual_seed(self.seed)
-
-    def __exit__(self, *exc):
-        return self._fork.__exit__(*exc)
-
 
 #: Why both estimators declare the ``poor_score`` tag (the scikit-learn checks then skip
 #: their accuracy thresholds, nothing else): ``fit`` is a few-shot adapter, ``inner_steps``
@@ -106,47 +45,7 @@ class _SeededTorch:
 _POOR_SCORE = True
 
 
-@contextlib.contextmanager
-def _unchanged_on_error(estimator):
-    """Restore the estimator's attributes if the block raises (fit must not half-fit)."""
-    state = estimator.__dict__.copy()
-    try:
-        yield
-    except BaseException:
-        estimator.__dict__.clear()
-        estimator.__dict__.update(state)
-        raise
-
-
-def _fast_xy(X, y, *, regression: bool):
-    """``(X, y)`` ready for the engine when they are plain, clean numpy arrays, else None.
-
-    scikit-learn's ``validate_data`` costs 50-100 us, as much as a whole few-shot fit. For
-    2-D float arrays with matching lengths and finite values (int labels for a classifier)
-    the few checks below are all it would do; anything else returns None and goes through
-    ``validate_data``, which then raises the usual errors.
-    """
-    if type(X) is not np.ndarray or type(y) is not np.ndarray:
-        return None
-    if X.ndim != 2 or X.dtype.kind != "f" or not X.flags.c_contiguous or not X.flags.writeable:
-        return None
-    if X.shape[0] == 0 or X.shape[1] == 0 or y.shape[:1] != X.shape[:1]:
-        return None
-    if regression:
-        if y.dtype.kind != "f" or y.ndim not in (1, 2) or y.size == 0:
-            return None
-        y = y.astype(np.float32)
-        if not np.isfinite(y).all():
-            return None
-    elif y.ndim != 1 or y.dtype.kind not in "iu":
-        return None
-    X = X.astype(np.float32, copy=False)
-    if not np.isfinite(X).all():
-        return None
-    return X, y
-
-
-class MetaInitializedEstimator(BaseEstimator):
+class MetaInitializedEstimator(LearnerBuildingMixin, MetaTrainingMixin, BaseEstimator):
     """Base class: a neural estimator whose initialization is meta-learned.
 
     Use :class:`MetaInitializedRegressor` or :class:`MetaInitializedClassifier`.
@@ -358,250 +257,8 @@ class MetaInitializedEstimator(BaseEstimator):
     # ------------------------------------------------------------------ validation
 
     def _check_params(self) -> None:
-        for key in self.__dict__.get("_extra_params", ()):
-            raise TypeError(
-                f"{type(self).__name__} got an unexpected keyword argument {key!r}; "
-                "module constructor arguments are passed as module__<name>."
-            )
-
-        def positive_int(name, value, allow_none=False, minimum=1):
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise TypeError(f"{name} must be an int, got {value!r}.")
-            if value < minimum:
-                raise ValueError(f"{name} must be >= {minimum}, got {value}.")
-
-        def positive_float(name, value, allow_none=False):
-            if value is None and allow_none:
-                return
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise TypeError(f"{name} must be a number, got {value!r}.")
-            if not (np.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a finite number > 0, got {value}.")
-
-        positive_float("inner_lr", self.inner_lr)
-        positive_int("inner_steps", self.inner_steps, minimum=0)
-        positive_int("meta_inner_steps", self.meta_inner_steps, allow_none=True, minimum=0)
-        positive_float("meta_lr", self.meta_lr, allow_none=True)
-        positive_int("meta_batch_size", self.meta_batch_size)
-        positive_int("meta_iterations", self.meta_iterations)
-        positive_int("validation_interval", self.validation_interval)
-        if not isinstance(self.algorithm, MetaAlgorithm) and self.algorithm not in ALGORITHMS:
-            raise ValueError(
-                f"algorithm must be one of {', '.join(sorted(ALGORITHMS))}; "
-                f"got {self.algorithm!r}."
-            )
-        if self.forward not in _FORWARDS:
-            raise ValueError(
-                f"forward must be one of {', '.join(_FORWARDS)}; got {self.forward!r}."
-            )
-        if self.module is None:
-            sizes = self.hidden_sizes
-            if isinstance(sizes, numbers.Integral):
-                sizes = (sizes,)
-            if not all(isinstance(h, numbers.Integral) and h > 0 for h in sizes):
-                raise ValueError(
-                    f"hidden_sizes must be a tuple of positive ints, got {self.hidden_sizes!r}."
-                )
-        elif not (
-            isinstance(self.module, nn.Module)
-            or (inspect.isclass(self.module) and issubclass(self.module, nn.Module))
-        ):
-            raise TypeError(
-                f"module must be None, an nn.Module subclass or instance; got {self.module!r}."
-            )
-        try:
-            torch.device(self.device)
-        except (RuntimeError, TypeError) as exc:
-            raise ValueError(f"device {self.device!r} is not a torch device: {exc}") from exc
-        _seed_from(self.random_state)
-        self._check_training_params()
-
-    def _check_training_params(self) -> None:
-        """Validate the parameters of meta_fit's training loop (see the class docstring)."""
-
-        def number(name, value, *, integer, minimum, allow_none=False, strict=False):
-            if value is None and allow_none:
-                return
-            kind = numbers.Integral if integer else numbers.Real
-            if isinstance(value, bool) or not isinstance(value, kind):
-                what = "an int" if integer else "a number"
-                none = " or None" if allow_none else ""
-                raise TypeError(f"{name} must be {what}{none}, got {value!r}.")
-            low_ok = value > minimum if strict else value >= minimum
-            finite = isinstance(value, numbers.Integral) or math.isfinite(value)
-            if not (finite and low_ok):
-                bound = ">" if strict else ">="
-                what = "an int" if integer else "a finite number"
-                raise ValueError(f"{name} must be {what} {bound} {minimum}, got {value}.")
-
-        if not isinstance(self.verbose, (bool, numbers.Integral)) or self.verbose < 0:
-            raise ValueError(f"verbose must be an int >= 0 (0 is silent), got {self.verbose!r}.")
-        if not isinstance(self.warm_start, (bool, np.bool_)):
-            raise TypeError(f"warm_start must be True or False, got {self.warm_start!r}.")
-        number("patience", self.patience, integer=True, minimum=1, allow_none=True)
-        number("min_delta", self.min_delta, integer=False, minimum=0)
-        number(
-            "clip_grad_norm",
-            self.clip_grad_norm,
-            integer=False,
-            minimum=0,
-            allow_none=True,
-            strict=True,
-        )
-        number("checkpoint_interval", self.checkpoint_interval, integer=True, minimum=1)
-        if self.on_interrupt not in ("warn", "raise"):
-            raise ValueError(f'on_interrupt must be "warn" or "raise", got {self.on_interrupt!r}.')
-        path = self.checkpoint_path
-        if path is not None:
-            if not isinstance(path, (str, os.PathLike)):
-                raise TypeError(
-                    f"checkpoint_path must be None, a str or a path, got {type(path).__name__}."
-                )
-            if str(path) == "" or os.path.isdir(path):
-                raise ValueError(
-                    f"checkpoint_path {str(path)!r} must name a file, not a folder; e.g. "
-                    "'meta_init.safetensors'."
-                )
-
-    # ------------------------------------------------------------------ model building
-
-    def _make_module(self, n_features: int, n_outputs: int) -> tuple[nn.Module, dict]:
-        if self.module is None:
-            sizes = self.hidden_sizes
-            sizes = (sizes,) if isinstance(sizes, numbers.Integral) else tuple(sizes)
-            kwargs = {
-                "n_inputs": int(n_features),
-                "n_outputs": int(n_outputs),
-                "hidden_sizes": [int(h) for h in sizes],
-                "activation": self.activation,
-            }
-            return MLP(**kwargs), kwargs
-        if isinstance(self.module, nn.Module):
-            return copy.deepcopy(self.module), {}
-        kwargs = self._module_kwargs()
-        accepted = inspect.signature(self.module).parameters
-        if "n_inputs" in accepted and "n_inputs" not in kwargs:
-            kwargs["n_inputs"] = int(n_features)
-        if "n_outputs" in accepted and "n_outputs" not in kwargs:
-            kwargs["n_outputs"] = int(n_outputs)
-        return self.module(**kwargs), kwargs
-
-    def _resolve_meta_init(self) -> MetaInit | None:
-        """The initialization ``fit`` adapts from: meta_fit's, else ``meta_init``."""
-        if hasattr(self, "meta_init_"):
-            return self.meta_init_
-        if self.meta_init is None:
-            return None
-        if isinstance(self.meta_init, MetaInit):
-            return self.meta_init
-        if isinstance(self.meta_init, (str, os.PathLike)):
-            # Read the file once per estimator (fit runs thousands of times in a search),
-            # again only if it changed; the loaded copy is pickled with a fitted estimator
-            # so that predictions never need the file again.
-            path = os.fspath(self.meta_init)
-            try:
-                stat = os.stat(path)
-                key = (path, stat.st_mtime_ns, stat.st_size)
-            except OSError:
-                key = None
-            cached = self.__dict__.get("_loaded_init")
-            if cached is not None and (key is None or cached[0] == key):
-                return cached[1]
-            init = MetaInit.load(path)
-            self._loaded_init = (key, init)
-            return init
-        raise TypeError(
-            f"meta_init must be None, a path or a MetaInit; got {type(self.meta_init).__name__}."
-        )
-
-    def _learner_from_init(self, init: MetaInit) -> MetaLearner:
-        kind = init.metadata.get("estimator")
-        if kind and kind != self._estimator_kind:
-            raise ValueError(
-                f"this meta-initialization was learned by a {kind}; it cannot serve a "
-                f"{self._estimator_kind}."
-            )
-        # Building draws a throw-away random initialization (overwritten below) from the
-        # global generator: fork it so that the user's RNG state is left alone.
-        with _SeededTorch(0, self.device):
-            if self.module is None:
-                self._check_mlp_spec(init)
-                module = build_module(init.spec)
-            else:
-                module, _ = self._make_module(init.n_features, init.n_outputs)
-        learner = MetaLearner(
-            module,
-            loss=self._loss,
-            algorithm=init.metadata.get("algorithm", "maml"),
-            inner_lr=init.metadata.get("inner_lr", self.inner_lr),
-            inner_steps=self.inner_steps,
-            forward=self.forward,
-            device=self.device,
-        )
-        try:
-            learner.load_state_tensors(init.tensors)
-        except (RuntimeError, KeyError) as exc:
-            raise ValueError(
-                "the meta-initialization does not fit this estimator's module (architecture "
-                f"mismatch): {exc}"
-            ) from exc
-        return learner
-
-    def _check_mlp_spec(self, init: MetaInit) -> None:
-        """A default-MLP estimator must agree with the saved MLP's architecture."""
-        spec = init.spec
-        if spec.get("class") != f"{MLP.__module__}.{MLP.__qualname__}":
-            return
-        sizes = self.hidden_sizes
-        sizes = [int(sizes)] if isinstance(sizes, numbers.Integral) else [int(h) for h in sizes]
-        saved = spec.get("kwargs", {})
-        theirs = (list(saved.get("hidden_sizes", [])), saved.get("activation", "relu"))
-        if (sizes, self.activation) != theirs:
-            raise ValueError(
-                f"architecture mismatch: the meta-initialization is an MLP with "
-                f"hidden_sizes={tuple(theirs[0])}, activation={theirs[1]!r}, but this "
-                f"estimator has hidden_sizes={tuple(sizes)}, activation={self.activation!r}; "
-                "set them to the saved values (MetaInit.load(path).estimator_params() lists "
-                "them)."
-            )
-
-    def _build_learner(self, init: MetaInit | None, n_features: int) -> MetaLearner:
-        if init is not None:
-            # Building the network costs about as much as a whole few-shot fit, and a
-            # search fits a fresh clone every time: learners built from an initialization
-            # are cached on it, per configuration. Only learners that fit never mutates
-            # (the analytic path) are shared, so threads may fit clones concurrently.
-            cache = init.__dict__.setdefault("_learners", {})
-            key = (n_features, self._config_key())
-            learner = cache.get(key)
-            if learner is None:
-                learner = self._learner_from_init(init)
-                if type(learner.module) is MLP:
-                    cache[key] = learner
-            return learner
-        with _SeededTorch(_seed_from(self.random_state), self.device):
-            module, _ = self._make_module(n_features, self._n_outputs_for_fit)
-        return MetaLearner(
-            module,
-            loss=self._loss,
-            algorithm=self.algorithm,
-            inner_lr=self.inner_lr,
-            inner_steps=self.inner_steps,
-            forward=self.forward,
-            device=self.device,
-        )
-
-    def _fit_init(self) -> MetaInit | None:
-        init = self._resolve_meta_init()
-        kind = init.metadata.get("estimator") if init is not None else None
-        if kind and kind != self._estimator_kind:
-            raise ValueError(
-                f"this meta-initialization was learned by a {kind}; it cannot serve a "
-                f"{self._estimator_kind}."
-            )
-        return init
+        """Validate every constructor parameter (see :func:`metafit._validation.check_params`)."""
+        check_params(self)
 
     # ------------------------------------------------------------------ meta-training
 
@@ -698,10 +355,10 @@ class MetaInitializedEstimator(BaseEstimator):
             )
             return self
 
-        seed = _seed_from(self.random_state)
+        seed = seed_from(self.random_state)
         # Under torchrun / in a process group: this rank's share of each meta-batch.
         parallel = distributed_training(self.meta_batch_size, self.device)
-        with parallel, _SeededTorch(seed, self.device):
+        with parallel, SeededTorch(seed, self.device):
             module, kwargs = self._make_module(n_features, n_outputs)
             if self.module is not None and not isinstance(self.module, type):
                 kwargs = {}
@@ -779,116 +436,6 @@ class MetaInitializedEstimator(BaseEstimator):
                 raise KeyboardInterrupt
         return self
 
-    def _warm_start_point(self, feature_shape, n_outputs: int) -> dict | None:
-        """Where ``warm_start=True`` continues from: ``meta_init_``, else ``meta_init``."""
-        saved = getattr(self, "_warm_state_", None)
-        if hasattr(self, "meta_init_"):
-            init, history = self.meta_init_, list(getattr(self, "meta_history_", []))
-            if saved is not None and saved.get("meta_init") is not init:
-                saved = None  # meta_init_ was replaced since: only its tensors are known
-        else:
-            init, history, saved = self._resolve_meta_init(), [], None
-        if init is None:
-            return None
-        shape = init.metadata.get("feature_shape")
-        if (shape is not None and list(shape) != list(feature_shape)) or (
-            init.n_outputs != n_outputs
-        ):
-            raise ValueError(
-                f"warm_start=True continues a meta-initialization for feature shape "
-                f"{tuple(shape or ())} and {init.n_outputs} output(s), but these tasks have "
-                f"{tuple(feature_shape)} and {n_outputs}; pass matching tasks or set "
-                "warm_start=False to start over."
-            )
-        if saved is not None:
-            return {**saved, "history": history}
-        meta = init.metadata
-        done = history[-1]["iteration"] if history else meta.get("iteration", 0)
-        return {
-            "state": TrainingState(int(done), init.tensors),
-            "algorithm": meta.get("algorithm"),
-            "history": history,
-            "time": history[-1]["time"] if history else 0.0,
-            "best_loss": float(meta.get("best_validation_loss", math.inf)),
-            "best_iteration": meta.get("best_iteration"),
-            "best_tensors": init.tensors if "best_iteration" in meta else None,
-            "wait": 0,
-        }
-
-    def _training_callbacks(self, resume, val, make_meta_init):
-        """The callbacks meta_fit's parameters ask for, plus the best-state tracker."""
-        callbacks, best, stopper = [], None, None
-        if val is not None:
-            best = BestState()
-            if resume is not None:
-                best = BestState(
-                    resume["best_loss"], resume["best_iteration"], resume["best_tensors"]
-                )
-            callbacks.append(best)
-        if self.patience is not None:
-            stopper = EarlyStopping(
-                int(self.patience),
-                float(self.min_delta),
-                best_loss=math.inf if resume is None else resume["best_loss"],
-                wait=0 if resume is None else resume["wait"],
-            )
-            callbacks.append(stopper)
-        if self.checkpoint_path is not None:
-            callbacks.append(
-                Checkpoint(
-                    self.checkpoint_path,
-                    int(self.checkpoint_interval),
-                    lambda learner, it: make_meta_init(learner.state_tensors(), it),
-                )
-            )
-        if self.verbose:
-            callbacks.append(ProgressBar(desc=f"meta_fit {type(self).__name__}"))
-        return callbacks, best, stopper
-
-    def _store_meta_training(self, result, resume, best, stopper, make_meta_init, use_best):
-        """Set meta_init_, meta_history_ and the warm-start state from a training result."""
-        previous = [] if resume is None else resume["history"]
-        history = MetaHistory([*previous, *(r.as_dict() for r in result.history)])
-        last = result.last_state.to_cpu()
-        tensors, extra = last.tensors, {}
-        if use_best and best is not None and best.best_tensors is not None:
-            tensors = best.best_tensors
-            extra = {
-                "best_iteration": best.best_iteration,
-                "best_validation_loss": best.best_loss,
-            }
-        self.meta_init_ = make_meta_init(tensors, last.iteration, **extra)
-        self.meta_history_ = history
-        self._warm_state_ = {
-            "meta_init": self.meta_init_,
-            "state": last,
-            "algorithm": self.meta_init_.metadata["algorithm"],
-            "time": history[-1]["time"] if history else 0.0,
-            "best_loss": math.inf if best is None else best.best_loss,
-            "best_iteration": None if best is None else best.best_iteration,
-            "best_tensors": None if best is None else best.best_tensors,
-            "wait": 0 if stopper is None else stopper.wait,
-        }
-        for attr in ("adapted_params_", "_learner", "_learner_key", "n_features_in_"):
-            self.__dict__.pop(attr, None)
-
-    def _warn_interrupted(self, result) -> None:
-        meta = self.meta_init_.metadata
-        if "best_iteration" in meta:
-            kept = (
-                f"the initialization with the best validation loss "
-                f"({meta['best_validation_loss']:.4g}, iteration {meta['best_iteration']})"
-            )
-        else:
-            kept = f"the initialization of the last completed iteration ({meta['iteration']})"
-        warnings.warn(
-            f"meta_fit was interrupted after {result.last_iteration} meta-iterations; the "
-            f"estimator keeps {kept} and is ready for fit. Call meta_fit again with "
-            "warm_start=True to resume.",
-            InterruptedTrainingWarning,
-            stacklevel=3,
-        )
-
     def _check_task_outputs(self, task: Task, n_outputs: int) -> None:
         """Subclasses check a task's targets against the network's outputs."""
 
@@ -928,7 +475,7 @@ class MetaInitializedEstimator(BaseEstimator):
         seeded = (
             contextlib.nullcontext()
             if type(learner.module) is MLP
-            else _SeededTorch(_seed_from(self.random_state), self.device)
+            else SeededTorch(seed_from(self.random_state), self.device)
         )
         with seeded:
             params = learner.adapt(
@@ -977,34 +524,13 @@ class MetaInitializedEstimator(BaseEstimator):
             "inner_steps. The estimator was left as it was before this fit."
         )
 
-    def _config_key(self):
-        return (
-            self.algorithm if isinstance(self.algorithm, str) else id(self.algorithm),
-            self.forward,
-            str(self.device),
-            self.random_state if isinstance(self.random_state, numbers.Integral) else None,
-            repr(self.hidden_sizes),
-            self.activation,
-            id(self.module),
-            repr(sorted(self._module_kwargs().items())),
-        )
-
     def _check_X_predict(self, X) -> np.ndarray:
-        """Validated float32 X for prediction (fast path as in :func:`_fast_xy`)."""
+        """Validated float32 X for prediction (fast path: :func:`metafit._validation.fast_X`)."""
         check_is_fitted(self)
-        if (
-            type(X) is np.ndarray
-            and X.ndim == 2
-            and X.dtype.kind == "f"
-            and X.flags.c_contiguous
-            and X.flags.writeable
-            and X.shape[0] > 0
-            and X.shape[1] == self.n_features_in_
-            and "feature_names_in_" not in self.__dict__
-        ):
-            X = X.astype(np.float32, copy=False)
-            if np.isfinite(X).all():
-                return X
+        if "feature_names_in_" not in self.__dict__:
+            fast = fast_X(X, self.n_features_in_)
+            if fast is not None:
+                return fast
         X = validate_data(self, X, dtype=np.float32, reset=False, allow_nd=True)
         return X if X.flags.writeable else X.copy()
 
@@ -1079,267 +605,7 @@ def _versions() -> dict:
     }
 
 
-class MetaInitializedRegressor(RegressorMixin, MetaInitializedEstimator):
-    """A neural regressor that adapts a meta-learned initialization in a few steps.
-
-    See :class:`MetaInitializedEstimator` for the parameters. Targets may be 1-D or
-    2-D (several outputs).
-
-    Examples
-    --------
-    >>> from metafit import MetaInitializedRegressor
-    >>> from metafit.tasks import SinusoidTasks
-    >>> est = MetaInitializedRegressor(meta_iterations=20, random_state=0)
-    >>> est = est.meta_fit(SinusoidTasks(k_shot=10, random_state=0))
-    >>> task = SinusoidTasks(random_state=1).sample(1)[0]
-    >>> est.fit(task.X_support, task.y_support).predict(task.X_query).shape
-    (10,)
-    """
-
-    _loss = "mse"
-    _estimator_kind = "regressor"
-
-    def _meta_outputs(self, tasks):
-        y = tasks[0].y_support
-        return 1 if y.ndim == 1 else int(y.shape[1])
-
-    def _check_task_outputs(self, task, n_outputs):
-        got = 1 if task.y_support.ndim == 1 else task.y_support.shape[1]
-        if got != n_outputs or not np.issubdtype(task.y_support.dtype, np.number):
-            raise ValueError(
-                f"a task has {got} numeric target column(s) (dtype {task.y_support.dtype}); "
-                f"the first task had {n_outputs}. All tasks must share their targets."
-            )
-
-    @property
-    def _n_outputs_for_fit(self):
-        return getattr(self, "_fit_outputs", 1)
-
-    def fit(self, X, y):
-        """Adapt the (meta-learned) initialization to one task.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
-
-        Returns
-        -------
-        self : object
-
-        Raises
-        ------
-        ValueError
-            For NaN/inf, empty or 1-D X, non-numeric data, X and y of different lengths,
-            or X/y that do not match the meta-learned initialization (features, outputs).
-            The estimator is left exactly as it was.
-        """
-        with _unchanged_on_error(self):
-            self._check_params()
-            fast = _fast_xy(X, y, regression=True)
-            if fast is not None:
-                X, y = fast
-                self.n_features_in_ = X.shape[1]
-                self.__dict__.pop("feature_names_in_", None)
-            else:
-                X, y = validate_data(
-                    self, X, y, dtype=np.float32, multi_output=True, y_numeric=True,
-                    allow_nd=True,
-                )
-                y = np.asarray(y, dtype=np.float32)
-                X = X if X.flags.writeable else X.copy()  # torch warns on read-only arrays
-            self._fit_outputs = 1 if y.ndim == 1 else y.shape[1]
-            init = self._fit_init()
-            if init is not None and init.n_features != X[0].size:
-                raise ValueError(
-                    f"X has {X[0].size} feature(s), but the meta-learned initialization "
-                    f"expects {init.n_features} feature(s); pass the features used in "
-                    "meta-training."
-                )
-            if init is not None and init.n_outputs != self._fit_outputs:
-                raise ValueError(
-                    f"y has {self._fit_outputs} output column(s) but the meta-learned "
-                    f"initialization predicts {init.n_outputs}; use the targets of "
-                    "meta-training."
-                )
-            self._y_ndim = y.ndim
-            self._adapt(X, y)
-        return self
-
-    def predict(self, X):
-        """Predict with the adapted network.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-
-        Returns
-        -------
-        ndarray of shape (n_samples,) or (n_samples, n_outputs)
-        """
-        out = self._raw_predict(self._check_X_predict(X)).cpu().numpy()
-        return out[:, 0].astype(np.float64) if self._y_ndim == 1 else out.astype(np.float64)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.target_tags.multi_output = True
-        tags.target_tags.single_output = True
-        tags.regressor_tags.poor_score = True  # see _POOR_SCORE
-        return tags
-
-    def _skorch_net(self, module, kwargs):
-        from skorch import NeuralNetRegressor
-
-        kwargs.setdefault("criterion", nn.MSELoss)
-        kwargs.setdefault("lr", self.inner_lr)
-        kwargs.setdefault("train_split", None)
-        net = NeuralNetRegressor(module, **kwargs)
-        return net.initialize()
-
-
-class MetaInitializedClassifier(ClassifierMixin, MetaInitializedEstimator):
-    """A neural classifier that adapts a meta-learned initialization in a few steps.
-
-    Meta-training tasks carry class indices ``0..n_way-1`` (as
-    :class:`metafit.tasks.NWayKShotTasks` produces); the head gets one output per index.
-    ``fit`` accepts any labels (ints, strings): they are sorted into ``classes_`` and mapped
-    onto the first ``len(classes_)`` outputs. A task with more classes than the head has
-    outputs is an error; fewer is fine.
-
-    See :class:`MetaInitializedEstimator` for the parameters.
-    """
-
-    _loss = "cross_entropy"
-    _estimator_kind = "classifier"
-
-    def _prepare_task(self, task):
-        task = task if isinstance(task, Task) else Task.from_tuple(task)
-        for y in (task.y_support, task.y_query):
-            if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or y.min() < 0:
-                raise ValueError(
-                    "classification tasks need 1-D integer class indices >= 0 as targets "
-                    f"(got dtype {y.dtype}, shape {y.shape}); NWayKShotTasks remaps labels "
-                    "for you."
-                )
-        return task
-
-    def _meta_outputs(self, tasks):
-        return int(max(max(t.y_support.max(), t.y_query.max()) for t in tasks)) + 1
-
-    def _check_task_outputs(self, task, n_outputs):
-        top = int(max(task.y_support.max(), task.y_query.max()))
-        if top >= n_outputs:
-            raise ValueError(
-                f"a task has class index {top} but the head has {n_outputs} outputs (set by "
-                "the first meta-batch); use the same n_way for all tasks."
-            )
-
-    @property
-    def _n_outputs_for_fit(self):
-        return len(getattr(self, "classes_", ())) or 2
-
-    def fit(self, X, y):
-        """Adapt the (meta-learned) initialization to one classification task.
-
-        Parameters
-        ----------
-        X : array-like of shape (n_samples, n_features)
-        y : array-like of shape (n_samples,)
-            Labels of any kind (ints, strings, ...); at least two classes.
-
-        Returns
-        -------
-        self : object
-
-        Raises
-        ------
-        ValueError
-            For the input errors of :meth:`MetaInitializedRegressor.fit`, continuous
-            targets, a single class, or more classes than the meta-learned head has
-            outputs. The estimator is left exactly as it was.
-        """
-        with _unchanged_on_error(self):
-            self._check_params()
-            fast = _fast_xy(X, y, regression=False)
-            if fast is not None:
-                X, y = fast
-                self.n_features_in_ = X.shape[1]
-                self.__dict__.pop("feature_names_in_", None)
-                classes, codes = np.unique(y, return_inverse=True)
-            else:
-                X, y = validate_data(self, X, y, dtype=np.float32, allow_nd=True)
-                check_classification_targets(y)
-                X = X if X.flags.writeable else X.copy()  # torch warns on read-only arrays
-                encoder = LabelEncoder().fit(y)
-                classes, codes = encoder.classes_, encoder.transform(y)
-            if len(classes) < 2:
-                raise ValueError(
-                    f"y contains only one class ({classes[0]!r}); a classifier needs at least "
-                    "2 classes to fit."
-                )
-            init = self._fit_init()
-            if init is not None and len(classes) > init.n_outputs:
-                raise ValueError(
-                    f"y has {len(classes)} classes but the meta-learned head has "
-                    f"{init.n_outputs} outputs; meta-train with n_way >= {len(classes)}."
-                )
-            self.classes_ = classes
-            self._adapt(X, codes)
-        return self
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.classifier_tags.poor_score = True  # see _POOR_SCORE
-        return tags
-
-    def _logits(self, X) -> np.ndarray:
-        X = self._check_X_predict(X)
-        logits = self._raw_predict(X)[:, : len(self.classes_)]
-        return logits.cpu().numpy().astype(np.float64)
-
-    def decision_function(self, X):
-        """Confidence scores: the logits of the classes in ``classes_``.
-
-        Returns
-        -------
-        ndarray of shape (n_samples,) for two classes (the logit of ``classes_[1]`` minus
-        that of ``classes_[0]``), else (n_samples, n_classes)
-        """
-        logits = self._logits(X)
-        if len(self.classes_) == 2:
-            return logits[:, 1] - logits[:, 0]
-        return logits
-
-    def predict_proba(self, X):
-        """Class probabilities (softmax of the logits), shape (n_samples, n_classes)."""
-        logits = self._logits(X)
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(axis=1, keepdims=True)
-
-    def predict_log_proba(self, X):
-        """Logarithm of :meth:`predict_proba`, computed stably."""
-        logits = self._logits(X)
-        logits -= logits.max(axis=1, keepdims=True)
-        return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-
-    def predict(self, X):
-        """Most probable class labels, shape (n_samples,)."""
-        logits = self._logits(X)  # first: raises NotFittedError before classes_ is read
-        return self.classes_[np.argmax(logits, axis=1)]
-
-    def _skorch_net(self, module, kwargs):
-        from skorch import NeuralNetClassifier
-
-        kwargs.setdefault("criterion", nn.CrossEntropyLoss)
-        kwargs.setdefault("lr", self.inner_lr)
-        kwargs.setdefault("train_split", None)
-        kwargs.setdefault("classes", list(range(module_outputs(module))))
-        net = NeuralNetClassifier(module, **kwargs)
-        return net.initialize()
-
-
-def module_outputs(module: nn.Module) -> int:
-    """Number of outputs of a module's last parameterized layer."""
-    last = [p for p in module.parameters()][-1]
-    return int(last.shape[0])
+# The concrete estimators live in their own modules; importing them here (once the base
+# class exists) keeps ``from metafit.estimator import MetaInitializedRegressor`` working.
+from metafit.classifier import MetaInitializedClassifier  # noqa: E402
+from metafit.regressor import MetaInitializedRegressor  # noqa: E402
