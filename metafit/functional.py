@@ -559,7 +559,8 @@ def inner_loop(
         if single:
             kept = set(current).difference(names if steps else ()) if shared and keep_shared else ()
             return {k: (v if k in kept else v.unsqueeze(0)) for k, v in current.items()}
-        return current if keep_shared else _batched(current, unbatched, n_tasks)
+        # A new dict: on_step may keep it while the loop goes on updating ``current``.
+        return dict(current) if keep_shared else _batched(current, unbatched, n_tasks)
 
     if steps <= 0:
         return result(current)
@@ -680,7 +681,7 @@ class _SGDUpdate:
 
 def _batched(current: Params, unbatched: set[str], n_tasks: int) -> Params:
     if not unbatched:
-        return current
+        return dict(current)
     return {
         k: (v.unsqueeze(0).expand(n_tasks, *v.shape) if k in unbatched else v)
         for k, v in current.items()

@@ -257,3 +257,89 @@ def test_mlp_forward_equals_the_module_for_every_activation(activation):
     out = make_forward(net, "mlp")(dict(net.named_parameters()), X)
     for t in range(T):
         torch.testing.assert_close(out[t], net(X[t]))
+
+
+# --------------------------------------------------------------------------- one task
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", "gelu"])
+@pytest.mark.parametrize("loss", ["mse", "mse_1d", "cross_entropy"])
+@pytest.mark.parametrize("adapt", ["all", "head"])
+@pytest.mark.parametrize("shared", [True, False])
+def test_single_task_loop_equals_that_task_in_a_batch_to_second_order(
+    activation, loss, adapt, shared
+):
+    """T = 1 drops the task dimension inside the loop; values and meta-gradients agree."""
+    net = _net(activation)
+    X, y = _data(loss)
+    loss_fn = LOSSES["mse" if loss == "mse_1d" else loss]
+    forward, grad_fn = make_forward(net, "mlp"), make_grad_fn(net, "mlp", loss_fn)
+    theta = dict(net.named_parameters())
+    names = head_parameter_names(net) if adapt == "head" else None
+    kw = dict(steps=3, lr=0.3, adapt=names, create_graph=True, grad_fn=grad_fn)
+
+    def run(t, n_tasks):
+        Xt, yt = X[t : t + n_tasks], y[t : t + n_tasks]
+        start = theta if shared else expand_params(theta, n_tasks)
+        phi = inner_loop(forward, loss_fn, start, Xt, yt, shared=shared, **kw)
+        assert all(v.shape[0] == n_tasks for v in phi.values())
+        query = loss_fn(forward(phi, Xt), yt)[0]  # the first task's post-adaptation loss
+        return phi, torch.autograd.grad(query, list(theta.values()), allow_unused=True)
+
+    one, d_one = run(1, 1)
+    many, d_many = run(1, 3)
+    for k in theta:
+        torch.testing.assert_close(one[k][0], many[k][0], rtol=1e-10, atol=1e-12)
+    for a, b in zip(d_one, d_many):
+        if b is None:
+            assert a is None or float(a.abs().max()) == 0
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    # and plain autograd on the one task gives the same adapted parameters
+    ref = inner_loop(
+        forward, loss_fn, theta, X[1:2], y[1:2], shared=True, **{**kw, "grad_fn": None}
+    )
+    for k in theta:
+        torch.testing.assert_close(one[k], ref[k], rtol=1e-10, atol=1e-12)
+
+
+def test_single_task_keep_shared_and_detached_results():
+    net = _net()
+    X, y = _data("mse")
+    forward, grad_fn = make_forward(net, "mlp"), make_grad_fn(net, "mlp", mse_loss)
+    theta = dict(net.named_parameters())
+    head = head_parameter_names(net)
+    kept = inner_loop(
+        forward, mse_loss, theta, X[:1], y[:1], steps=2, lr=0.1, adapt=head, grad_fn=grad_fn,
+        shared=True, keep_shared=True,
+    )
+    assert kept["layers.0.weight"] is theta["layers.0.weight"]  # never updated: as given
+    assert kept["layers.2.weight"].shape == (1, *theta["layers.2.weight"].shape)
+    out = inner_loop(
+        forward, mse_loss, theta, X[:1], y[:1], steps=2, lr=0.1, grad_fn=grad_fn, shared=True,
+        track_graph=False,
+    )
+    assert all(v.shape[0] == 1 and not v.requires_grad for v in out.values())
+    assert all(not p.grad_fn for p in theta.values())  # the module's tensors are untouched
+
+
+@pytest.mark.parametrize("n_tasks", [1, 3])
+def test_on_step_sees_every_step_even_though_later_steps_update_in_place(n_tasks):
+    net = _net()
+    X, y = _data("mse")
+    forward, grad_fn = make_forward(net, "mlp"), make_grad_fn(net, "mlp", mse_loss)
+    theta = {k: v.detach().clone() for k, v in net.named_parameters()}
+    before = {k: v.clone() for k, v in theta.items()}
+    seen = []
+    kw = dict(lr=0.1, grad_fn=grad_fn, shared=True, track_graph=False)
+    Xt, yt = X[:n_tasks], y[:n_tasks]
+    final = inner_loop(
+        forward, mse_loss, theta, Xt, yt, steps=3, on_step=lambda s, p: seen.append(p), **kw
+    )
+    for step, params in enumerate(seen):
+        want = inner_loop(forward, mse_loss, theta, Xt, yt, steps=step + 1, **kw)
+        for k in want:
+            torch.testing.assert_close(params[k], want[k], rtol=0, atol=0)
+    for k in final:
+        torch.testing.assert_close(final[k], seen[-1][k], rtol=0, atol=0)
+        assert torch.equal(theta[k], before[k])  # the in-place steps never touch theta

@@ -152,3 +152,31 @@ def test_cuda_meta_steps_match_cpu(algorithm, forward):
     family = SinusoidTasks(5, 5)
     batch = family.sample_batch(4, np.random.default_rng(0), device="cuda", dtype=torch.float64)
     assert batch.X_query.device.type == "cuda"
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "anil", "metasgd"])
+def test_adapt_with_another_inner_lr_leaves_the_learner_alone(algorithm):
+    ml, other = learner(algorithm), learner(algorithm)
+    other.inner_lr = 0.1
+    batch = ml.batches(TASKS)[0]
+    for T in (1, len(TASKS)):  # the single-task path and the batched one
+        X, y = batch.X_support[:T], batch.y_support[:T]
+        got = ml.adapt(X, y, inner_lr=0.1, track_graph=False)
+        assert ml.inner_lr == 0.02
+        # Meta-SGD adapts with its learned rates whatever inner_lr says
+        want = (ml if algorithm == "metasgd" else other).adapt(X, y, track_graph=False)
+        plain = ml.adapt(X, y, track_graph=False)
+        for k in got:
+            torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-14)
+        changed = any(not torch.equal(got[k], plain[k]) for k in got)
+        assert changed == (algorithm != "metasgd")
+
+
+def test_params_follow_the_module_and_adapted_names_are_cached():
+    ml = learner("anil")
+    new = torch.nn.Parameter(torch.zeros_like(ml.module.layers[0].weight))
+    ml.module.layers[0].weight = new
+    assert ml.params()["layers.0.weight"] is new
+    assert list(ml.params()) == [n for n, _ in ml.module.named_parameters()]
+    names = ml.adapted_names()
+    assert names == ["layers.2.weight", "layers.2.bias"] and ml.adapted_names() is names
