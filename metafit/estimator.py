@@ -470,7 +470,7 @@ class MetaInitializedEstimator(LearnerBuildingMixin, MetaTrainingMixin, BaseEsti
         learner = self._learner
         if init is not None:
             self._warn_metasgd_steps(learner, init)
-        Xt, yt = learner.as_tensors(X, y)
+        Xt, yt = learner.as_tensors(X[None], y[None])  # one task: a task dimension of 1
         # The MLP draws no random numbers; other modules may (dropout): seed those.
         seeded = (
             contextlib.nullcontext()
@@ -479,8 +479,8 @@ class MetaInitializedEstimator(LearnerBuildingMixin, MetaTrainingMixin, BaseEsti
         )
         with seeded:
             params = learner.adapt(
-                Xt.unsqueeze(0),
-                yt.unsqueeze(0),
+                Xt,
+                yt,
                 steps=self.inner_steps,
                 inner_lr=self.inner_lr,
                 track_graph=False,

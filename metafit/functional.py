@@ -35,6 +35,7 @@ into the step size: about 20 tensor operations per step for a 2-hidden-layer MLP
 
 from __future__ import annotations
 
+import functools
 import numbers
 from collections.abc import Callable, Mapping, Sequence
 
@@ -127,16 +128,18 @@ _sigmoid_backward = _kernel(torch.ops.aten.sigmoid_backward.default)
 _gelu_backward = _kernel(torch.ops.aten.gelu_backward.default)
 _elu_backward = _kernel(torch.ops.aten.elu_backward.default)
 
-# Derivatives as (grad, pre-activation z, activation a) -> grad * act'(z), one kernel each
-# (ReLU: d * (a > 0) in one op instead of two). The aten backward kernels are themselves
-# differentiable, which second-order MAML needs.
-_ACTIVATION_GRADS: dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
-    "relu": lambda d, z, a: _threshold_backward(d, a, 0.0),
-    "tanh": lambda d, z, a: _tanh_backward(d, a),
-    "sigmoid": lambda d, z, a: _sigmoid_backward(d, a),
-    "gelu": lambda d, z, a: _gelu_backward(d, z, approximate="none"),
-    "elu": lambda d, z, a: _elu_backward(d, 1.0, 1, 1, False, z),
+# Derivatives as (grad, saved) -> grad * act'(z), one kernel each and no Python frame where
+# possible (ReLU: d * (a > 0) in one op instead of two). ``saved`` is the activation's
+# output a, or its input z for the activations in _SAVES_INPUT. The aten backward kernels
+# are themselves differentiable, which second-order MAML needs.
+_ACTIVATION_GRADS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "relu": functools.partial(_threshold_backward, threshold=0.0),
+    "tanh": _tanh_backward,
+    "sigmoid": _sigmoid_backward,
+    "gelu": functools.partial(_gelu_backward, approximate="none"),
+    "elu": lambda d, z: _elu_backward(d, 1.0, 1, 1, False, z),
 }
+_SAVES_INPUT = frozenset({"gelu", "elu"})
 
 
 def _linear(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
@@ -166,6 +169,7 @@ class _MLPPath:
         self.names = list(names)
         self.act = _ACTIVATIONS[activation]
         self.act_grad = _ACTIVATION_GRADS[activation]
+        self.saves_input = activation in _SAVES_INPUT
         self._plans: dict[tuple[str, ...], tuple] = {}
 
     def _plan(self, names: Sequence[str]) -> tuple:
@@ -226,12 +230,13 @@ class _MLPPath:
             h = X.flatten(1) if X.dim() > 2 else X
         else:
             h = X.flatten(2) if X.dim() > 3 else X
-        act, act_grad = self.act, self.act_grad
+        act, act_grad, keep_pre = self.act, self.act_grad, self.saves_input
         for w, b in self.names[:first]:  # the frozen body: once, not every step
             h = act(_linear(h, params[w], params[b]))
         body = h
         n, n_out = h.shape[-2], params[self.names[-1][0]].shape[-2]
         column = y.dim() == h.dim() - 1  # one target per example
+        output_grad, target = None, None  # None: the output gradient is ``out - target``
         if loss_fn is mse_loss:
             target = y.unsqueeze(-1) if column else y
             factor = 2.0 / (n if column else n * y.shape[-1])
@@ -239,10 +244,6 @@ class _MLPPath:
 
                 def output_grad(out):
                     return F.pad(out[..., :1] - target, (0, n_out - 1))
-            else:
-
-                def output_grad(out):
-                    return out - target
         elif loss_fn is cross_entropy_loss:
             onehot = F.one_hot(y, n_out).to(h.dtype)
             factor = 1.0 / n
@@ -263,16 +264,18 @@ class _MLPPath:
         hidden, n_names = len(plan) - 1, len(names)
 
         def step(current: Mapping[str, Tensor], scale: float | None = None) -> list[Tensor]:
+            # inputs[j] is layer j's input, so inputs[j] (j >= 1) is also the activation
+            # output of layer j - 1; pre holds the activation inputs where they are needed.
             h = body
-            inputs, pre, post = [], [], []
+            inputs, pre = [], []
             for j, w, b, _, _ in plan:
                 inputs.append(h)
                 h = linear(h, current[w], current[b])
                 if j < hidden:
-                    pre.append(h)
+                    if keep_pre:
+                        pre.append(h)
                     h = act(h)
-                    post.append(h)
-            d = output_grad(h)
+            d = h - target if output_grad is None else output_grad(h)
             if scale is not None:
                 d = d * scale
             grads = [None] * n_names
@@ -282,7 +285,7 @@ class _MLPPath:
                 if sb is not None:
                     grads[sb] = d.sum(-2)
                 if j:
-                    d = act_grad(back(d, current[w]), pre[j - 1], post[j - 1])
+                    d = act_grad(back(d, current[w]), pre[j - 1] if keep_pre else inputs[j])
             return grads
 
         return step, factor
@@ -449,7 +452,7 @@ def expand_params(params: Mapping[str, Tensor], n_tasks: int) -> Params:
 
 
 def _rate(lr: LearningRate, name: str):
-    return lr[name] if isinstance(lr, Mapping) else lr
+    return lr[name] if type(lr) is dict or isinstance(lr, Mapping) else lr
 
 
 def _is_number(rate) -> bool:
@@ -566,15 +569,25 @@ def inner_loop(
         return result(current)
     # Second order needs a differentiable gradient; otherwise it is a constant.
     grad_mode = create_graph and track_graph
-    caller_mode = torch.is_grad_enabled()
+    caller_mode = mode = torch.is_grad_enabled()
+
+    def set_mode(wanted: bool) -> None:
+        nonlocal mode
+        if wanted != mode:
+            torch.set_grad_enabled(wanted)
+            mode = wanted
+
     update = _SGDUpdate(names, None if per_step else lr)
+    # Outside autograd, once the first step made the adapted tensors the loop's own, later
+    # steps update them in place (unless on_step may keep them).
+    in_place, own = not track_graph and on_step is None, None
     try:
         if grad_fn is None:
             step_grads, factor = _autograd_step(
                 forward, loss_fn, X, y, names, track_graph, grad_mode
             )
         elif prepare is not None:
-            torch.set_grad_enabled(grad_mode)
+            set_mode(grad_mode)
             step_grads, factor = prepare(current, X, y, names, single=single)
         else:
 
@@ -585,8 +598,7 @@ def inner_loop(
             factor = 1.0
         for step in range(steps):
             rate = lr[step] if per_step else lr  # before the forward (see MAML++'s cursor)
-            if grad_mode != track_graph or step == 0:
-                torch.set_grad_enabled(grad_mode)
+            set_mode(grad_mode)
             if grad_mode and grad_fn is not None:
                 # Under a graph, scale the small output gradient inside the gradient
                 # function: folded into the updates, the constant would cost a multiply of
@@ -598,19 +610,19 @@ def inner_loop(
             else:
                 grads = step_grads(current)
                 rate_now, factor_now = rate, factor
-            if grad_mode != track_graph or step == 0:
-                torch.set_grad_enabled(track_graph)
-            # Outside autograd, once the first step made the adapted tensors the loop's
-            # own, later steps update them in place (unless on_step may keep them).
-            inplace = step > 0 and not track_graph and on_step is None
-            update(current, grads, rate_now, factor_now, inplace)
-            unbatched.difference_update(names)
+            set_mode(track_graph)
+            if own is not None and step > 0:
+                update.in_place(own, grads, rate_now, factor_now)
+            else:
+                update(current, grads, rate_now, factor_now)
+                unbatched.difference_update(names)
+                if in_place:
+                    own = [current[n] for n in names]
             if on_step is not None:
-                torch.set_grad_enabled(caller_mode)
+                set_mode(caller_mode)
                 on_step(step, result(current))
-                torch.set_grad_enabled(track_graph)
     finally:
-        torch.set_grad_enabled(caller_mode)
+        set_mode(caller_mode)
     return result(current)
 
 
@@ -632,7 +644,8 @@ def _autograd_step(forward, loss_fn, X, y, names, track_graph, create_graph):
 class _SGDUpdate:
     """``current[n] -= rate_n * factor * grads[n]`` for the adapted names.
 
-    Outside autograd one ``_foreach`` kernel updates every tensor (in place when asked).
+    Outside autograd one ``_foreach`` kernel updates every tensor (in place with
+    :meth:`in_place`).
     Under autograd the per-tensor ops are used: the ``_foreach`` nodes save their inputs
     for backward, which would keep every step's parameters alive and break the flat
     memory of first order. ``rate`` given here (the same for every step) is inspected
@@ -643,6 +656,8 @@ class _SGDUpdate:
         self.names = names
         self.fixed = rate is not None
         self.kind = self._kind(rate) if self.fixed else None
+        # Meta-SGD's per-parameter rates, looked up once for all steps
+        self.rates = [_rate(rate, n) for n in names] if self.kind == "tensors" else None
 
     def _kind(self, rate) -> str:
         if _is_number(rate):
@@ -650,24 +665,17 @@ class _SGDUpdate:
         rates = [_rate(rate, n) for n in self.names]
         return "tensors" if all(isinstance(r, Tensor) for r in rates) else "mixed"
 
-    def __call__(self, current: Params, grads, rate, factor: float, inplace: bool) -> None:
+    def __call__(self, current: Params, grads, rate, factor: float) -> None:
+        """Replace ``current[n]`` by the updated tensors (out of place)."""
         names = self.names
         kind = self.kind if self.fixed else self._kind(rate)
         params = [current[n] for n in names]
         if not torch.is_grad_enabled() and kind != "mixed":
-            grads = list(grads)
             if kind == "number":
-                alpha = -float(rate) * factor
-                if inplace:
-                    torch._foreach_add_(params, grads, alpha=alpha)
-                    return
-                new = torch._foreach_add(params, grads, alpha=alpha)
+                new = torch._foreach_add(params, list(grads), alpha=-float(rate) * factor)
             else:  # Meta-SGD, MAML++: tensor rates
-                rates = [_rate(rate, n) for n in names]
-                if inplace:
-                    torch._foreach_addcmul_(params, rates, grads, value=-factor)
-                    return
-                new = torch._foreach_addcmul(params, rates, grads, value=-factor)
+                rates = self.rates if self.fixed else [_rate(rate, n) for n in names]
+                new = torch._foreach_addcmul(params, rates, list(grads), value=-factor)
         else:
             new = [
                 torch.add(p, g, alpha=-float(r) * factor)
@@ -677,6 +685,22 @@ class _SGDUpdate:
             ]
         for n, v in zip(names, new):
             current[n] = v
+
+    def in_place(self, params: list[Tensor], grads, rate, factor: float) -> None:
+        """Update ``params`` (the adapted tensors, in ``names`` order) in place, no graph."""
+        kind = self.kind if self.fixed else self._kind(rate)
+        if kind == "number":
+            torch._foreach_add_(params, list(grads), alpha=-float(rate) * factor)
+        elif kind == "tensors":
+            rates = self.rates if self.fixed else [_rate(rate, n) for n in self.names]
+            torch._foreach_addcmul_(params, rates, list(grads), value=-factor)
+        else:
+            for p, n, g in zip(params, self.names, grads):
+                r = _rate(rate, n)
+                if _is_number(r):
+                    p.add_(g, alpha=-float(r) * factor)
+                else:
+                    p.addcmul_(r, g, value=-factor)
 
 
 def _batched(current: Params, unbatched: set[str], n_tasks: int) -> Params:
