@@ -25,7 +25,7 @@ class MetaInitializedClassifier(ClassifierMixin, MetaInitializedEstimator):
     onto the first ``len(classes_)`` outputs. A task with more classes than the head has
     outputs is an error; fewer is fine.
 
-    See :class:`MetaInitializedEstimator` for the parameters.
+    See :class:`metafit.estimator.MetaInitializedEstimator` for the parameters.
     """
 
     _loss = "cross_entropy"

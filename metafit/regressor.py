@@ -16,8 +16,8 @@ __all__ = ["MetaInitializedRegressor"]
 class MetaInitializedRegressor(RegressorMixin, MetaInitializedEstimator):
     """A neural regressor that adapts a meta-learned initialization in a few steps.
 
-    See :class:`MetaInitializedEstimator` for the parameters. Targets may be 1-D or
-    2-D (several outputs).
+    See :class:`metafit.estimator.MetaInitializedEstimator` for the parameters. Targets
+    may be 1-D or 2-D (several outputs).
 
     Examples
     --------
