@@ -18,16 +18,7 @@ WORK=${EXAMPLE_WORKDIR:-$(mktemp -d)}
 CONFIG=$HERE/sinusoid.yaml
 TRIALS=30
 if [[ "${METAFIT_EXAMPLE_QUICK:-}" == 1 || "${1:-}" == --quick ]]; then
-    # Same config, tiny budget: few meta-iterations, few validation/test tasks, 3 trials.
-    python - "$CONFIG" "$WORK/sinusoid.yaml" <<'PY'
-import sys, yaml
-config = yaml.safe_load(open(sys.argv[1]))
-config["estimator"]["params"]["meta_iterations"] = 20
-config["tasks"]["validation_tasks"] = 10
-config["tasks"]["test_tasks"] = 10
-yaml.safe_dump(config, open(sys.argv[2], "w"))
-PY
-    CONFIG=$WORK/sinusoid.yaml
+    CONFIG=$HERE/sinusoid_quick.yaml  # same study, tiny budget
     TRIALS=3
 fi
 STORAGE=sqlite:///$WORK/study.db
