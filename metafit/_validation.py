@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from metafit.algorithms import ALGORITHMS, MetaAlgorithm
+from metafit.functional import STRATEGIES
 
 __all__ = [
     "FORWARDS",
@@ -33,7 +34,7 @@ __all__ = [
 ]
 
 #: The ``forward=`` values the estimators accept.
-FORWARDS = ("auto", "mlp", "vmap", "loop")
+FORWARDS = STRATEGIES
 
 
 # --------------------------------------------------------------------------- random_state

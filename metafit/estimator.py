@@ -80,8 +80,9 @@ class MetaInitializedEstimator(LearnerBuildingMixin, MetaTrainingMixin, BaseEsti
         Meta-updates of :meth:`meta_fit` (fewer if a finite task iterable runs out).
     validation_interval : int, default=10
         Evaluate the validation tasks every this many meta-iterations.
-    forward : {"auto", "mlp", "vmap", "loop"}, default="auto"
-        How the engine batches tasks, see :func:`metafit.functional.make_forward`.
+    forward : {"auto", "mlp", "vmap", "loop", "module"}, default="auto"
+        How the engine batches tasks, see :func:`metafit.functional.make_forward`
+        (``"module"``: the module's own ``batched_forward``, as Conv4 has).
     device : str, default="cpu"
         Torch device, e.g. "cuda" or "mps".
     random_state : int, RandomState, Generator or None, default=None

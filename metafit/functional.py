@@ -354,6 +354,10 @@ def _loop_forward(module: nn.Module) -> BatchedForward:
     return forward
 
 
+#: Forward strategies, "auto" first (see :func:`make_forward`).
+STRATEGIES = ("auto", "mlp", "vmap", "loop", "module")
+
+
 def resolve_strategy(module: nn.Module, strategy: str = "auto") -> str:
     """The concrete forward strategy ``"auto"`` stands for with ``module``.
 
@@ -371,7 +375,7 @@ def resolve_strategy(module: nn.Module, strategy: str = "auto") -> str:
     if strategy == "auto":
         default = "mlp" if isinstance(module, MLP) else "vmap"
         strategy = default if default == "mlp" else getattr(module, "preferred_forward", default)
-    if strategy not in ("mlp", "vmap", "loop", "module"):
+    if strategy not in STRATEGIES[1:]:
         raise ValueError(
             f"unknown forward strategy {strategy!r}; use auto, mlp, vmap, loop or module."
         )
@@ -390,7 +394,7 @@ def make_forward(module: nn.Module, strategy: str = "auto") -> BatchedForward:
     module : nn.Module
         The network. Its own parameters are ignored by the returned function, which takes
         the parameters as its first argument.
-    strategy : {"auto", "mlp", "vmap", "loop"}, default="auto"
+    strategy : {"auto", "mlp", "vmap", "loop", "module"}, default="auto"
         See :func:`resolve_strategy`.
 
     Returns
