@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import log_softmax, softmax
 from sklearn.base import ClassifierMixin
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
@@ -97,13 +98,14 @@ class MetaInitializedClassifier(ClassifierMixin, MetaInitializedEstimator):
                     "2 classes to fit."
                 )
             init = self._fit_init()
+            self._check_init_features(init, X)
             if init is not None and len(classes) > init.n_outputs:
                 raise ValueError(
                     f"y has {len(classes)} classes but the meta-learned head has "
                     f"{init.n_outputs} outputs; meta-train with n_way >= {len(classes)}."
                 )
             self.classes_ = classes
-            self._adapt(X, codes)
+            self._adapt(X, codes, init)
         return self
 
     def __sklearn_tags__(self):
@@ -131,16 +133,11 @@ class MetaInitializedClassifier(ClassifierMixin, MetaInitializedEstimator):
 
     def predict_proba(self, X):
         """Class probabilities (softmax of the logits), shape (n_samples, n_classes)."""
-        logits = self._logits(X)
-        logits -= logits.max(axis=1, keepdims=True)
-        p = np.exp(logits)
-        return p / p.sum(axis=1, keepdims=True)
+        return softmax(self._logits(X), axis=1)
 
     def predict_log_proba(self, X):
         """Logarithm of :meth:`predict_proba`, computed stably."""
-        logits = self._logits(X)
-        logits -= logits.max(axis=1, keepdims=True)
-        return logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        return log_softmax(self._logits(X), axis=1)
 
     def predict(self, X):
         """Most probable class labels, shape (n_samples,)."""

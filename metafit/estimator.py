@@ -454,13 +454,17 @@ class MetaInitializedEstimator(LearnerBuildingMixin, MetaTrainingMixin, BaseEsti
 
     # ------------------------------------------------------------------ adaptation
 
-    def _adapt(self, X: np.ndarray, y: np.ndarray) -> None:
-        init = self._fit_init()
+    @staticmethod
+    def _check_init_features(init: MetaInit | None, X: np.ndarray) -> None:
+        """Raise if ``X`` has another feature count than the meta-learned initialization."""
         if init is not None and init.n_features != X[0].size:
             raise ValueError(
                 f"X has {X[0].size} feature(s), but the meta-learned initialization expects "
                 f"{init.n_features} feature(s); pass the features used in meta-training."
             )
+
+    def _adapt(self, X: np.ndarray, y: np.ndarray, init: MetaInit | None) -> None:
+        """Adapt from ``init`` (already resolved and checked against ``X`` by ``fit``)."""
         # Without an initialization the learner's starting rates (Meta-SGD's) come from
         # inner_lr, so a new inner_lr needs a new learner.
         lr = float(self.inner_lr) if init is None else None

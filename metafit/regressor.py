@@ -84,12 +84,7 @@ class MetaInitializedRegressor(RegressorMixin, MetaInitializedEstimator):
                 X = X if X.flags.writeable else X.copy()  # torch warns on read-only arrays
             self._fit_outputs = 1 if y.ndim == 1 else y.shape[1]
             init = self._fit_init()
-            if init is not None and init.n_features != X[0].size:
-                raise ValueError(
-                    f"X has {X[0].size} feature(s), but the meta-learned initialization "
-                    f"expects {init.n_features} feature(s); pass the features used in "
-                    "meta-training."
-                )
+            self._check_init_features(init, X)
             if init is not None and init.n_outputs != self._fit_outputs:
                 raise ValueError(
                     f"y has {self._fit_outputs} output column(s) but the meta-learned "
@@ -97,7 +92,7 @@ class MetaInitializedRegressor(RegressorMixin, MetaInitializedEstimator):
                     "meta-training."
                 )
             self._y_ndim = y.ndim
-            self._adapt(X, y)
+            self._adapt(X, y, init)
         return self
 
     def predict(self, X):
