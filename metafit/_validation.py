@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metafit._checks import check_int
 from metafit.algorithms import ALGORITHMS, MetaAlgorithm
 from metafit.functional import STRATEGIES
 
@@ -101,12 +102,7 @@ def check_params(est) -> None:
         )
 
     def positive_int(name, value, allow_none=False, minimum=1):
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise TypeError(f"{name} must be an int, got {value!r}.")
-        if value < minimum:
-            raise ValueError(f"{name} must be >= {minimum}, got {value}.")
+        check_int(name, value, minimum, allow=(None,) if allow_none else ())
 
     def positive_float(name, value, allow_none=False):
         if value is None and allow_none:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from metafit._checks import check_int
 from metafit.learner import MetaLearner
 from metafit.persistence import MetaInit
 from metafit.training import HistoryRecord, StopTraining, TrainingCallback
@@ -127,8 +128,7 @@ class EarlyStopping(TrainingCallback):
     def __init__(
         self, patience: int, min_delta: float = 0.0, best_loss: float = math.inf, wait: int = 0
     ):
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-            raise ValueError(f"patience must be an int >= 1, got {patience!r}.")
+        check_int("patience", patience)
         if not (isinstance(min_delta, (int, float)) and min_delta >= 0):
             raise ValueError(f"min_delta must be a number >= 0, got {min_delta!r}.")
         self.patience = patience
@@ -185,8 +185,7 @@ class Checkpoint(TrainingCallback):
         interval: int,
         make_meta_init: Callable[[MetaLearner, int], MetaInit],
     ):
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
-            raise ValueError(f"checkpoint interval must be an int >= 1, got {interval!r}.")
+        check_int("checkpoint interval", interval)
         self.path = Path(path)
         self.interval = interval
         self.make_meta_init = make_meta_init

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metafit._checks import check_int
+
 __all__ = ["MLP", "Conv4"]
 
 _ACTIVATION_NAMES = ("relu", "tanh", "sigmoid", "gelu", "elu")
@@ -53,9 +55,11 @@ class MLP(nn.Module):
             raise ValueError(
                 f"activation must be one of {', '.join(_ACTIVATION_NAMES)}; got {activation!r}."
             )
-        sizes = [int(n_inputs), *(int(h) for h in hidden_sizes), int(n_outputs)]
-        if any(s < 1 for s in sizes):
-            raise ValueError(f"layer sizes must be positive integers, got {sizes}.")
+        sizes = [
+            check_int("n_inputs", n_inputs),
+            *(check_int(f"hidden_sizes[{i}]", h) for i, h in enumerate(hidden_sizes)),
+            check_int("n_outputs", n_outputs),
+        ]
         self.n_inputs, self.n_outputs = sizes[0], sizes[-1]
         self.hidden_sizes = tuple(sizes[1:-1])
         self.activation = activation
@@ -176,21 +180,14 @@ class Conv4(nn.Module):
                 f"input_shape must be (channels, height, width) of positive ints, got "
                 f"{input_shape!r}; e.g. (1, 28, 28) for Omniglot."
             )
-        for name, value in (
-            ("n_outputs", n_outputs),
-            ("hidden_channels", hidden_channels),
-            ("n_blocks", n_blocks),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        check_int("n_outputs", n_outputs)
+        check_int("hidden_channels", hidden_channels)
+        check_int("n_blocks", n_blocks)
         if downsampling not in _DOWNSAMPLING:
             raise ValueError(f"downsampling must be 'stride' or 'maxpool', got {downsampling!r}.")
         if pooling not in _POOLING:
             raise ValueError(f"pooling must be 'mean' or 'flatten', got {pooling!r}.")
-        if bn_steps is not None and (
-            isinstance(bn_steps, bool) or not isinstance(bn_steps, int) or bn_steps < 1
-        ):
-            raise ValueError(f"bn_steps must be None or a positive int, got {bn_steps!r}.")
+        check_int("bn_steps", bn_steps, allow=(None,))
         if kernel not in CONV4_KERNELS:
             raise ValueError(f"kernel must be one of {', '.join(CONV4_KERNELS)}; got {kernel!r}.")
         self.n_outputs = n_outputs

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metafit._checks import check_int
 from metafit.learner import MetaLearner
 from metafit.persistence import MetaInit
 from metafit.tasks import Task, as_task
@@ -67,9 +68,7 @@ def _tasks(tasks, name: str = "tasks") -> list[Task]:
 
 
 def _check_steps(steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 0:
-        raise ValueError(f"steps must be an int >= 0, got {steps!r}.")
-    return int(steps)
+    return check_int("steps", steps, minimum=0)
 
 
 def plot_meta_history(est, ax=None, *, log_scale: bool = True):

@@ -15,6 +15,8 @@ from typing import Any
 
 import optuna
 
+from metafit._checks import check_int
+
 __all__ = ["journal_path", "make_storage"]
 
 
@@ -63,10 +65,8 @@ def make_storage(
         )
     storage = storage.strip()
     if heartbeat_interval is not None:
-        if not isinstance(heartbeat_interval, int) or heartbeat_interval < 1:
-            raise ValueError(f"heartbeat_interval must be an int >= 1, got {heartbeat_interval!r}.")
-        if grace_period is not None and (not isinstance(grace_period, int) or grace_period < 1):
-            raise ValueError(f"grace_period must be an int >= 1, got {grace_period!r}.")
+        check_int("heartbeat_interval", heartbeat_interval)
+        check_int("grace_period", grace_period, allow=(None,))
     elif grace_period is not None:
         raise ValueError("grace_period needs heartbeat_interval as well.")
 

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from metafit._checks import check_int
+
 __all__ = [
     "Task",
     "TaskBatch",
@@ -263,19 +265,12 @@ class _TaskSource:
             Seed for this draw; defaults to the sampler's own ``random_state``, so two
             calls with the same seed return the same tasks.
         """
-        if not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}.")
+        n = check_int("n", n)
         rng = _rng(self.random_state if random_state is None else random_state)
         return [self._sample_one(rng) for _ in range(int(n))]
 
     def _sample_one(self, rng: np.random.Generator) -> Task:  # pragma: no cover - abstract
         raise NotImplementedError
-
-
-def _check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-    return int(value)
 
 
 class SinusoidTasks(_TaskSource):
@@ -315,8 +310,8 @@ class SinusoidTasks(_TaskSource):
         random_state=None,
     ):
         super().__init__(random_state)
-        self.k_shot = _check_positive_int("k_shot", k_shot)
-        self.k_query = _check_positive_int("k_query", k_query)
+        self.k_shot = check_int("k_shot", k_shot)
+        self.k_query = check_int("k_query", k_query)
         for name, (lo, hi) in [
             ("amplitude_range", amplitude_range),
             ("phase_range", phase_range),
@@ -360,8 +355,7 @@ class SinusoidTasks(_TaskSource):
             successive calls for a seeded stream of batches.
         device, dtype : torch device and floating dtype of the tensors.
         """
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be a positive integer, got {n!r}.")
+        n = check_int("n", n)
         rng = _rng(self.random_state if random_state is None else random_state)
         amplitude = rng.uniform(*self.amplitude_range, size=(n, 1))
         phase = rng.uniform(*self.phase_range, size=(n, 1))
@@ -428,9 +422,9 @@ class NWayKShotTasks(_TaskSource):
             )
         if not np.issubdtype(X.dtype, np.number) or not np.all(np.isfinite(X)):
             raise ValueError("X must be finite real numbers.")
-        self.n_way = _check_positive_int("n_way", n_way, minimum=2)
-        self.k_shot = _check_positive_int("k_shot", k_shot)
-        self.k_query = _check_positive_int("k_query", k_query)
+        self.n_way = check_int("n_way", n_way, minimum=2)
+        self.k_shot = check_int("k_shot", k_shot)
+        self.k_query = check_int("k_query", k_query)
         classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
         need = self.k_shot + self.k_query
         if len(classes) < self.n_way:

@@ -22,13 +22,13 @@ import hashlib
 import itertools
 import logging
 import math
-import numbers
 from collections.abc import Iterable, Mapping
 
 import numpy as np
 import optuna
 from sklearn.base import clone, is_classifier
 
+from metafit._checks import check_int
 from metafit.search_space import (
     ADAPTATION_PARAMS,
     _check_mode,
@@ -331,10 +331,8 @@ def tune(
             "estimator must be a MetaInitializedRegressor or MetaInitializedClassifier, got "
             f"{type(estimator).__name__}."
         )
-    for name, value in (("n_trials", n_trials), ("n_jobs", n_jobs)):
-        if value is not None and (not isinstance(value, numbers.Integral) or isinstance(
-                value, bool) or (value < 1 and not (name == "n_jobs" and value == -1))):
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    check_int("n_trials", n_trials, allow=(None,))
+    check_int("n_jobs", n_jobs, allow=(None, -1))
     if timeout is not None and (not _is_number(timeout) or timeout <= 0):
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}.")
     space = parse_search_space(search_space, estimator, mode)

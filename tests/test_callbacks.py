@@ -58,11 +58,16 @@ def test_early_stopping_resumes_its_counter():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"patience": 0}, {"patience": 1.5}, {"patience": True}, {"patience": 2, "min_delta": -1}],
+    "kwargs, error",
+    [
+        ({"patience": 0}, ValueError),
+        ({"patience": 1.5}, TypeError),
+        ({"patience": True}, TypeError),
+        ({"patience": 2, "min_delta": -1}, ValueError),
+    ],
 )
-def test_early_stopping_rejects_bad_arguments(kwargs):
-    with pytest.raises(ValueError, match="patience|min_delta"):
+def test_early_stopping_rejects_bad_arguments(kwargs, error):
+    with pytest.raises(error, match="patience must be an int >= 1|min_delta"):
         EarlyStopping(**kwargs)
 
 
@@ -150,9 +155,11 @@ def test_checkpoint_after_interrupt_holds_the_restored_state(learner, tmp_path):
     assert res.interrupted and MetaInit.load(path).metadata["iteration"] == 3
 
 
-@pytest.mark.parametrize("interval", [0, -1, 2.0, True])
-def test_checkpoint_rejects_bad_interval(interval, tmp_path):
-    with pytest.raises(ValueError, match="interval"):
+@pytest.mark.parametrize(
+    "interval, error", [(0, ValueError), (-1, ValueError), (2.0, TypeError), (True, TypeError)]
+)
+def test_checkpoint_rejects_bad_interval(interval, error, tmp_path):
+    with pytest.raises(error, match="checkpoint interval must be an int >= 1"):
         Checkpoint(tmp_path / "x", interval, lambda lrn, it: None)
     assert not (tmp_path / "x").exists()
 

@@ -90,20 +90,20 @@ def test_variants_shapes(downsampling, pooling):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, match",
     [
-        ({"input_shape": (28, 28)}, "input_shape"),
-        ({"input_shape": (1, 0, 28)}, "input_shape"),
-        ({"hidden_channels": 0}, "hidden_channels"),
-        ({"n_blocks": 2.5}, "n_blocks"),
-        ({"downsampling": "avg"}, "downsampling"),
-        ({"pooling": "max"}, "pooling"),
-        ({"bn_steps": 0}, "bn_steps"),
-        ({"kernel": "fast"}, "kernel"),
+        ({"input_shape": (28, 28)}, ValueError, "input_shape"),
+        ({"input_shape": (1, 0, 28)}, ValueError, "input_shape"),
+        ({"hidden_channels": 0}, ValueError, "hidden_channels must be an int >= 1, got 0"),
+        ({"n_blocks": 2.5}, TypeError, "n_blocks must be an int >= 1, got 2.5"),
+        ({"downsampling": "avg"}, ValueError, "downsampling"),
+        ({"pooling": "max"}, ValueError, "pooling"),
+        ({"bn_steps": 0}, ValueError, "bn_steps must be an int >= 1 or None, got 0"),
+        ({"kernel": "fast"}, ValueError, "kernel"),
     ],
 )
-def test_bad_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_bad_arguments(kwargs, error, match):
+    with pytest.raises(error, match=match):
         Conv4(5, **kwargs)
 
 

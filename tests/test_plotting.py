@@ -133,9 +133,9 @@ def test_plots_need_a_meta_fitted_estimator():
         plot_predictions(est, EVAL[0])
 
 
-@pytest.mark.parametrize("steps", [-1, 2.5, True])
-def test_bad_steps(est, steps):
-    with pytest.raises(ValueError, match="steps"):
+@pytest.mark.parametrize("steps, error", [(-1, ValueError), (2.5, TypeError), (True, TypeError)])
+def test_bad_steps(est, steps, error):
+    with pytest.raises(error, match="steps must be an int >= 0"):
         adaptation_curves(est, EVAL, steps=steps)
 
 

@@ -135,24 +135,26 @@ def test_sinusoid_sample_batch_is_vectorized_family_and_seeded():
         y = torch.cat([b1.y_support[t], b1.y_query[t]]).numpy()
         amplitude, phase, residual = _fit_sinusoid(x, y)
         assert residual < 1e-5 and 0.1 - 1e-6 <= amplitude <= 5.0 + 1e-6
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):
         family.sample_batch(0)
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "kwargs, error, match",
     [
-        ({"k_shot": 0}, "k_shot must be an integer >= 1"),
-        ({"k_query": 2.5}, "k_query must be an integer >= 1"),
-        ({"amplitude_range": (5.0, 0.1)}, "amplitude_range must be finite"),
-        ({"input_range": (-np.inf, 1.0)}, "input_range must be finite"),
+        ({"k_shot": 0}, ValueError, "k_shot must be an int >= 1, got 0"),
+        ({"k_query": 2.5}, TypeError, "k_query must be an int >= 1, got 2.5"),
+        ({"amplitude_range": (5.0, 0.1)}, ValueError, "amplitude_range must be finite"),
+        ({"input_range": (-np.inf, 1.0)}, ValueError, "input_range must be finite"),
     ],
 )
-def test_sinusoid_parameter_errors(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+def test_sinusoid_parameter_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
         SinusoidTasks(**kwargs)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="n must be an int >= 1, got 0"):
         SinusoidTasks().sample(0)
+    with pytest.raises(TypeError, match="n must be an int >= 1, got True"):
+        SinusoidTasks().sample(True)
 
 
 # --------------------------------------------------------------------------- N-way K-shot
@@ -189,7 +191,7 @@ def test_nway_kshot_errors():
         NWayKShotTasks(X, y, n_way=4, k_shot=1, k_query=1)
     with pytest.raises(ValueError, match="fewer than k_shot \\+ k_query = 6 examples"):
         NWayKShotTasks(X, y, n_way=2, k_shot=3, k_query=3)
-    with pytest.raises(ValueError, match="n_way must be an integer >= 2"):
+    with pytest.raises(ValueError, match="n_way must be an int >= 2"):
         NWayKShotTasks(X, y, n_way=1, k_shot=1)
     with pytest.raises(ValueError, match=r"X must be \(n_samples, \.\.\.\)"):
         NWayKShotTasks(X[:, 0], y, n_way=2, k_shot=1)
