@@ -11,7 +11,6 @@ from torch import nn
 
 from metafit.functional import (
     LOSSES,
-    cross_entropy_loss,
     expand_params,
     head_parameter_names,
     inner_loop,
@@ -189,13 +188,6 @@ def test_inner_loop_per_step_rates_on_step_and_shared_results(use_grad_fn):
     body_shape = theta["layers.0.weight"].shape
     assert kept["layers.0.weight"].shape == (body_shape if use_grad_fn else (T, *body_shape))
     assert kept["layers.2.weight"].shape == (T, *theta["layers.2.weight"].shape)
-
-
-def test_cross_entropy_loss_per_task():
-    X, y = _data("cross_entropy")
-    out = torch.randn(T, N, 2, dtype=torch.float64)
-    want = torch.stack([nn.functional.cross_entropy(out[t], y[t]) for t in range(T)])
-    torch.testing.assert_close(cross_entropy_loss(out, y), want)
 
 
 # --------------------------------------------------------------------------- memory
