@@ -205,6 +205,7 @@ def train_and_evaluate(algorithm, n_way, k_shot, data, args, emit) -> None:
     s.test_steps = args.test_steps or s.test_steps
     train = Episodes(data["train"], n_way, k_shot, args.k_query, args.device)
     test = Episodes(data["test"], n_way, k_shot, args.k_query, args.device)
+    val = Episodes(data["val"], n_way, k_shot, args.k_query, args.device) if "val" in data else None
     learner = make_learner(algorithm, n_way, s, args)
     rng = np.random.default_rng(args.seed)
     checkpoints = {int(x) for x in args.eval_at.split(",") if x}
@@ -227,11 +228,14 @@ def train_and_evaluate(algorithm, n_way, k_shot, data, args, emit) -> None:
         if iteration in checkpoints or at_mark or done:
             acc, half = evaluate(learner, test, s, args)
             rate = iteration * s.meta_batch / trained
+            val_note = ""
+            if val is not None:  # for choosing settings without looking at the test split
+                val_note = "  val {:6.2f} +- {:4.2f} %".format(*evaluate(learner, val, s, args))
             emit(
                 f"{n_way:>3}-way {k_shot}-shot  {algorithm:8s} {iteration:>7} it "
                 f"{trained / 60:6.2f} min ({cpu / 60:5.2f} thread-CPU)  {rate:6.1f} tasks/s   "
                 f"{acc:6.2f} +- {half:4.2f} %   (published "
-                f"{PUBLISHED[algorithm][CONFIGS.index(f'{n_way}w{k_shot}s')]})"
+                f"{PUBLISHED[algorithm][CONFIGS.index(f'{n_way}w{k_shot}s')]}){val_note}"
             )
 
 
@@ -371,6 +375,10 @@ def main(argv=None) -> None:
             test_split, args.protocol, path=args.data, image_size=args.image_size, rotations=True
         ).images,
     }
+    if args.protocol == "vinyals":
+        data["val"] = load_omniglot_split(
+            "val", args.protocol, path=args.data, image_size=args.image_size, rotations=True
+        ).images
     emit(
         f"# protocol {args.protocol}: {len(data['train'])} training classes, "
         f"{len(data['test'])} test classes (with rotations); {args.episodes} test episodes, "
