@@ -7,10 +7,9 @@ from scipy.special import log_softmax, softmax
 from sklearn.base import ClassifierMixin
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import validate_data
 from torch import nn
 
-from metafit._validation import fast_xy, unchanged_on_error
+from metafit._validation import unchanged_on_error
 from metafit.estimator import MetaInitializedEstimator
 from metafit.tasks import Task
 
@@ -80,16 +79,11 @@ class MetaInitializedClassifier(ClassifierMixin, MetaInitializedEstimator):
         """
         with unchanged_on_error(self):
             self._check_params()
-            fast = fast_xy(X, y, regression=False)
-            if fast is not None:
-                X, y = fast
-                self.n_features_in_ = X.shape[1]
-                self.__dict__.pop("feature_names_in_", None)
+            X, y, fast = self._fit_data(X, y, regression=False)
+            if fast:
                 classes, codes = np.unique(y, return_inverse=True)
             else:
-                X, y = validate_data(self, X, y, dtype=np.float32, allow_nd=True)
                 check_classification_targets(y)
-                X = X if X.flags.writeable else X.copy()  # torch warns on read-only arrays
                 encoder = LabelEncoder().fit(y)
                 classes, codes = encoder.classes_, encoder.transform(y)
             if len(classes) < 2:

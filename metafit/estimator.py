@@ -22,7 +22,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from metafit._building import LearnerBuildingMixin
 from metafit._meta_training import MetaTrainingMixin
-from metafit._validation import SeededTorch, check_params, fast_X, seed_from
+from metafit._validation import SeededTorch, check_params, fast_X, fast_xy, seed_from
 from metafit.distributed import distributed_training
 from metafit.learner import MetaLearner
 from metafit.models import MLP
@@ -453,6 +453,23 @@ class MetaInitializedEstimator(LearnerBuildingMixin, MetaTrainingMixin, BaseEsti
         self.meta_init_.save(path)
 
     # ------------------------------------------------------------------ adaptation
+
+    def _fit_data(self, X, y, *, regression: bool, **checks) -> tuple[np.ndarray, np.ndarray, bool]:
+        """``fit``'s ``X`` and ``y`` as arrays (``X`` float32), and whether they took the
+        fast path.
+
+        Plain, clean numpy arrays skip scikit-learn's ``validate_data``, which costs as
+        much as a few-shot fit (:func:`metafit._validation.fast_xy`); anything else goes
+        through it with ``checks`` and raises its usual errors.
+        """
+        fast = fast_xy(X, y, regression=regression)
+        if fast is not None:
+            self.n_features_in_ = fast[0].shape[1]
+            self.__dict__.pop("feature_names_in_", None)
+            return fast[0], fast[1], True
+        X, y = validate_data(self, X, y, dtype=np.float32, allow_nd=True, **checks)
+        X = X if X.flags.writeable else X.copy()  # torch warns on read-only arrays
+        return X, y, False
 
     @staticmethod
     def _check_init_features(init: MetaInit | None, X: np.ndarray) -> None:

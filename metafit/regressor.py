@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 from sklearn.base import RegressorMixin
-from sklearn.utils.validation import validate_data
 from torch import nn
 
-from metafit._validation import fast_xy, unchanged_on_error
+from metafit._validation import unchanged_on_error
 from metafit.estimator import MetaInitializedEstimator
 
 __all__ = ["MetaInitializedRegressor"]
@@ -70,18 +69,8 @@ class MetaInitializedRegressor(RegressorMixin, MetaInitializedEstimator):
         """
         with unchanged_on_error(self):
             self._check_params()
-            fast = fast_xy(X, y, regression=True)
-            if fast is not None:
-                X, y = fast
-                self.n_features_in_ = X.shape[1]
-                self.__dict__.pop("feature_names_in_", None)
-            else:
-                X, y = validate_data(
-                    self, X, y, dtype=np.float32, multi_output=True, y_numeric=True,
-                    allow_nd=True,
-                )
-                y = np.asarray(y, dtype=np.float32)
-                X = X if X.flags.writeable else X.copy()  # torch warns on read-only arrays
+            X, y, _ = self._fit_data(X, y, regression=True, multi_output=True, y_numeric=True)
+            y = np.asarray(y, dtype=np.float32)
             self._fit_outputs = 1 if y.ndim == 1 else y.shape[1]
             init = self._fit_init()
             self._check_init_features(init, X)
