@@ -140,10 +140,30 @@ def _wait_for_running(url, name, proc, timeout=180):
     raise AssertionError("no trial was running")
 
 
+def _frozen_mid_trial(url, name) -> bool:
+    """Whether the worker, frozen by the caller, is in the middle of a trial.
+
+    A frozen worker cannot finish its trial between this look and the kill; without the
+    freeze a fast trial could complete in between (seen on an idle machine).
+    """
+    try:
+        trials = _study(url, name).get_trials(deepcopy=False)
+    except Exception:  # a storage write of the frozen worker holds a lock: look again later
+        return False
+    return bool(trials) and trials[-1].state == TrialState.RUNNING
+
+
 def _kill_mid_trial(workdir, url, name, *extra):
     proc = _worker(workdir, "slow.yaml", url, name, 50, *extra)
     try:
-        _wait_for_running(url, name, proc)
+        for _ in range(50):
+            _wait_for_running(url, name, proc)
+            proc.send_signal(signal.SIGSTOP)
+            if _frozen_mid_trial(url, name):
+                break
+            proc.send_signal(signal.SIGCONT)
+        else:
+            raise AssertionError("never caught the worker in the middle of a trial")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
