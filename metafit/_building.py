@@ -16,6 +16,7 @@ import os
 
 from torch import nn
 
+from metafit._checks import layer_widths
 from metafit._validation import SeededTorch, seed_from
 from metafit.learner import MetaLearner
 from metafit.models import MLP
@@ -29,12 +30,10 @@ class LearnerBuildingMixin:
 
     def _make_module(self, n_features: int, n_outputs: int) -> tuple[nn.Module, dict]:
         if self.module is None:
-            sizes = self.hidden_sizes
-            sizes = (sizes,) if isinstance(sizes, numbers.Integral) else tuple(sizes)
             kwargs = {
                 "n_inputs": int(n_features),
                 "n_outputs": int(n_outputs),
-                "hidden_sizes": [int(h) for h in sizes],
+                "hidden_sizes": [int(h) for h in layer_widths(self.hidden_sizes)],
                 "activation": self.activation,
             }
             return MLP(**kwargs), kwargs
@@ -76,13 +75,17 @@ class LearnerBuildingMixin:
             f"meta_init must be None, a path or a MetaInit; got {type(self.meta_init).__name__}."
         )
 
-    def _learner_from_init(self, init: MetaInit) -> MetaLearner:
+    def _check_init_kind(self, init: MetaInit) -> None:
+        """A regressor's initialization cannot serve a classifier, nor the reverse."""
         kind = init.metadata.get("estimator")
         if kind and kind != self._estimator_kind:
             raise ValueError(
                 f"this meta-initialization was learned by a {kind}; it cannot serve a "
                 f"{self._estimator_kind}."
             )
+
+    def _learner_from_init(self, init: MetaInit) -> MetaLearner:
+        self._check_init_kind(init)
         # Building draws a throw-away random initialization (overwritten below) from the
         # global generator: fork it so that the user's RNG state is left alone.
         with SeededTorch(0, self.device):
@@ -114,8 +117,7 @@ class LearnerBuildingMixin:
         spec = init.spec
         if spec.get("class") != f"{MLP.__module__}.{MLP.__qualname__}":
             return
-        sizes = self.hidden_sizes
-        sizes = [int(sizes)] if isinstance(sizes, numbers.Integral) else [int(h) for h in sizes]
+        sizes = [int(h) for h in layer_widths(self.hidden_sizes)]
         saved = spec.get("kwargs", {})
         theirs = (list(saved.get("hidden_sizes", [])), saved.get("activation", "relu"))
         if (sizes, self.activation) != theirs:
@@ -155,12 +157,8 @@ class LearnerBuildingMixin:
 
     def _fit_init(self) -> MetaInit | None:
         init = self._resolve_meta_init()
-        kind = init.metadata.get("estimator") if init is not None else None
-        if kind and kind != self._estimator_kind:
-            raise ValueError(
-                f"this meta-initialization was learned by a {kind}; it cannot serve a "
-                f"{self._estimator_kind}."
-            )
+        if init is not None:
+            self._check_init_kind(init)
         return init
 
     def _config_key(self):

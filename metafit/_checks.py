@@ -1,13 +1,15 @@
-"""The one integer-argument check shared by the whole package.
+"""Argument checks shared by the whole package: integers, real numbers, layer widths.
 
-Kept free of heavy imports so that :mod:`metafit.tasks` and :mod:`metafit.models` can use it.
+Kept free of heavy imports so that :mod:`metafit.tasks`, :mod:`metafit.models` and the
+engine can use them.
 """
 
 from __future__ import annotations
 
+import math
 import numbers
 
-__all__ = ["check_int"]
+__all__ = ["check_int", "check_real", "is_number", "layer_widths"]
 
 
 def check_int(name: str, value, minimum: int = 1, *, allow: tuple = ()) -> int:
@@ -48,3 +50,35 @@ def check_int(name: str, value, minimum: int = 1, *, allow: tuple = ()) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}{extra}, got {value!r}.")
     return int(value)
+
+
+def is_number(value) -> bool:
+    """Whether ``value`` is a real number (``bool`` excluded); fast for plain floats."""
+    if type(value) is float:  # the inner loop's common case, without the ABC check
+        return True
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_real(name: str, value, minimum: float = 0, *, strict: bool = False, allow=()):
+    """Return ``value`` after checking it is a finite real number ``>= minimum``.
+
+    ``strict`` asks for ``> minimum``; ``allow`` lists values accepted besides (``None``
+    for an optional argument), returned unchanged. A non-number (``bool`` included) raises
+    TypeError, a number out of range or not finite ValueError.
+    """
+    if any(value is a for a in allow):
+        return value
+    if not is_number(value):
+        extra = "".join(f" or {a!r}" for a in allow)
+        raise TypeError(f"{name} must be a number{extra}, got {value!r}.")
+    if not (math.isfinite(value) and (value > minimum if strict else value >= minimum)):
+        bound = ">" if strict else ">="
+        raise ValueError(f"{name} must be a finite number {bound} {minimum}, got {value}.")
+    return value
+
+
+def layer_widths(hidden_sizes) -> tuple:
+    """``hidden_sizes`` as a tuple of layer widths (an int is one layer)."""
+    if isinstance(hidden_sizes, numbers.Integral):
+        return (hidden_sizes,)
+    return tuple(hidden_sizes or ())

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
-import math
 import numbers
 import os
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from metafit._checks import check_int
+from metafit._checks import check_int, check_real
 from metafit.algorithms import ALGORITHMS, MetaAlgorithm
 from metafit.functional import STRATEGIES
 
@@ -101,24 +100,13 @@ def check_params(est) -> None:
             "module constructor arguments are passed as module__<name>."
         )
 
-    def positive_int(name, value, allow_none=False, minimum=1):
-        check_int(name, value, minimum, allow=(None,) if allow_none else ())
-
-    def positive_float(name, value, allow_none=False):
-        if value is None and allow_none:
-            return
-        if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a number, got {value!r}.")
-        if not (np.isfinite(value) and value > 0):
-            raise ValueError(f"{name} must be a finite number > 0, got {value}.")
-
-    positive_float("inner_lr", est.inner_lr)
-    positive_int("inner_steps", est.inner_steps, minimum=0)
-    positive_int("meta_inner_steps", est.meta_inner_steps, allow_none=True, minimum=0)
-    positive_float("meta_lr", est.meta_lr, allow_none=True)
-    positive_int("meta_batch_size", est.meta_batch_size)
-    positive_int("meta_iterations", est.meta_iterations)
-    positive_int("validation_interval", est.validation_interval)
+    check_real("inner_lr", est.inner_lr, strict=True)
+    check_int("inner_steps", est.inner_steps, minimum=0)
+    check_int("meta_inner_steps", est.meta_inner_steps, minimum=0, allow=(None,))
+    check_real("meta_lr", est.meta_lr, strict=True, allow=(None,))
+    check_int("meta_batch_size", est.meta_batch_size)
+    check_int("meta_iterations", est.meta_iterations)
+    check_int("validation_interval", est.validation_interval)
     if not isinstance(est.algorithm, MetaAlgorithm) and est.algorithm not in ALGORITHMS:
         raise ValueError(
             f"algorithm must be one of {', '.join(sorted(ALGORITHMS))}; "
@@ -152,37 +140,14 @@ def check_params(est) -> None:
 
 def check_training_params(est) -> None:
     """Validate the parameters of meta_fit's training loop (see the estimator's docstring)."""
-
-    def number(name, value, *, integer, minimum, allow_none=False, strict=False):
-        if value is None and allow_none:
-            return
-        kind = numbers.Integral if integer else numbers.Real
-        if isinstance(value, bool) or not isinstance(value, kind):
-            what = "an int" if integer else "a number"
-            none = " or None" if allow_none else ""
-            raise TypeError(f"{name} must be {what}{none}, got {value!r}.")
-        low_ok = value > minimum if strict else value >= minimum
-        finite = isinstance(value, numbers.Integral) or math.isfinite(value)
-        if not (finite and low_ok):
-            bound = ">" if strict else ">="
-            what = "an int" if integer else "a finite number"
-            raise ValueError(f"{name} must be {what} {bound} {minimum}, got {value}.")
-
     if not isinstance(est.verbose, (bool, numbers.Integral)) or est.verbose < 0:
         raise ValueError(f"verbose must be an int >= 0 (0 is silent), got {est.verbose!r}.")
     if not isinstance(est.warm_start, (bool, np.bool_)):
         raise TypeError(f"warm_start must be True or False, got {est.warm_start!r}.")
-    number("patience", est.patience, integer=True, minimum=1, allow_none=True)
-    number("min_delta", est.min_delta, integer=False, minimum=0)
-    number(
-        "clip_grad_norm",
-        est.clip_grad_norm,
-        integer=False,
-        minimum=0,
-        allow_none=True,
-        strict=True,
-    )
-    number("checkpoint_interval", est.checkpoint_interval, integer=True, minimum=1)
+    check_int("patience", est.patience, allow=(None,))
+    check_real("min_delta", est.min_delta)
+    check_real("clip_grad_norm", est.clip_grad_norm, strict=True, allow=(None,))
+    check_int("checkpoint_interval", est.checkpoint_interval)
     if est.on_interrupt not in ("warn", "raise"):
         raise ValueError(f'on_interrupt must be "warn" or "raise", got {est.on_interrupt!r}.')
     path = est.checkpoint_path

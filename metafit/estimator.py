@@ -336,8 +336,7 @@ class MetaInitializedEstimator(LearnerBuildingMixin, MetaTrainingMixin, BaseEsti
                 out.append(t)
             return out
 
-        for t in [*first, *(val or [])]:
-            checked([t])
+        checked([*first, *(val or [])])
         stream = itertools.chain([first], (checked(b) for b in batches))
 
         if self.patience is not None and val is None:
@@ -361,8 +360,6 @@ class MetaInitializedEstimator(LearnerBuildingMixin, MetaTrainingMixin, BaseEsti
         parallel = distributed_training(self.meta_batch_size, self.device)
         with parallel, SeededTorch(seed, self.device):
             module, kwargs = self._make_module(n_features, n_outputs)
-            if self.module is not None and not isinstance(self.module, type):
-                kwargs = {}
             learner = MetaLearner(
                 module,
                 loss=self._loss,

@@ -31,13 +31,13 @@ here.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from metafit._checks import is_number
 from metafit._mlp_path import MLPGradient, MLPPath
 from metafit.losses import LOSSES, cross_entropy_loss, mse_loss
 
@@ -216,12 +216,6 @@ def _rate(lr: LearningRate, name: str):
     return lr[name] if type(lr) is dict or isinstance(lr, Mapping) else lr
 
 
-def _is_number(rate) -> bool:
-    if type(rate) is float:  # the common case, without the ABC check
-        return True
-    return isinstance(rate, numbers.Real) and not isinstance(rate, bool)
-
-
 def inner_loop(
     forward: BatchedForward,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -298,7 +292,7 @@ def inner_loop(
         The adapted parameters.
     """
     names = list(params) if adapt is None else list(adapt)
-    per_step = not _is_number(lr) and isinstance(lr, Sequence) and not isinstance(lr, (str, Tensor))
+    per_step = not is_number(lr) and isinstance(lr, Sequence) and not isinstance(lr, (str, Tensor))
     n_tasks = X.shape[0]
     current: Params = dict(params)
     prepare = getattr(grad_fn, "prepare", None)
@@ -364,7 +358,7 @@ def inner_loop(
                 # Under a graph, scale the small output gradient inside the gradient
                 # function: folded into the updates, the constant would cost a multiply of
                 # every parameter-sized gradient in the backward pass.
-                number = _is_number(rate)
+                number = is_number(rate)
                 grads = step_grads(current, -float(rate) * factor if number else factor)
                 # The gradients now hold -rate * factor * gradient for a number rate.
                 rate_now, factor_now = (1.0, -1.0) if number else (rate, 1.0)
@@ -421,7 +415,7 @@ class _SGDUpdate:
         self.rates = [_rate(rate, n) for n in names] if self.kind == "tensors" else None
 
     def _kind(self, rate) -> str:
-        if _is_number(rate):
+        if is_number(rate):
             return "number"
         rates = [_rate(rate, n) for n in self.names]
         return "tensors" if all(isinstance(r, Tensor) for r in rates) else "mixed"
@@ -440,7 +434,7 @@ class _SGDUpdate:
         else:
             new = [
                 torch.add(p, g, alpha=-float(r) * factor)
-                if _is_number(r)
+                if is_number(r)
                 else torch.addcmul(p, r, g, value=-factor)
                 for p, r, g in zip(params, (_rate(rate, n) for n in names), grads)
             ]
@@ -458,7 +452,7 @@ class _SGDUpdate:
         else:
             for p, n, g in zip(params, self.names, grads):
                 r = _rate(rate, n)
-                if _is_number(r):
+                if is_number(r):
                     p.add_(g, alpha=-float(r) * factor)
                 else:
                     p.addcmul_(r, g, value=-factor)

@@ -21,6 +21,7 @@ from optuna.distributions import (
     IntDistribution,
 )
 
+from metafit._checks import is_number, layer_widths
 from metafit.algorithms import ALGORITHMS
 
 __all__ = [
@@ -81,10 +82,6 @@ def default_search_space(estimator, mode: str = "adaptation") -> dict[str, BaseD
     return space
 
 
-def _is_number(x) -> bool:
-    return isinstance(x, numbers.Real) and not isinstance(x, bool)
-
-
 def _encode_choice(name: str, value):
     if name == "hidden_sizes" and isinstance(value, (list, tuple)):
         return ",".join(str(int(v)) for v in value)
@@ -135,14 +132,14 @@ def _parse_one(name: str, spec) -> BaseDistribution:
     for key in ("low", "high"):
         if key not in spec:
             raise ValueError(f"{where} needs {key!r} (or 'choices' for a categorical).")
-        if not _is_number(spec[key]) or not math.isfinite(spec[key]):
+        if not is_number(spec[key]) or not math.isfinite(spec[key]):
             raise TypeError(f"{where}: {key} must be a finite number, got {spec[key]!r}.")
     low, high = spec["low"], spec["high"]
     log = spec.get("log", False)
     step = spec.get("step")
     if not isinstance(log, bool):
         raise TypeError(f"{where}: log must be true or false, got {log!r}.")
-    if step is not None and (not _is_number(step) or not step > 0):
+    if step is not None and (not is_number(step) or not step > 0):
         raise ValueError(f"{where}: step must be a number > 0, got {step!r}.")
     if low > high:
         raise ValueError(f"{where}: low={low} is greater than high={high}.")
@@ -271,13 +268,6 @@ def _decode_hidden(value) -> tuple[int, ...]:
     )
 
 
-def _layer_widths(hidden_sizes) -> tuple:
-    """An estimator's ``hidden_sizes`` as a tuple of widths (an int is one layer)."""
-    if isinstance(hidden_sizes, numbers.Integral):
-        return (hidden_sizes,)
-    return tuple(hidden_sizes or ())
-
-
 def to_estimator_params(params: Mapping[str, Any], estimator=None) -> dict[str, Any]:
     """Turn a trial's parameters into ``set_params`` keyword arguments.
 
@@ -290,7 +280,7 @@ def to_estimator_params(params: Mapping[str, Any], estimator=None) -> dict[str, 
         out["hidden_sizes"] = _decode_hidden(out["hidden_sizes"])
     if set(DERIVED_PARAMS) & set(params):
         current = (40, 40) if estimator is None else estimator.get_params()["hidden_sizes"]
-        current = _layer_widths(current)
+        current = layer_widths(current)
         layers = params.get("hidden_layers", len(current))
         units = params.get("hidden_units", current[0] if current else 40)
         out["hidden_sizes"] = (int(units),) * int(layers)

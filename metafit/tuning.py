@@ -28,12 +28,10 @@ import numpy as np
 import optuna
 from sklearn.base import clone, is_classifier
 
-from metafit._checks import check_int
+from metafit._checks import check_int, is_number, layer_widths
 from metafit.search_space import (
     ADAPTATION_PARAMS,
     _check_mode,
-    _is_number,
-    _layer_widths,
     _suggest_all,
     default_search_space,
     parse_search_space,
@@ -333,7 +331,7 @@ def tune(
         )
     check_int("n_trials", n_trials, allow=(None,))
     check_int("n_jobs", n_jobs, allow=(None, -1))
-    if timeout is not None and (not _is_number(timeout) or timeout <= 0):
+    if timeout is not None and (not is_number(timeout) or timeout <= 0):
         raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}.")
     space = parse_search_space(search_space, estimator, mode)
     validation = _materialize(validation_tasks, "validation_tasks")
@@ -403,7 +401,7 @@ def _check_study(study: optuna.Study, direction: str, mode: str) -> None:
 def _store_default(study, estimator, space, tasks, validation, mode) -> None:
     params = estimator.get_params()
     defaults = {k: params[k] for k in space if k in params}
-    sizes = _layer_widths(params.get("hidden_sizes"))
+    sizes = layer_widths(params.get("hidden_sizes"))
     if "hidden_layers" in space:
         defaults["hidden_layers"] = len(sizes)
     if "hidden_units" in space and sizes and len(set(sizes)) == 1:
