@@ -7,9 +7,8 @@ Meta-SGD, inside any scikit-learn workflow.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from metafit.estimator import (  # noqa: E402
+from metafit._version import __version__
+from metafit.estimators import (  # noqa: E402
     MetaInitializedClassifier,
     MetaInitializedEstimator,
     MetaInitializedRegressor,

@@ -32,11 +32,13 @@ here.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
+from metafit import _torch_compat as compat
 from metafit._checks import is_number
 from metafit._mlp_path import MLPGradient, MLPPath
 from metafit.losses import LOSSES, cross_entropy_loss, mse_loss
@@ -45,6 +47,8 @@ __all__ = [
     "Params",
     "BatchedForward",
     "GradFn",
+    "PreparedGradFn",
+    "StepForward",
     "make_forward",
     "make_grad_fn",
     "resolve_strategy",
@@ -53,6 +57,7 @@ __all__ = [
     "LOSSES",
     "expand_params",
     "inner_loop",
+    "reference_inner_loop",
     "head_parameter_names",
 ]
 
@@ -62,6 +67,27 @@ BatchedForward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
 #: for the names in ``names``; every result has the task dimension. ``scale`` None means 1.
 GradFn = Callable[[Mapping[str, Tensor], Tensor, Tensor, Sequence[str], "float | None"], Params]
 LearningRate = float | Tensor | Mapping[str, Tensor]
+#: ``step_forward(params, X, step) -> outputs``: a forward that depends on the inner step.
+StepForward = Callable[[Mapping[str, Tensor], Tensor, int], Tensor]
+#: ``step(current, scale=None) -> gradients in names order`` (without the loss's factor).
+StepGradients = Callable[..., list[Tensor]]
+
+
+@runtime_checkable
+class PreparedGradFn(Protocol):
+    """A :data:`GradFn` that can precompute, once per inner loop, what all steps share.
+
+    ``prepare(params, X, y, names, single=False)`` returns ``(step, factor)`` with
+    ``factor * step(current)`` the gradients of the adapted ``names``; with ``single``
+    (one task) the parameters have their module shape. The ``"mlp"`` strategy's analytic
+    gradient (:class:`metafit._mlp_path.MLPGradient`) is one.
+    """
+
+    def __call__(self, params, X, y, names, scale=None) -> Params: ...
+
+    def prepare(
+        self, params, X, y, names, single: bool = False
+    ) -> tuple[StepGradients, float]: ...
 
 
 # --------------------------------------------------------------------------- forwards
@@ -216,6 +242,43 @@ def _rate(lr: LearningRate, name: str):
     return lr[name] if type(lr) is dict or isinstance(lr, Mapping) else lr
 
 
+def _per_step(lr) -> bool:
+    """Whether ``lr`` is a sequence with one learning rate per step (MAML++)."""
+    return not is_number(lr) and isinstance(lr, Sequence) and not isinstance(lr, (str, Tensor))
+
+
+def reference_inner_loop(
+    forward: BatchedForward,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    params: Mapping[str, Tensor],
+    X: Tensor,
+    y: Tensor,
+    *,
+    steps: int,
+    lr: LearningRate | Sequence[LearningRate],
+    adapt: Sequence[str] | None = None,
+    create_graph: bool = False,
+    step_forward: StepForward | None = None,
+) -> Params:
+    """The inner loop written plainly: the specification :func:`inner_loop` must meet.
+
+    ``params`` carry the task dimension and require grad; every step is one autograd
+    gradient of the summed task losses and one SGD update per adapted tensor. The fast
+    paths of :func:`inner_loop` (shared first step, analytic gradients, one-task loop,
+    in-place updates) are tested equal to this, values and meta-gradients.
+    """
+    names = list(params) if adapt is None else list(adapt)
+    rates = lr if _per_step(lr) else [lr] * steps
+    current = dict(params)
+    for step in range(steps):
+        out = forward(current, X) if step_forward is None else step_forward(current, X, step)
+        loss = loss_fn(out, y).sum()
+        grads = torch.autograd.grad(loss, [current[n] for n in names], create_graph=create_graph)
+        for name, grad in zip(names, grads):
+            current[name] = current[name] - _rate(rates[step], name) * grad
+    return current
+
+
 def inner_loop(
     forward: BatchedForward,
     loss_fn: Callable[[Tensor, Tensor], Tensor],
@@ -232,168 +295,213 @@ def inner_loop(
     grad_fn: GradFn | None = None,
     shared: bool = False,
     keep_shared: bool = False,
+    step_forward: StepForward | None = None,
 ) -> Params:
     """Adapt batched parameters by ``steps`` steps of gradient descent on ``(X, y)``.
 
-    This is the only inner loop in metafit: meta-training differentiates through it
-    (second order), through its parameter path only (first order), or not at all
-    (Reptile, ``fit``).
+    The only inner loop in metafit: meta-training differentiates through it (second
+    order), through its parameter path only (first order), or not at all (Reptile,
+    ``fit``). It computes what :func:`reference_inner_loop` computes, faster.
 
     Parameters
     ----------
-    forward : callable
-        Batched forward, see :func:`make_forward`.
-    loss_fn : callable
-        Per-task loss, ``loss_fn(outputs, y) -> Tensor of shape (T,)``.
+    forward, loss_fn
+        Batched forward (:func:`make_forward`) and per-task loss (``-> (T,)``).
     params : mapping of str to Tensor
-        Parameters with a leading task dimension (or without it if ``shared``). Those in
-        ``adapt`` must require grad (or be part of a graph that does) when a meta-gradient
-        is wanted.
+        Parameters with a leading task dimension, or without it if ``shared``.
     X, y : Tensor
         Support inputs ``(T, n, ...)`` and targets ``(T, n, ...)``.
     steps : int
-        Number of gradient steps; 0 returns ``params`` unchanged.
+        Gradient steps; 0 returns ``params`` unchanged.
     lr : float, Tensor, mapping, or a sequence of those
-        Learning rate: one for all parameters, one per parameter name (Meta-SGD), or a
-        sequence with one entry per step (MAML++). Tensors may require grad, in which
-        case they receive meta-gradients.
+        One rate for all parameters, one per name (Meta-SGD), or one per step (MAML++);
+        tensors that require grad receive meta-gradients.
     adapt : sequence of str, optional
-        Names of the parameters to adapt (ANIL adapts only the head); default all.
+        Names of the parameters to adapt (ANIL: the head); default all.
     create_graph : bool, default=False
-        Keep the graph of each inner gradient so that the result can be differentiated
-        through them (second-order MAML). Otherwise inner gradients are constants and
-        memory stays flat in ``steps``.
+        Keep each inner gradient's graph (second order); else memory is flat in ``steps``.
     track_graph : bool, default=True
-        If False, updates are made outside autograd: the result carries no graph back
-        to ``params`` (Reptile, ``fit``).
+        If False the updates run outside autograd (Reptile, ``fit``).
     on_step : callable, optional
-        Called as ``on_step(step, params)`` after every update (multi-step losses,
-        adaptation curves).
-    grad_fn : callable, optional
-        Gradient function of the forward strategy (:func:`make_grad_fn`), used instead
-        of ``torch.autograd.grad``; it must give the same numbers. If it has a
-        ``prepare(params, X, y, names, single=False) -> (step, factor)`` method (the
-        ``"mlp"`` strategy's), that is called once per loop and ``factor * step(params)``
-        gives the gradients; with one task (``T = 1``) the loop then runs on
-        module-shaped parameters (``single=True``) and adds the task dimension back at
-        the end.
+        ``on_step(step, params)`` after every update (multi-step losses, curves).
+    grad_fn : GradFn or PreparedGradFn, optional
+        The strategy's gradient function (:func:`make_grad_fn`) instead of autograd. A
+        :class:`PreparedGradFn` is prepared once per loop, and with one task (``T = 1``)
+        the loop then runs on module-shaped parameters.
     shared : bool, default=False
-        ``params`` have no task dimension: they are the one initialization shared by all
-        ``T`` tasks. With ``grad_fn`` the first step then runs on the shared tensors and
-        its update creates the per-task copies; without, they are expanded up front.
+        ``params`` are the one initialization of all ``T`` tasks (no task dimension).
     keep_shared : bool, default=False
-        Return parameters that were never updated (ANIL's body) without the task
-        dimension, for forwards of this module, which accept both. By default every
-        returned tensor has the task dimension.
-
-    Returns
-    -------
-    dict of str to Tensor
-        The adapted parameters.
+        Return never-updated parameters (ANIL's body) without the task dimension.
+    step_forward : callable, optional
+        ``step_forward(params, X, step)``, the forward of inner step ``step`` when it
+        depends on the step (MAML++'s per-step BatchNorm); used with autograd gradients.
     """
     names = list(params) if adapt is None else list(adapt)
-    per_step = not is_number(lr) and isinstance(lr, Sequence) and not isinstance(lr, (str, Tensor))
-    n_tasks = X.shape[0]
-    current: Params = dict(params)
-    prepare = getattr(grad_fn, "prepare", None)
-    # One task: drop the task dimension for the whole loop (module-shaped parameters,
-    # unbatched kernels) and put it back at the end.
-    single = prepare is not None and n_tasks == 1
-    if shared and grad_fn is None:
-        current = expand_params(current, n_tasks)
-        shared = False
-    if not track_graph:
-        # The updates run outside autograd; only what they never touch needs detaching.
-        adapted = set(names) if steps > 0 else ()
-        current = {
-            k: (v.detach() if v.requires_grad and k not in adapted else v)
-            for k, v in current.items()
-        }
-    if single and not shared:
-        current = {k: v[0] for k, v in current.items()}
-    unbatched = set(current) if shared and not single else set()
+    if step_forward is not None:
+        grad_fn = None  # the analytic gradients know one forward only
+    layout = _Layout(names, X.shape[0], steps, grad_fn, shared, keep_shared)
+    current = layout.start(params, track_graph)
+    if steps <= 0:
+        return layout.result(current)
+    grad_mode = create_graph and track_graph  # second order needs a differentiable gradient
+    mode = _GradMode()
+    try:
+        mode.set(grad_mode)
+        step_grads, factor = _gradient_source(
+            forward, loss_fn, X, y, layout, grad_fn, track_graph, grad_mode, step_forward
+        )
+        if layout.prepared:
+            step_grads, factor = step_grads(current)
+        _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_graph, on_step)
+    finally:
+        mode.restore()
+    return layout.result(current)
 
-    def result(current: Params) -> Params:
-        if single:
-            kept = set(current).difference(names if steps else ()) if shared and keep_shared else ()
+
+class _GradMode:
+    """``torch.set_grad_enabled`` that switches only when the mode changes, and restores
+    the caller's mode (each switch costs about a microsecond; fit takes a few hundred)."""
+
+    def __init__(self):
+        self.caller = self.mode = torch.is_grad_enabled()
+
+    def set(self, wanted: bool) -> None:
+        if wanted != self.mode:
+            torch.set_grad_enabled(wanted)
+            self.mode = wanted
+
+    def restore(self) -> None:
+        self.set(self.caller)
+
+
+class _Layout:
+    """Which shape the loop's tensors have, decided once: per-task copies, shared
+    (module-shaped, first step only) or one task without the task dimension."""
+
+    def __init__(self, names, n_tasks, steps, grad_fn, shared, keep_shared):
+        self.names, self.n_tasks, self.steps = names, n_tasks, steps
+        self.prepared = isinstance(grad_fn, PreparedGradFn)
+        # One task: drop the task dimension for the whole loop (module-shaped parameters,
+        # unbatched kernels) and put it back at the end.
+        self.single = self.prepared and n_tasks == 1
+        self.shared = shared and grad_fn is not None  # autograd: expanded up front
+        self.expand = shared and grad_fn is None
+        self.keep_shared = keep_shared
+        self.unbatched: set[str] = set()
+
+    def start(self, params: Mapping[str, Tensor], track_graph: bool) -> Params:
+        current = expand_params(params, self.n_tasks) if self.expand else dict(params)
+        if not track_graph:
+            # The updates run outside autograd; only what they never touch needs detaching.
+            adapted = set(self.names) if self.steps > 0 else ()
+            current = {
+                k: (v.detach() if v.requires_grad and k not in adapted else v)
+                for k, v in current.items()
+            }
+        if self.single and not self.shared:
+            current = {k: v[0] for k, v in current.items()}
+        if self.shared and not self.single:
+            self.unbatched = set(current)
+        return current
+
+    def updated(self) -> None:
+        self.unbatched.difference_update(self.names)
+
+    def result(self, current: Params) -> Params:
+        if self.single:
+            kept = ()
+            if self.shared and self.keep_shared:
+                kept = set(current).difference(self.names if self.steps else ())
             return {k: (v if k in kept else v.unsqueeze(0)) for k, v in current.items()}
         # A new dict: on_step may keep it while the loop goes on updating ``current``.
-        return dict(current) if keep_shared else _batched(current, unbatched, n_tasks)
+        if self.keep_shared:
+            return dict(current)
+        return _batched(current, self.unbatched, self.n_tasks)
 
-    if steps <= 0:
-        return result(current)
-    # Second order needs a differentiable gradient; otherwise it is a constant.
-    grad_mode = create_graph and track_graph
-    caller_mode = mode = torch.is_grad_enabled()
 
-    def set_mode(wanted: bool) -> None:
-        nonlocal mode
-        if wanted != mode:
-            torch.set_grad_enabled(wanted)
-            mode = wanted
+def _gradient_source(forward, loss_fn, X, y, layout, grad_fn, track_graph, grad_mode, step_fwd):
+    """Where a step's gradients come from: ``(step_grads, factor)`` such that
+    ``factor * step_grads(current)`` are the gradients (``step_grads(current, scale)``
+    also multiplies the output gradient by ``scale``, where supported). For a
+    :class:`PreparedGradFn` it returns a function of ``current`` that prepares the loop."""
+    names = layout.names
+    if grad_fn is None:
+        return _AutogradStep(forward, loss_fn, X, y, names, track_graph, grad_mode, step_fwd), 1.0
+    if layout.prepared:
 
-    update = _SGDUpdate(names, None if per_step else lr)
+        def prepare(current):
+            return grad_fn.prepare(current, X, y, names, single=layout.single)
+
+        return prepare, None
+
+    def step_grads(p, scale=None):
+        g = grad_fn(p, X, y, names, scale)
+        return [g[n] for n in names]
+
+    return step_grads, 1.0
+
+
+def _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_graph, on_step):
+    """The SGD steps, updating ``current`` (the loop's own dict)."""
+    per_step = _per_step(lr)
+    update = _SGDUpdate(layout.names, None if per_step else lr)
+    autograd = isinstance(step_grads, _AutogradStep)
     # Outside autograd, once the first step made the adapted tensors the loop's own, later
     # steps update them in place (unless on_step may keep them).
     in_place, own = not track_graph and on_step is None, None
-    try:
-        if grad_fn is None:
-            step_grads, factor = _autograd_step(
-                forward, loss_fn, X, y, names, track_graph, grad_mode
-            )
-        elif prepare is not None:
-            set_mode(grad_mode)
-            step_grads, factor = prepare(current, X, y, names, single=single)
+    for step in range(layout.steps):
+        rate = lr[step] if per_step else lr
+        mode.set(grad_mode)
+        if autograd:
+            grads = step_grads(current, step=step)
+            rate_now, factor_now = rate, factor
+        elif grad_mode:
+            # Under a graph, scale the small output gradient inside the gradient function:
+            # folded into the updates, the constant would cost a multiply of every
+            # parameter-sized gradient in the backward pass.
+            number = is_number(rate)
+            grads = step_grads(current, -float(rate) * factor if number else factor)
+            # The gradients now hold -rate * factor * gradient for a number rate.
+            rate_now, factor_now = (1.0, -1.0) if number else (rate, 1.0)
         else:
-
-            def step_grads(p, scale=None):
-                g = grad_fn(p, X, y, names, scale)
-                return [g[n] for n in names]
-
-            factor = 1.0
-        for step in range(steps):
-            rate = lr[step] if per_step else lr  # before the forward (see MAML++'s cursor)
-            set_mode(grad_mode)
-            if grad_mode and grad_fn is not None:
-                # Under a graph, scale the small output gradient inside the gradient
-                # function: folded into the updates, the constant would cost a multiply of
-                # every parameter-sized gradient in the backward pass.
-                number = is_number(rate)
-                grads = step_grads(current, -float(rate) * factor if number else factor)
-                # The gradients now hold -rate * factor * gradient for a number rate.
-                rate_now, factor_now = (1.0, -1.0) if number else (rate, 1.0)
-            else:
-                grads = step_grads(current)
-                rate_now, factor_now = rate, factor
-            set_mode(track_graph)
-            if own is not None and step > 0:
-                update.in_place(own, grads, rate_now, factor_now)
-            else:
-                update(current, grads, rate_now, factor_now)
-                unbatched.difference_update(names)
-                if in_place:
-                    own = [current[n] for n in names]
-            if on_step is not None:
-                set_mode(caller_mode)
-                on_step(step, result(current))
-    finally:
-        set_mode(caller_mode)
-    return result(current)
+            grads = step_grads(current)
+            rate_now, factor_now = rate, factor
+        mode.set(track_graph)
+        if own is not None:
+            update.in_place(own, grads, rate_now, factor_now)
+        else:
+            update(current, grads, rate_now, factor_now)
+            layout.updated()
+            if in_place:
+                own = [current[n] for n in layout.names]
+        if on_step is not None:
+            mode.set(mode.caller)
+            on_step(step, layout.result(current))
 
 
-def _autograd_step(forward, loss_fn, X, y, names, track_graph, create_graph):
+class _AutogradStep:
     """The inner gradient by ``torch.autograd.grad``, for strategies without a GradFn."""
 
-    def step_grads(current: Params) -> Sequence[Tensor]:
+    def __init__(self, forward, loss_fn, X, y, names, track_graph, create_graph, step_fwd):
+        self.forward, self.loss_fn, self.X, self.y = forward, loss_fn, X, y
+        self.names, self.track_graph, self.create_graph = names, track_graph, create_graph
+        self.step_forward = step_fwd
+
+    def __call__(self, current: Params, scale=None, step: int = 0) -> Sequence[Tensor]:
         with torch.enable_grad():
             leaves = {
-                n: (v if track_graph and v.requires_grad else v.detach().requires_grad_(True))
-                for n, v in ((n, current[n]) for n in names)
+                n: (v if self.track_graph and v.requires_grad else v.detach().requires_grad_(True))
+                for n, v in ((n, current[n]) for n in self.names)
             }
-            loss = loss_fn(forward({**current, **leaves}, X), y).sum()
-            return torch.autograd.grad(loss, list(leaves.values()), create_graph=create_graph)
-
-    return step_grads, 1.0
+            state = {**current, **leaves}
+            if self.step_forward is None:
+                out = self.forward(state, self.X)
+            else:
+                out = self.step_forward(state, self.X, step)
+            loss = self.loss_fn(out, self.y).sum()
+            return torch.autograd.grad(
+                loss, list(leaves.values()), create_graph=self.create_graph
+            )
 
 
 class _SGDUpdate:
@@ -427,10 +535,10 @@ class _SGDUpdate:
         params = [current[n] for n in names]
         if not torch.is_grad_enabled() and kind != "mixed":
             if kind == "number":
-                new = torch._foreach_add(params, list(grads), alpha=-float(rate) * factor)
+                new = compat.foreach_add(params, grads, alpha=-float(rate) * factor)
             else:  # Meta-SGD, MAML++: tensor rates
                 rates = self.rates if self.fixed else [_rate(rate, n) for n in names]
-                new = torch._foreach_addcmul(params, rates, list(grads), value=-factor)
+                new = compat.foreach_addcmul(params, rates, grads, value=-factor)
         else:
             new = [
                 torch.add(p, g, alpha=-float(r) * factor)
@@ -445,10 +553,10 @@ class _SGDUpdate:
         """Update ``params`` (the adapted tensors, in ``names`` order) in place, no graph."""
         kind = self.kind if self.fixed else self._kind(rate)
         if kind == "number":
-            torch._foreach_add_(params, list(grads), alpha=-float(rate) * factor)
+            compat.foreach_add_(params, grads, alpha=-float(rate) * factor)
         elif kind == "tensors":
             rates = self.rates if self.fixed else [_rate(rate, n) for n in self.names]
-            torch._foreach_addcmul_(params, rates, list(grads), value=-factor)
+            compat.foreach_addcmul_(params, rates, grads, value=-factor)
         else:
             for p, n, g in zip(params, self.names, grads):
                 r = _rate(rate, n)

@@ -3,8 +3,9 @@
 :class:`MetaLearner` is the engine object the estimators delegate to. It owns the
 ``nn.Module`` whose parameters are the meta-learned initialization ``theta``, the extra
 meta-learned tensors of the algorithm (Meta-SGD's learning rates), the meta-optimizer, and
-the batched forward. It trusts its inputs: validation happens in the estimators and task
-constructors.
+the batched forward. It is the :class:`metafit.algorithms.base.AdaptationContext` its
+algorithm reads: the algorithm decides, the learner holds the state. It trusts its inputs:
+validation happens in the estimators and task constructors.
 """
 
 from __future__ import annotations
@@ -83,12 +84,21 @@ class MetaLearner:
         if inner_grad not in ("auto", "autograd"):
             raise ValueError(f"inner_grad must be 'auto' or 'autograd', got {inner_grad!r}.")
         self.inner_grad = inner_grad
+        # MAML++'s per-step BatchNorm: the forward of step k is the module's own at step k
+        # (looked up at call time, so a replaced batched_forward is seen).
+        self.step_dependent = self.algorithm.step_dependent_forward(self.module)
         self.grad_fn = (
-            make_grad_fn(self.module, self.strategy, self.loss_fn) if inner_grad == "auto" else None
+            make_grad_fn(self.module, self.strategy, self.loss_fn)
+            if inner_grad == "auto" and not self.step_dependent
+            else None
         )
-        self.extras: dict[str, Tensor] = self.algorithm.extra_parameters(self)
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
+        #: meta-steps since :meth:`init_optimizer`, and how many it planned (the
+        #: algorithms' schedules read them; see :class:`AdaptationContext`)
+        self.iteration = 0
+        self.total_iterations = 0
+        self.extras: dict[str, Tensor] = self.algorithm.extra_parameters(self)
         # Where each parameter lives: params() reads these dicts instead of walking the
         # module tree (a few microseconds of every few-shot fit); a reassigned parameter
         # is still found.
@@ -103,6 +113,16 @@ class MetaLearner:
     def params(self) -> Params:
         """The initialization ``theta``: the module's parameters, by name."""
         return {name: owner[leaf] for name, owner, leaf in self._slots}
+
+    def _step_forward(self, params, X: Tensor, step: int) -> Tensor:
+        return self.module.batched_forward(params, X, step=step)
+
+    def forward_at(self, step: int | None):
+        """The batched forward of inner step ``step`` (:attr:`forward` unless the
+        algorithm's forward depends on the step)."""
+        if not self.step_dependent or step is None:
+            return self.forward
+        return lambda params, X: self._step_forward(params, X, step)
 
     def adapted_names(self) -> list[str] | None:
         """Names of the parameters the inner loop adapts (None: all), computed once."""
@@ -186,18 +206,16 @@ class MetaLearner:
         """
         # With track_graph=False the loop runs outside autograd and detaches what it
         # returns: the learning rates need no detaching here.
+        steps = self.inner_steps if steps is None else int(steps)
+        base = None if inner_lr is None or inner_lr == self.inner_lr else float(inner_lr)
         return inner_loop(
             self.forward,
             self.loss_fn,
             self.params(),
             X,
             y,
-            steps=self.inner_steps if steps is None else steps,
-            lr=(
-                self.algorithm.inner_lr(self)
-                if inner_lr is None or inner_lr == self.inner_lr
-                else self.algorithm.inner_lr(self, float(inner_lr))
-            ),
+            steps=steps,
+            lr=self.algorithm.inner_lr(self, base, steps=steps),
             adapt=self.adapted_names(),
             create_graph=create_graph,
             track_graph=track_graph,
@@ -205,20 +223,27 @@ class MetaLearner:
             grad_fn=self.grad_fn,
             shared=True,
             keep_shared=keep_shared,
+            step_forward=self._step_forward if self.step_dependent else None,
         )
 
     @torch.no_grad()
-    def predict(self, params: Params, X: Tensor) -> Tensor:
-        """Outputs of the network with batched ``params`` on ``X`` (leading task dim)."""
-        return self.forward(params, X)
+    def predict(self, params: Params, X: Tensor, step: int | None = None) -> Tensor:
+        """Outputs of the network with batched ``params`` on ``X`` (leading task dim).
+
+        ``step`` is the inner step whose forward to use when the forward depends on it
+        (MAML++'s per-step BatchNorm: the last step adaptation ran).
+        """
+        return self.forward_at(step)(params, X)
 
     def evaluate(self, tasks: Sequence[Task], steps: int | None = None) -> float:
         """Mean query loss after adaptation, over ``tasks`` (no meta-gradient)."""
         total, loss = 0, 0.0
+        steps = self.inner_steps if steps is None else int(steps)
+        forward = self.forward_at(max(steps - 1, 0))
         for batch in self.batches(tasks):
             phi = self.adapt(batch.X_support, batch.y_support, steps=steps, track_graph=False)
             with torch.no_grad():
-                q = self.loss_fn(self.forward(phi, batch.X_query), batch.y_query)
+                q = self.loss_fn(forward(phi, batch.X_query), batch.y_query)
             loss += float(q.sum())
             total += batch.n_tasks
         return loss / total
@@ -231,6 +256,8 @@ class MetaLearner:
         self.optimizer, self.scheduler = self.algorithm.make_optimizer(
             self.meta_parameters(), lr, total_iterations
         )
+        self.iteration = 0
+        self.total_iterations = int(total_iterations)
 
     def meta_step(
         self,
@@ -270,4 +297,5 @@ class MetaLearner:
             self.scheduler.step()
         for p in params:  # zero_grad(set_to_none=True) without its bookkeeping
             p.grad = None
+        self.iteration += 1
         return float(loss)

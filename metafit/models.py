@@ -15,9 +15,17 @@ from torch import nn
 
 from metafit._checks import check_int
 
-__all__ = ["MLP", "Conv4"]
+__all__ = ["MLP", "Conv4", "is_stateless"]
 
 _ACTIVATION_NAMES = ("relu", "tanh", "sigmoid", "gelu", "elu")
+
+
+def is_stateless(module: nn.Module) -> bool:
+    """Whether ``module``'s forward draws no random numbers, behaves the same in train and
+    eval mode, and is never changed by adaptation: exactly the built-in :class:`MLP` (a
+    subclass may add dropout). Learners of such modules are shared between threads, and
+    their fits and predictions skip seeding and mode switches."""
+    return type(module) is MLP
 
 
 class MLP(nn.Module):

@@ -19,7 +19,10 @@ from torch import nn
 
 __all__ = ["MetaInit", "FORMAT_VERSION", "module_spec", "build_module"]
 
-FORMAT_VERSION = 1
+#: Version 2 adds ``metadata["algorithm_options"]`` (the algorithm's own options, see
+#: :meth:`metafit.algorithms.MetaAlgorithm.get_config`); version-1 files still load and
+#: mean the algorithm's defaults.
+FORMAT_VERSION = 2
 _REQUIRED_METADATA = ("n_features", "n_outputs")
 _BUILTIN_PREFIX = "metafit."
 
@@ -90,8 +93,9 @@ class MetaInit:
     spec : dict
         ``{"class": import path, "kwargs": constructor arguments}`` of the module.
     metadata : dict
-        Everything else worth knowing: estimator kind, algorithm, inner_lr, inner_steps,
-        n_features, n_outputs, loss, versions.
+        Everything else worth knowing: estimator kind, algorithm and its options
+        (``algorithm_options``), inner_lr, inner_steps, meta_inner_steps, n_features,
+        n_outputs, loss, versions.
     """
 
     tensors: dict[str, torch.Tensor]
@@ -114,6 +118,18 @@ class MetaInit:
     def n_outputs(self) -> int:
         """Number of outputs of the network (classes for a classifier)."""
         return int(self.metadata["n_outputs"])
+
+    @property
+    def algorithm_options(self) -> dict[str, Any]:
+        """The meta-trained algorithm's options (empty for its defaults, and in files of
+        format version 1, which did not record them)."""
+        return dict(self.metadata.get("algorithm_options") or {})
+
+    @property
+    def trained_inner_steps(self) -> int | None:
+        """Inner steps of meta-training (what per-step learned rates were made for)."""
+        steps = self.metadata.get("meta_inner_steps", self.metadata.get("inner_steps"))
+        return None if steps is None else int(steps)
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the artifact atomically (temporary file, then rename) and return the path."""
@@ -205,4 +221,8 @@ class MetaInit:
         for key in ("algorithm", "inner_lr", "inner_steps"):
             if key in self.metadata:
                 params[key] = self.metadata[key]
+        if self.algorithm_options and "algorithm" in params:
+            from metafit.algorithms import get_algorithm
+
+            params["algorithm"] = get_algorithm(params["algorithm"], self.algorithm_options)
         return params

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from metafit._checks import check_int
+from metafit.estimators._learners import learner_factory
 from metafit.learner import MetaLearner
 from metafit.persistence import MetaInit
 from metafit.tasks import Task, as_task
@@ -225,7 +226,8 @@ def adaptation_curves(
     steps = _check_steps(steps)
     tasks = _tasks(tasks)
     init = _meta_init(est)
-    meta = est._learner_from_init(init)
+    factory = learner_factory(est)
+    meta = factory.from_init(init)
     meta.inner_lr = float(est.inner_lr)
     if pretrain_tasks is None:
         pool = [Task(t.X_support, t.y_support, t.X_support, t.y_support) for t in tasks]
@@ -233,16 +235,7 @@ def adaptation_curves(
         pool = _tasks(pretrain_tasks, "pretrain_tasks")
 
     def learner_for(module):
-        out = MetaLearner(
-            module,
-            loss=meta.loss_name,
-            algorithm=meta.algorithm,
-            inner_lr=float(est.inner_lr),
-            inner_steps=steps,
-            forward=est.forward,
-            device=meta.device,
-        )
-        return out
+        return factory.around(module, meta.algorithm, steps)
 
     random_module = _random_module(meta.module, random_state)
     pretrained = _pretrain(
@@ -321,7 +314,7 @@ def plot_predictions(est, task, ax=None, *, steps: int | None = None, n_grid: in
             f"initialization has {init.n_features} feature(s) and {init.n_outputs} output(s)."
         )
     steps = est.inner_steps if steps is None else _check_steps(steps)
-    learner = est._learner_from_init(init)
+    learner = learner_factory(est).from_init(init)
     learner.inner_lr = float(est.inner_lr)
     Xs, ys = learner.as_tensors(task.X_support, task.y_support.reshape(-1, 1))
     xs_all = np.concatenate([task.X_support[:, 0], task.X_query[:, 0]])

@@ -17,7 +17,7 @@ import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-import metafit.estimator as estimator_module
+import metafit.estimators._meta_fit_run as meta_fit_run_module
 from metafit import MetaInit, MetaInitializedRegressor, SinusoidTasks
 from metafit.learner import MetaLearner
 from metafit.models import MLP
@@ -68,12 +68,12 @@ class RaiseAt(TrainingCallback):
 
 def inject(monkeypatch, *extra):
     """Make meta_fit's meta_train also run ``extra`` callbacks."""
-    real = estimator_module.meta_train
+    real = meta_fit_run_module.meta_train
 
     def wrapped(*args, callbacks=(), **kwargs):
         return real(*args, callbacks=[*callbacks, *extra], **kwargs)
 
-    monkeypatch.setattr(estimator_module, "meta_train", wrapped)
+    monkeypatch.setattr(meta_fit_run_module, "meta_train", wrapped)
 
 
 def learner(algorithm="maml", seed=0):
@@ -249,7 +249,7 @@ def test_interrupt_inside_the_meta_step(monkeypatch):
     monkeypatch.setattr(MetaLearner, "meta_step", step)
     with pytest.warns(InterruptedTrainingWarning):
         est = make().meta_fit(tasks())
-    assert len(est.meta_history_) == 2 and est._warm_state_["state"].iteration == 2
+    assert len(est.meta_history_) == 2 and est._warm_state_.state.iteration == 2
 
 
 def test_on_interrupt_raise_reraises_after_saving_state(monkeypatch):
@@ -366,7 +366,7 @@ def test_killed_process_loses_at_most_interval_iterations(tmp_path):
         f"""
         import os, torch
         torch.set_num_threads(1)
-        import metafit.estimator as E
+        import metafit.estimators._meta_fit_run as E
         from metafit import MetaInitializedRegressor, SinusoidTasks
         from metafit.training import TrainingCallback
         real = E.meta_train

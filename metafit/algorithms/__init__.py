@@ -7,7 +7,7 @@ Each algorithm is a small class over the functional core; :func:`get_algorithm` 
 from __future__ import annotations
 
 from metafit.algorithms.anil import ANIL
-from metafit.algorithms.base import GradientMetaAlgorithm, MetaAlgorithm
+from metafit.algorithms.base import AdaptationContext, GradientMetaAlgorithm, MetaAlgorithm
 from metafit.algorithms.maml import FOMAML, MAML
 from metafit.algorithms.mamlpp import MAMLPlusPlus
 from metafit.algorithms.metasgd import MetaSGD
@@ -16,6 +16,7 @@ from metafit.algorithms.reptile import Reptile
 __all__ = [
     "ALGORITHMS",
     "ANIL",
+    "AdaptationContext",
     "FOMAML",
     "MAML",
     "MAMLPlusPlus",
@@ -31,18 +32,32 @@ ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
 }
 
 
-def get_algorithm(algorithm: str | MetaAlgorithm) -> MetaAlgorithm:
+def get_algorithm(algorithm: str | MetaAlgorithm, options: dict | None = None) -> MetaAlgorithm:
     """Return an algorithm instance from its name, or ``algorithm`` itself if an instance.
+
+    Parameters
+    ----------
+    algorithm : str or MetaAlgorithm
+    options : dict, optional
+        Constructor options of a named algorithm (what :meth:`MetaAlgorithm.get_config`
+        returned, e.g. from a saved initialization).
 
     Raises
     ------
     ValueError
-        If the name is unknown; the message lists the known names.
+        If the name is unknown (the message lists the known names), or the options are
+        not the algorithm's.
     """
     if isinstance(algorithm, MetaAlgorithm):
         return algorithm
     if isinstance(algorithm, str) and algorithm.lower() in ALGORITHMS:
-        return ALGORITHMS[algorithm.lower()]()
+        cls = ALGORITHMS[algorithm.lower()]
+        try:
+            return cls(**(options or {}))
+        except TypeError as exc:
+            raise ValueError(
+                f"options {options!r} are not those of the {cls.name!r} algorithm: {exc}"
+            ) from None
     raise ValueError(
         f"unknown algorithm {algorithm!r}; choose one of {', '.join(sorted(ALGORITHMS))} "
         "or pass a metafit.algorithms.MetaAlgorithm instance."

@@ -19,5 +19,5 @@ class ANIL(GradientMetaAlgorithm):
     name = "anil"
     first_order = False
 
-    def adapted_names(self, learner):
-        return head_parameter_names(learner.module)
+    def adapted_names(self, ctx):
+        return head_parameter_names(ctx.module)

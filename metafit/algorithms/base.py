@@ -1,34 +1,71 @@
 """The interface every meta-learning algorithm implements, and the gradient-based default.
 
-An algorithm is a small object over :class:`metafit.learner.MetaLearner`. It says which
-parameters the inner loop adapts and at which rates, which extra tensors it meta-learns,
-which meta-optimizer it wants, and how to turn a meta-batch into meta-gradients. Applying
+An algorithm is a small, stateless policy. It reads an :class:`AdaptationContext` (the
+learner's module, losses, extra tensors, inner-loop settings and meta-iteration counter)
+and never assigns to it. It says which parameters the inner loop adapts and at which
+rates, which extra tensors it meta-learns, which meta-optimizer it wants, whether its
+forward depends on the inner step, and how a meta-batch becomes meta-gradients. Applying
 those gradients (and averaging them across processes) happens outside, in
-:meth:`metafit.learner.MetaLearner.meta_step`.
+:meth:`metafit.learner.MetaLearner.meta_step`. Its options (:meth:`MetaAlgorithm.get_config`)
+are saved with the meta-learned initialization, so that ``fit`` rebuilds the algorithm that
+was meta-trained.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, ClassVar
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-# ``import torch.optim.optimizer as m`` fails on some torch versions whose torch.optim
-# namespace does not expose the submodule; importlib always finds it.
-_optim_module = importlib.import_module("torch.optim.optimizer")
-# LeanAdam's shortcut uses torch internals; without any of them it takes the public path.
-_HAS_FUSED_KERNEL = hasattr(torch, "_fused_adam_") and all(
-    hasattr(_optim_module, name)
-    for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks")
-)
+from metafit import _torch_compat as compat
 
 if TYPE_CHECKING:
-    from metafit.learner import MetaLearner
     from metafit.tasks import TaskBatch
 
-__all__ = ["MetaAlgorithm", "GradientMetaAlgorithm", "LeanAdam"]
+__all__ = ["AdaptationContext", "MetaAlgorithm", "GradientMetaAlgorithm", "LeanAdam"]
+
+Params = dict[str, Tensor]
+BatchedForward = Callable[..., Tensor]
+
+
+class AdaptationContext(Protocol):
+    """What an algorithm may read of the learner it serves (and call, never assign).
+
+    :class:`metafit.learner.MetaLearner` is the implementation; tests may pass any object
+    with these members.
+    """
+
+    module: nn.Module
+    loss_fn: Callable[[Tensor, Tensor], Tensor]
+    extras: Mapping[str, Tensor]
+    inner_lr: float
+    #: inner steps of meta-training (the number of per-step rates MAML++ learns)
+    inner_steps: int
+    #: meta-steps taken since the meta-optimizer was made, and how many are planned
+    iteration: int
+    total_iterations: int
+
+    def params(self) -> Params: ...
+
+    def meta_parameters(self) -> list[Tensor]: ...
+
+    def forward(self, params: Mapping[str, Tensor], X: Tensor) -> Tensor: ...
+
+    def forward_at(self, step: int) -> BatchedForward: ...
+
+    def adapt(
+        self,
+        X: Tensor,
+        y: Tensor,
+        *,
+        steps: int | None = None,
+        create_graph: bool = False,
+        track_graph: bool = True,
+        on_step: Callable[[int, Params], None] | None = None,
+        keep_shared: bool = False,
+    ) -> Params: ...
 
 
 class LeanAdam(torch.optim.Adam):
@@ -36,16 +73,16 @@ class LeanAdam(torch.optim.Adam):
 
     ``torch.optim.Adam.step`` spends about 0.1 ms in Python bookkeeping per call, as much
     as 5% of a small meta-step. Once the state exists, this class calls the same fused
-    kernel directly; anything unusual (a closure, several groups, weight decay, amsgrad,
-    maximize, a missing gradient) takes the ordinary path. Same numbers, same state, same
-    ``state_dict``. :meth:`fast_step` also skips the step-hook wrapper when no hook is
-    registered (what :meth:`metafit.learner.MetaLearner.meta_step` calls).
+    kernel directly (:func:`metafit._torch_compat.fused_adam_`); anything unusual (a
+    closure, several groups, weight decay, amsgrad, maximize, a missing gradient, a step
+    hook, a torch without the kernel) takes the ordinary path. Same numbers, same state,
+    same ``state_dict``.
     """
 
     def _fast_ok(self) -> bool:
         group = self.param_groups[0]
         return (
-            _HAS_FUSED_KERNEL
+            compat.HAS_FUSED_ADAM
             and len(self.param_groups) == 1
             and bool(group.get("fused"))
             and not group["amsgrad"]
@@ -59,25 +96,18 @@ class LeanAdam(torch.optim.Adam):
         group = self.param_groups[0]
         params = group["params"]
         states = [self.state[p] for p in params]
-        steps = [s["step"] for s in states]
         beta1, beta2 = group["betas"]
-        with torch.no_grad():
-            torch._foreach_add_(steps, 1)
-            torch._fused_adam_(
-                params,
-                [p.grad for p in params],
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
-                [],
-                steps,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                weight_decay=0.0,
-                eps=group["eps"],
-                amsgrad=False,
-                maximize=False,
-            )
+        compat.fused_adam_(
+            params,
+            [p.grad for p in params],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+        )
 
     def step(self, closure=None):
         if closure is None and self._fast_ok():
@@ -87,16 +117,7 @@ class LeanAdam(torch.optim.Adam):
 
     def fast_step(self) -> None:
         """:meth:`step` without the hook wrapper, unless step hooks are registered."""
-        if not _HAS_FUSED_KERNEL:
-            self.step()
-            return
-        hooks = (
-            self._optimizer_step_pre_hooks,
-            self._optimizer_step_post_hooks,
-            _optim_module._global_optimizer_pre_hooks,
-            _optim_module._global_optimizer_post_hooks,
-        )
-        if any(hooks) or not self._fast_ok():
+        if compat.optimizer_hooks_registered(self) or not self._fast_ok():
             self.step()
             return
         self._opt_called = True  # what an LR scheduler's step-counting wrapper records
@@ -105,6 +126,10 @@ class LeanAdam(torch.optim.Adam):
 
 class MetaAlgorithm:
     """Base class of the algorithms; subclasses set the class attributes and override hooks.
+
+    Every hook is a pure function of its arguments and the algorithm's options: an
+    algorithm holds no state that meta-training changes, so one instance may serve any
+    number of learners, threads and clones.
 
     Attributes
     ----------
@@ -120,21 +145,53 @@ class MetaAlgorithm:
     first_order: ClassVar[bool] = False
     default_meta_lr: ClassVar[float] = 1e-3
 
-    def extra_parameters(self, learner: MetaLearner) -> dict[str, Tensor]:
-        """Tensors meta-learned besides the initialization (none by default)."""
+    def get_config(self) -> dict[str, Any]:
+        """The algorithm's options, JSON-able: ``type(self)(**get_config())`` rebuilds it.
+
+        Saved with the meta-learned initialization (``MetaInit.metadata``) so that ``fit``,
+        ``clone`` and ``meta_init=`` rebuild the algorithm that was meta-trained.
+        """
         return {}
 
-    def adapted_names(self, learner: MetaLearner) -> list[str] | None:
+    def __eq__(self, other) -> bool:
+        return type(other) is type(self) and other.get_config() == self.get_config()
+
+    def __hash__(self) -> int:
+        return hash((type(self).__name__, tuple(sorted(self.get_config().items()))))
+
+    def __repr__(self) -> str:
+        options = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({options})"
+
+    def extra_parameters(self, ctx: AdaptationContext) -> dict[str, Tensor]:
+        """New tensors meta-learned besides the initialization (none by default)."""
+        return {}
+
+    def adapted_names(self, ctx: AdaptationContext) -> list[str] | None:
         """Names of the parameters the inner loop adapts; None for all."""
         return None
 
-    def inner_lr(self, learner: MetaLearner, base: float | None = None):
+    def step_dependent_forward(self, module: nn.Module) -> bool:
+        """Whether the forward of inner step ``k`` differs from the others (MAML++'s
+        per-step BatchNorm); the learner then calls ``module.batched_forward(..., step=k)``.
+        """
+        return False
+
+    def inner_lr(
+        self, ctx: AdaptationContext, base: float | None = None, steps: int | None = None
+    ):
         """Learning rate(s) of the inner loop, as :func:`metafit.functional.inner_loop` takes.
 
-        ``base`` is the plain rate to use instead of ``learner.inner_lr`` (an estimator's
+        ``base`` is the plain rate to use instead of ``ctx.inner_lr`` (an estimator's
         ``fit`` with another ``inner_lr`` than meta-training had); learned rates ignore it.
+        ``steps`` is the number of steps about to run (per-step rates need it).
         """
-        return learner.inner_lr if base is None else base
+        return ctx.inner_lr if base is None else base
+
+    def fit_warning(self, fit_steps: int, trained_steps: int | None) -> str | None:
+        """A warning for ``fit`` with ``fit_steps`` inner steps from an initialization
+        meta-trained with ``trained_steps``, or None when there is nothing to say."""
+        return None
 
     def make_optimizer(
         self, params: list[Tensor], meta_lr: float, total_iterations: int
@@ -143,7 +200,7 @@ class MetaAlgorithm:
         return LeanAdam(params, lr=meta_lr, fused=True), None
 
     def meta_gradients(
-        self, learner: MetaLearner, batches: list[TaskBatch]
+        self, ctx: AdaptationContext, batches: Sequence[TaskBatch]
     ) -> tuple[Tensor, list[Tensor]]:
         """Mean post-adaptation query loss and the gradients of the meta-parameters.
 
@@ -152,7 +209,7 @@ class MetaAlgorithm:
         loss : Tensor
             Detached scalar, the mean query loss over all tasks of ``batches``.
         grads : list of Tensor
-            One per entry of ``learner.meta_parameters()``, in that order.
+            One per entry of ``ctx.meta_parameters()``, in that order.
         """
         raise NotImplementedError
 
@@ -164,18 +221,18 @@ class GradientMetaAlgorithm(MetaAlgorithm):
     group size so that the result equals the vectorized one over all tasks.
     """
 
-    def meta_gradients(self, learner, batches):
+    def meta_gradients(self, ctx, batches):
         total = sum(b.n_tasks for b in batches)
-        meta_params = learner.meta_parameters()
+        meta_params = ctx.meta_parameters()
         parts = []
         for batch in batches:
-            phi = learner.adapt(
+            phi = ctx.adapt(
                 batch.X_support,
                 batch.y_support,
                 create_graph=not self.first_order,
                 keep_shared=True,
             )
-            query = learner.loss_fn(learner.forward(phi, batch.X_query), batch.y_query)
+            query = ctx.loss_fn(ctx.forward(phi, batch.X_query), batch.y_query)
             parts.append(query.mean() if len(batches) == 1 else query.sum() / total)
         loss = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
         grads = torch.autograd.grad(loss, meta_params, allow_unused=True)

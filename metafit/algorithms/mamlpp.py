@@ -21,8 +21,6 @@ With every option off, it is second-order MAML.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from metafit.algorithms.base import GradientMetaAlgorithm
@@ -51,50 +49,6 @@ def per_step_loss_weights(steps: int, iteration: int, anneal_iterations: int) ->
     weights = [max(uniform - iteration * decay, floor) for _ in range(steps - 1)]
     weights.append(min(uniform + iteration * (steps - 1) * decay, 1.0 - (steps - 1) * floor))
     return torch.tensor(weights, dtype=torch.float64)
-
-
-class _StepCursor:
-    """The inner step the forward is at, for per-step BatchNorm."""
-
-    def __init__(self):
-        self.step = 0
-
-
-class _StepForward:
-    """``forward(params, X)`` of a per-step-BatchNorm module at the cursor's step."""
-
-    def __init__(self, module, cursor: _StepCursor):
-        self.module = module
-        self.cursor = cursor
-
-    def __call__(self, params, X):
-        return self.module.batched_forward(params, X, step=self.cursor.step)
-
-
-class _StepRates(Sequence):
-    """Per-step learning rates; indexing step ``k`` also moves the cursor to ``k``.
-
-    :func:`metafit.functional.inner_loop` reads ``lr[k]`` right before the forward of
-    step ``k``, so the cursor tells the forward which BatchNorm set to use; after the
-    loop it stays at the last step, which the query forward then uses (as the paper).
-    Steps past the learned ones reuse the last rate (evaluation with more steps).
-    """
-
-    def __init__(self, rates: list, cursor: _StepCursor | None):
-        self.rates = rates
-        self.cursor = cursor
-        if cursor is not None:
-            cursor.step = 0
-
-    def __len__(self) -> int:
-        return len(self.rates)
-
-    def __getitem__(self, step):
-        if isinstance(step, slice):
-            return self.rates[step]
-        if self.cursor is not None:
-            self.cursor.step = step
-        return self.rates[min(step, len(self.rates) - 1)]
 
 
 def _iterations(value, total: int, name: str) -> int:
@@ -133,8 +87,10 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
     Notes
     -----
     Per-step BatchNorm is on when the module has a ``bn_steps`` attribute that is not
-    None; its BatchNorm parameters are then not adapted in the inner loop. The
-    iteration counter restarts with every ``init_optimizer`` (every ``meta_fit``).
+    None; its BatchNorm parameters are then not adapted in the inner loop. The annealing
+    schedules read the learner's meta-iteration counter, which restarts with every
+    ``init_optimizer`` (every ``meta_fit``). The options are saved with the meta-learned
+    initialization (see :meth:`get_config`).
     """
 
     name = "mamlpp"
@@ -160,59 +116,54 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
         self.first_order_iterations = first_order_iterations
         self.cosine_meta_lr = bool(cosine_meta_lr)
         self.min_meta_lr = float(min_meta_lr)
-        self.iteration = 0
-        self._msl_until = _iterations(msl_iterations, 1, "msl_iterations")
-        self._first_order_until = _iterations(first_order_iterations, 1, "")
-        self._cursor: _StepCursor | None = None
+
+    def get_config(self):
+        return {
+            "learn_inner_lr": self.learn_inner_lr,
+            "multi_step_loss": self.multi_step_loss,
+            "msl_iterations": self.msl_iterations,
+            "first_order_iterations": self.first_order_iterations,
+            "cosine_meta_lr": self.cosine_meta_lr,
+            "min_meta_lr": self.min_meta_lr,
+        }
 
     # ------------------------------------------------------------------ engine hooks
 
-    @staticmethod
-    def _per_step_bn(learner) -> bool:
-        return getattr(learner.module, "bn_steps", None) is not None
+    def step_dependent_forward(self, module):
+        return getattr(module, "bn_steps", None) is not None
 
-    def adapted_names(self, learner):
-        if not self._per_step_bn(learner):
+    def adapted_names(self, ctx):
+        if not self.step_dependent_forward(ctx.module):
             return None
-        norms = set(learner.module.norm_parameter_names())
-        return [name for name, _ in learner.module.named_parameters() if name not in norms]
+        norms = set(ctx.module.norm_parameter_names())
+        return [name for name, _ in ctx.module.named_parameters() if name not in norms]
 
-    def extra_parameters(self, learner):
-        if self._per_step_bn(learner):
-            # The forward must know the inner step; _StepRates moves the cursor.
-            self._cursor = _StepCursor()
-            learner.forward = _StepForward(learner.module, self._cursor)
-            learner.grad_fn = None
+    def extra_parameters(self, ctx):
         if not self.learn_inner_lr:
             return {}
-        steps = max(int(learner.inner_steps), 1)
-        names = self.adapted_names(learner) or [n for n, _ in learner.module.named_parameters()]
-        p = next(learner.module.parameters())
+        steps = max(int(ctx.inner_steps), 1)
+        names = self.adapted_names(ctx) or [n for n, _ in ctx.module.named_parameters()]
+        p = next(ctx.module.parameters())
         return {
             _PREFIX + name: torch.full(
-                (steps,), float(learner.inner_lr), dtype=p.dtype, device=p.device
+                (steps,), float(ctx.inner_lr), dtype=p.dtype, device=p.device
             ).requires_grad_(True)
             for name in names
         }
 
-    def inner_lr(self, learner, base=None):
-        steps = max(int(learner.inner_steps), 1)
-        if self.learn_inner_lr:
-            rates = [
-                {name[len(_PREFIX) :]: v[k] for name, v in learner.extras.items()}
-                for k in range(steps)
-            ]
-        else:
-            rates = [learner.inner_lr if base is None else base] * steps
-        return _StepRates(rates, self._cursor)
+    def inner_lr(self, ctx, base=None, steps=None):
+        """One rate (dict) per inner step; steps past the learned ones reuse the last."""
+        learned = max(int(ctx.inner_steps), 1)
+        steps = learned if steps is None else max(int(steps), 1)
+        if not self.learn_inner_lr:
+            return [ctx.inner_lr if base is None else base] * steps
+        tensors = {name[len(_PREFIX) :]: v for name, v in ctx.extras.items()}
+        return [
+            {name: v[min(k, learned - 1)] for name, v in tensors.items()} for k in range(steps)
+        ]
 
     def make_optimizer(self, params, meta_lr, total_iterations):
         total = max(int(total_iterations), 1)
-        self.iteration = 0
-        self._msl_until = _iterations(self.msl_iterations, total, "msl_iterations")
-        self._first_order_until = _iterations(
-            self.first_order_iterations, total, "first_order_iterations"
-        )
         optimizer = torch.optim.Adam(params, lr=meta_lr)
         if not self.cosine_meta_lr:
             return optimizer, None
@@ -223,28 +174,35 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
 
     # ------------------------------------------------------------------ meta-gradient
 
-    def step_weights(self, steps: int) -> torch.Tensor | None:
-        """Multi-step loss weights at the current iteration; None for the last step only."""
-        if not self.multi_step_loss or steps < 2 or self.iteration >= self._msl_until:
+    def step_weights(self, steps: int, iteration: int, total_iterations: int):
+        """Multi-step loss weights at ``iteration`` of ``total_iterations``; None for the
+        last step only."""
+        until = _iterations(self.msl_iterations, max(int(total_iterations), 1), "msl_iterations")
+        if not self.multi_step_loss or steps < 2 or iteration >= until:
             return None
-        return per_step_loss_weights(steps, self.iteration, self._msl_until)
+        return per_step_loss_weights(steps, iteration, until)
 
-    def meta_gradients(self, learner, batches):
-        first_order = self.iteration < self._first_order_until
-        steps = int(learner.inner_steps)
-        weights = self.step_weights(steps)
+    def is_first_order(self, iteration: int, total_iterations: int) -> bool:
+        """Whether meta-iteration ``iteration`` uses first-order meta-gradients (DA)."""
+        total = max(int(total_iterations), 1)
+        return iteration < _iterations(self.first_order_iterations, total, "")
+
+    def meta_gradients(self, ctx, batches):
+        first_order = self.is_first_order(ctx.iteration, ctx.total_iterations)
+        steps = int(ctx.inner_steps)
+        weights = self.step_weights(steps, ctx.iteration, ctx.total_iterations)
         total = sum(b.n_tasks for b in batches)
-        meta_params = learner.meta_parameters()
+        query_forward = ctx.forward_at(max(steps - 1, 0))  # the last step's BatchNorm set
         loss = 0.0
         reported = 0.0
         for batch in batches:
             step_losses: list[torch.Tensor] = []
 
             def on_step(step, params, batch=batch, step_losses=step_losses):
-                out = learner.forward(params, batch.X_query)
-                step_losses.append(learner.loss_fn(out, batch.y_query).sum())
+                out = ctx.forward_at(step)(params, batch.X_query)
+                step_losses.append(ctx.loss_fn(out, batch.y_query).sum())
 
-            phi = learner.adapt(
+            phi = ctx.adapt(
                 batch.X_support,
                 batch.y_support,
                 create_graph=not first_order,
@@ -252,15 +210,14 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
                 keep_shared=True,
             )
             if weights is None:
-                out = learner.forward(phi, batch.X_query)
-                last = learner.loss_fn(out, batch.y_query).sum()
+                last = ctx.loss_fn(query_forward(phi, batch.X_query), batch.y_query).sum()
                 loss = loss + last / total
             else:
                 last = step_losses[-1]
                 w = weights.to(dtype=last.dtype, device=last.device)
                 loss = loss + sum(w[k] * step_losses[k] for k in range(steps)) / total
             reported = reported + last.detach() / total
+        meta_params = ctx.meta_parameters()
         grads = torch.autograd.grad(loss, meta_params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(meta_params, grads)]
-        self.iteration += 1
         return torch.as_tensor(reported), grads

@@ -22,11 +22,22 @@ class MetaSGD(GradientMetaAlgorithm):
     name = "metasgd"
     first_order = False
 
-    def extra_parameters(self, learner):
+    def extra_parameters(self, ctx):
         return {
-            _PREFIX + name: torch.full_like(p, float(learner.inner_lr)).requires_grad_(True)
-            for name, p in learner.module.named_parameters()
+            _PREFIX + name: torch.full_like(p, float(ctx.inner_lr)).requires_grad_(True)
+            for name, p in ctx.module.named_parameters()
         }
 
-    def inner_lr(self, learner, base=None):
-        return {name[len(_PREFIX) :]: value for name, value in learner.extras.items()}
+    def inner_lr(self, ctx, base=None, steps=None):
+        return {name[len(_PREFIX) :]: value for name, value in ctx.extras.items()}
+
+    def fit_warning(self, fit_steps, trained_steps):
+        if trained_steps is None or fit_steps <= trained_steps:
+            return None
+        return (
+            f"fit adapts with inner_steps={fit_steps}, but this Meta-SGD initialization was "
+            f"meta-trained with {trained_steps} inner step(s): its learned per-parameter "
+            "learning rates are tuned for that many steps, and more steps often diverge "
+            "(inf/nan). Set inner_steps (or meta_inner_steps when meta-fitting) to "
+            f"{trained_steps} or fewer."
+        )

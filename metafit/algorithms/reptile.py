@@ -33,18 +33,18 @@ class Reptile(MetaAlgorithm):
         )
         return optimizer, scheduler
 
-    def meta_gradients(self, learner, batches):
+    def meta_gradients(self, ctx, batches):
         total = sum(b.n_tasks for b in batches)
-        theta = learner.params()
+        theta = ctx.params()
         drift = {name: torch.zeros_like(p) for name, p in theta.items()}
         loss = torch.zeros((), dtype=next(iter(theta.values())).dtype)
         for batch in batches:
-            phi = learner.adapt(batch.X_support, batch.y_support, track_graph=False)
+            phi = ctx.adapt(batch.X_support, batch.y_support, track_graph=False)
             with torch.no_grad():
                 for name, p in theta.items():
                     drift[name] += (p.detach().unsqueeze(0) - phi[name]).sum(0)
-                query = learner.loss_fn(learner.forward(phi, batch.X_query), batch.y_query)
+                query = ctx.loss_fn(ctx.forward(phi, batch.X_query), batch.y_query)
                 loss = loss + query.sum().cpu() / total
         grads = [drift[name] / total for name in theta]
-        grads += [torch.zeros_like(e) for e in learner.extras.values()]
+        grads += [torch.zeros_like(e) for e in ctx.extras.values()]
         return loss, grads

@@ -1,0 +1,558 @@
+"""The estimator shell: holds the parameters, validates the data, delegates the work.
+
+:class:`MetaInitializedEstimator` is what the regressor and the classifier share. It is
+composed of small parts instead of mixins: a :class:`~metafit.estimators._targets.TargetKind`
+(what the regressor and classifier differ by), the parameter table
+(:mod:`metafit.estimators._params`), a :class:`~metafit.estimators._learners.LearnerFactory`
+(the only place that builds a :class:`~metafit.learner.MetaLearner`) and a
+:class:`~metafit.estimators._meta_fit_run.MetaFitRun` (the body of ``meta_fit``). Calls go
+one way: the shell calls the parts, the parts call the engine.
+
+``meta_fit(tasks)`` learns an initialization from many related tasks; ``fit(X, y)`` adapts
+it to one new task with ``inner_steps`` gradient steps of the same inner loop that
+meta-training used; ``predict`` runs the adapted network. The meta-learned initialization
+survives :func:`sklearn.base.clone`, so searches and cross-validation adapt from it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import warnings
+from collections.abc import Iterable
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from metafit import _torch_compat as compat
+from metafit.estimators._inputs import SeededTorch, fast_X, fast_xy, seed_from, unchanged_on_error
+from metafit.estimators._learners import LearnerFactory
+from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done
+from metafit.estimators._params import check_params
+from metafit.estimators._targets import TargetKind
+from metafit.models import is_stateless
+from metafit.persistence import MetaInit
+from metafit.training import DivergenceError, InterruptedTrainingWarning
+
+__all__ = ["MetaInitializedEstimator"]
+
+#: Why both estimators declare the ``poor_score`` tag (the scikit-learn checks then skip
+#: their accuracy thresholds, nothing else): ``fit`` is a few-shot adapter, ``inner_steps``
+#: (default 5) plain SGD steps at ``inner_lr`` from an initialization. From a meta-learned
+#: start that suffices on tasks like those of meta-training; the checks' toy data sets are
+#: not such tasks, and 5 steps from a random or foreign start do not reach the scores the
+#: checks demand of estimators trained to convergence.
+_POOR_SCORE = True
+
+
+class MetaInitializedEstimator(BaseEstimator):
+    """Base class: a neural estimator whose initialization is meta-learned.
+
+    Use :class:`MetaInitializedRegressor` or :class:`MetaInitializedClassifier`.
+
+    Parameters
+    ----------
+    module : None, nn.Module class or nn.Module instance, default=None
+        The network. None builds :class:`metafit.models.MLP` from ``hidden_sizes`` and
+        ``activation``. A class is instantiated with the ``module__<name>`` parameters;
+        ``n_inputs`` and ``n_outputs`` are filled in from the data when its constructor
+        takes them and they are not given. An instance is deep-copied, never modified.
+    hidden_sizes : tuple of int, default=(40, 40)
+        Hidden layer widths of the default MLP.
+    activation : str, default="relu"
+        Activation of the default MLP.
+    algorithm : {"maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp"} or MetaAlgorithm, \
+default="maml"
+        Meta-learning algorithm used by :meth:`meta_fit` (an instance such as
+        ``MAMLPlusPlus(learn_inner_lr=False)`` sets its options); it also decides what
+        ``fit`` adapts (ANIL: the head only; Meta-SGD and MAML++: with their learned
+        rates). ``fit`` always uses the algorithm and options of the initialization.
+    inner_lr : float, default=0.01
+        Learning rate of the inner SGD loop (meta-training and ``fit``).
+    inner_steps : int, default=5
+        Gradient steps of ``fit``, and of meta-training unless ``meta_inner_steps`` is set.
+    meta_inner_steps : int or None, default=None
+        Inner steps during meta-training (the MAML paper trains with 1 and tests with
+        more); None means ``inner_steps``.
+    meta_lr : float or None, default=None
+        Meta learning rate; None uses the algorithm's default (Adam 1e-3; Reptile's
+        outer step size 1.0, annealed to 0).
+    meta_batch_size : int, default=25
+        Tasks per meta-update.
+    meta_iterations : int, default=1000
+        Meta-updates of :meth:`meta_fit` (fewer if a finite task iterable runs out).
+    validation_interval : int, default=10
+        Evaluate the validation tasks every this many meta-iterations.
+    forward : {"auto", "mlp", "vmap", "loop", "module"}, default="auto"
+        How the engine batches tasks, see :func:`metafit.functional.make_forward`
+        (``"module"``: the module's own ``batched_forward``, as Conv4 has).
+    device : str, default="cpu"
+        Torch device, e.g. "cuda" or "mps".
+    random_state : int, RandomState, Generator or None, default=None
+        Seeds the initialization (meta-training, or ``fit`` without a meta-init) and any
+        dropout. The global torch RNG is left as it was.
+    verbose : int, default=0
+        0 is silent; 1 or more shows a tqdm progress bar during :meth:`meta_fit` with the
+        meta-loss and the latest validation loss. Messages go to the ``logging`` logger
+        ``"metafit"`` whatever the value.
+    meta_init : None, str, path or MetaInit, default=None
+        A saved initialization (see :meth:`save_meta_init`, or a ``checkpoint_path`` file)
+        to adapt from instead of calling :meth:`meta_fit`; with ``warm_start=True``,
+        :meth:`meta_fit` continues meta-training from it.
+    warm_start : bool, default=False
+        If True, :meth:`meta_fit` continues from the current ``meta_init_`` (or from
+        ``meta_init``) instead of starting over: up to ``meta_iterations`` in total, with
+        continued iteration numbering and history and, when this estimator ran the earlier
+        meta_fit itself, the meta-optimizer's state. Resume after an interrupt this way.
+    patience : int or None, default=None
+        Early stopping: end :meth:`meta_fit` after this many validation evaluations (one
+        every ``validation_interval`` iterations) without an improvement of more than
+        ``min_delta``, and keep the initialization with the best validation loss. Needs
+        ``validation_tasks``. None trains for ``meta_iterations``.
+    min_delta : float, default=0.0
+        Smallest decrease of the validation loss that counts as an improvement.
+    clip_grad_norm : float or None, default=None
+        Clip the total norm of each meta-gradient to this value; helps when meta-training
+        diverges. None does not clip.
+    checkpoint_path : None, str or path, default=None
+        Write the meta-initialization to this file every ``checkpoint_interval``
+        meta-iterations and when :meth:`meta_fit` ends (atomically: temporary file, then
+        rename), so a killed process loses at most ``checkpoint_interval`` iterations.
+        Load it with ``meta_init=``.
+    checkpoint_interval : int, default=100
+        Meta-iterations between checkpoints.
+    on_interrupt : {"warn", "raise"}, default="warn"
+        What :meth:`meta_fit` does on Ctrl-C (KeyboardInterrupt). Either way the estimator
+        keeps the best initialization so far (lowest validation loss when
+        ``validation_tasks`` were given, else the last completed iteration) and can resume
+        with ``warm_start=True``. "warn" then warns and returns normally; "raise" re-raises
+        the KeyboardInterrupt.
+    **kwargs
+        ``module__<name>`` constructor arguments of a module class.
+
+    Attributes
+    ----------
+    meta_init_ : MetaInit
+        The meta-learned initialization (after :meth:`meta_fit`); kept by ``clone``.
+    meta_history_ : MetaHistory
+        A list of dicts, one per meta-iteration: iteration, meta_loss, validation_loss
+        (None where not evaluated), time (seconds). ``meta_history_.to_frame()`` gives a
+        pandas DataFrame.
+    n_features_in_ : int
+        Features seen by ``fit``.
+    """
+
+    #: what the regressor and the classifier differ by (set by each subclass)
+    _target: TargetKind = TargetKind()
+
+    def __init__(
+        self,
+        module=None,
+        *,
+        hidden_sizes=(40, 40),
+        activation="relu",
+        algorithm="maml",
+        inner_lr=0.01,
+        inner_steps=5,
+        meta_inner_steps=None,
+        meta_lr=None,
+        meta_batch_size=25,
+        meta_iterations=1000,
+        validation_interval=10,
+        forward="auto",
+        device="cpu",
+        random_state=None,
+        verbose=0,
+        meta_init=None,
+        warm_start=False,
+        patience=None,
+        min_delta=0.0,
+        clip_grad_norm=None,
+        checkpoint_path=None,
+        checkpoint_interval=100,
+        on_interrupt="warn",
+        **kwargs,
+    ):
+        self.module = module
+        self.hidden_sizes = hidden_sizes
+        self.activation = activation
+        self.algorithm = algorithm
+        self.inner_lr = inner_lr
+        self.inner_steps = inner_steps
+        self.meta_inner_steps = meta_inner_steps
+        self.meta_lr = meta_lr
+        self.meta_batch_size = meta_batch_size
+        self.meta_iterations = meta_iterations
+        self.validation_interval = validation_interval
+        self.forward = forward
+        self.device = device
+        self.random_state = random_state
+        self.verbose = verbose
+        self.meta_init = meta_init
+        self.warm_start = warm_start
+        self.patience = patience
+        self.min_delta = min_delta
+        self.clip_grad_norm = clip_grad_norm
+        self.checkpoint_path = checkpoint_path
+        self.checkpoint_interval = checkpoint_interval
+        self.on_interrupt = on_interrupt
+        # Stored unvalidated (sklearn rule: __init__ only stores); any name other than
+        # module__<name> is rejected by fit/meta_fit, not here.
+        self._extra_params = tuple(k for k in kwargs if not k.startswith("module__"))
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+
+    # ------------------------------------------------------------------ sklearn plumbing
+
+    def _module_kwargs(self) -> dict:
+        return {k[len("module__") :]: v for k, v in vars(self).items() if k.startswith("module__")}
+
+    def get_params(self, deep=True):
+        params = super().get_params(deep=deep)
+        extra = self.__dict__.get("_extra_params", ())
+        params.update(
+            {k: v for k, v in vars(self).items() if k.startswith("module__") or k in extra}
+        )
+        return params
+
+    def set_params(self, **params):
+        extra = self.__dict__.get("_extra_params", ())
+        module_params = {
+            k: v for k, v in params.items() if k.startswith("module__") or k in extra
+        }
+        for key, value in module_params.items():
+            setattr(self, key, value)
+        rest = {k: v for k, v in params.items() if k not in module_params}
+        return super().set_params(**rest) if rest else self
+
+    def __sklearn_clone__(self):
+        # Like FrozenEstimator: the learned initialization travels with the clone, so
+        # GridSearchCV and cross_val_score adapt from it instead of from scratch.
+        new = super().__sklearn_clone__()
+        if hasattr(self, "meta_init_"):
+            new.meta_init_ = self.meta_init_
+            new.meta_history_ = self.meta_history_
+        # A search clones before every fit: clones share the loaded meta_init file (and,
+        # through the MetaInit, the network built from it; see LearnerFactory.for_fit).
+        if "_loaded_init" in self.__dict__:
+            new._loaded_init = self._loaded_init
+        return new
+
+    def __sklearn_is_fitted__(self):
+        return hasattr(self, "adapted_params_")
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_learner", None)  # holds closures; rebuilt from the tensors on load
+        state.pop("_learner_key", None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if "adapted_params_" in state:
+            loaded = state.get("_loaded_init")
+            init = loaded[1] if loaded is not None and "meta_init_" not in state else None
+            init = init or self._fit_init()
+            n_outputs = state.get("_fit_outputs") or init.n_outputs
+            self._learner = self._factory().for_fit(init, self.n_features_in_, n_outputs)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.non_deterministic = self.random_state is None
+        return tags
+
+
+    # ------------------------------------------------------------------ composed parts
+
+    def _check_params(self) -> None:
+        """Validate every constructor parameter (``_params.check_params``)."""
+        check_params(self)
+
+    def _factory(self) -> LearnerFactory:
+        return LearnerFactory.of(self, self._target)
+
+    # ------------------------------------------------------------------ meta-training
+
+    def meta_fit(self, tasks: Iterable, validation_tasks: Iterable | None = None):
+        """Meta-learn the initialization from a stream of tasks.
+
+        Parameters
+        ----------
+        tasks : iterable of Task or 4-tuples
+            Finite or endless (e.g. :class:`metafit.tasks.SinusoidTasks`); consumed
+            ``meta_batch_size`` tasks at a time for ``meta_iterations`` meta-updates.
+        validation_tasks : iterable of Task, optional
+            Held-out tasks (at most the first 100 are used) whose post-adaptation query
+            loss is recorded every ``validation_interval`` iterations; needed by
+            ``patience``, and used to pick the state kept after an interrupt.
+
+        Returns
+        -------
+        self : object
+            The estimator, with ``meta_init_`` and ``meta_history_`` set. A previous
+            ``fit`` is discarded, since its initialization changed. After Ctrl-C it holds
+            the best initialization so far (see ``on_interrupt``) and can resume with
+            ``warm_start=True``.
+
+        Raises
+        ------
+        ValueError
+            If ``tasks`` is empty or its tasks disagree in features or outputs, or a
+            parameter is invalid. Nothing of the estimator changes when such an error
+            is raised.
+        metafit.training.DivergenceError
+            (a ValueError) If a loss or meta-gradient becomes NaN or infinite; the
+            message names the learning rate to lower. The estimator keeps the last
+            finite state when at least one iteration completed.
+        KeyboardInterrupt
+            Only with ``on_interrupt="raise"``, after the state was kept.
+        """
+        self._check_params()
+        run = MetaFitRun(self, self._target)
+        stream, val = run.read_tasks(tasks, validation_tasks)
+        resume = run.warm_start_point() if self.warm_start else None
+        if resume is not None and resume.state.iteration >= self.meta_iterations:
+            warn_already_done(resume.state.iteration, self.meta_iterations)
+            return self
+        try:
+            outcome = run.run(stream, val, resume)
+        except DivergenceError as exc:
+            if getattr(exc, "outcome", None) is not None:
+                self._store(exc.outcome)
+            raise
+        self._store(outcome)
+        if outcome.interrupted:
+            self._warn_interrupted(outcome.last_iteration)
+            if self.on_interrupt == "raise":
+                raise KeyboardInterrupt
+        return self
+
+    def _store(self, outcome) -> None:
+        """Keep a run's result; a previous ``fit`` no longer applies."""
+        self.meta_init_ = outcome.meta_init
+        self.meta_history_ = outcome.history
+        self._warm_state_ = outcome.warm
+        for attr in ("adapted_params_", "_learner", "_learner_key", "n_features_in_"):
+            self.__dict__.pop(attr, None)
+
+    def _warn_interrupted(self, last_iteration: int) -> None:
+        meta = self.meta_init_.metadata
+        if "best_iteration" in meta:
+            kept = (
+                f"the initialization with the best validation loss "
+                f"({meta['best_validation_loss']:.4g}, iteration {meta['best_iteration']})"
+            )
+        else:
+            kept = f"the initialization of the last completed iteration ({meta['iteration']})"
+        warnings.warn(
+            f"meta_fit was interrupted after {last_iteration} meta-iterations; the "
+            f"estimator keeps {kept} and is ready for fit. Call meta_fit again with "
+            "warm_start=True to resume.",
+            InterruptedTrainingWarning,
+            stacklevel=3,
+        )
+
+    def save_meta_init(self, path) -> None:
+        """Write the meta-learned initialization to ``path`` (safetensors, atomic).
+
+        Load it with ``MetaInitializedRegressor(meta_init=path)`` (or the classifier).
+        """
+        if not hasattr(self, "meta_init_"):
+            raise NotFittedError(
+                f"this {type(self).__name__} has no meta-learned initialization to save; "
+                "call meta_fit first."
+            )
+        self.meta_init_.save(path)
+
+    # ------------------------------------------------------------------ the initialization
+
+    def _resolve_meta_init(self) -> MetaInit | None:
+        """The initialization ``fit`` adapts from: meta_fit's, else ``meta_init``."""
+        if hasattr(self, "meta_init_"):
+            return self.meta_init_
+        if self.meta_init is None:
+            return None
+        if isinstance(self.meta_init, MetaInit):
+            return self.meta_init
+        if isinstance(self.meta_init, (str, os.PathLike)):
+            # Read the file once per estimator (fit runs thousands of times in a search),
+            # again only if it changed; the loaded copy is pickled with a fitted estimator
+            # so that predictions never need the file again.
+            path = os.fspath(self.meta_init)
+            try:
+                stat = os.stat(path)
+                key = (path, stat.st_mtime_ns, stat.st_size)
+            except OSError:
+                key = None
+            cached = self.__dict__.get("_loaded_init")
+            if cached is not None and (key is None or cached[0] == key):
+                return cached[1]
+            init = MetaInit.load(path)
+            self._loaded_init = (key, init)
+            return init
+        raise TypeError(
+            f"meta_init must be None, a path or a MetaInit; got {type(self.meta_init).__name__}."
+        )
+
+    def _fit_init(self) -> MetaInit | None:
+        init = self._resolve_meta_init()
+        if init is not None:
+            self._factory().check_kind(init)
+        return init
+
+    # ------------------------------------------------------------------ adaptation
+
+    def _fit(self, X, y):
+        """``fit`` of both estimators: validate, encode ``y`` by the target kind, adapt."""
+        with unchanged_on_error(self):
+            self._check_params()
+            X, y, fast = self._fit_data(X, y)
+            target = self._target.encode(y, fast)
+            init = self._fit_init()
+            if init is not None and init.n_features != X[0].size:
+                raise ValueError(
+                    f"X has {X[0].size} feature(s), but the meta-learned initialization "
+                    f"expects {init.n_features} feature(s); pass the features used in "
+                    "meta-training."
+                )
+            self._target.check_init(init, target)
+            self.__dict__.update(target.fitted)
+            self._fit_outputs = target.n_outputs
+            self._adapt(X, target.y, init)
+        return self
+
+    def _fit_data(self, X, y) -> tuple[np.ndarray, np.ndarray, bool]:
+        """``fit``'s ``X`` and ``y`` as arrays (``X`` float32), and whether they took the
+        fast path.
+
+        Plain, clean numpy arrays skip scikit-learn's ``validate_data``, which costs as
+        much as a few-shot fit (:func:`metafit.estimators._inputs.fast_xy`); anything else
+        goes through it with the target kind's checks and raises its usual errors.
+        """
+        fast = fast_xy(X, y, regression=self._target.regression)
+        if fast is not None:
+            self.n_features_in_ = fast[0].shape[1]
+            self.__dict__.pop("feature_names_in_", None)
+            return fast[0], fast[1], True
+        X, y = validate_data(
+            self, X, y, dtype=np.float32, allow_nd=True, **self._target.fit_checks
+        )
+        X = X if X.flags.writeable else X.copy()  # torch warns on read-only arrays
+        return X, y, False
+
+    def _adapt(self, X: np.ndarray, y: np.ndarray, init: MetaInit | None) -> None:
+        """Adapt from ``init`` (already resolved and checked against ``X`` by ``fit``)."""
+        factory = self._factory()
+        key = factory.fit_key(init, X.shape[1:], self._fit_outputs)
+        if self.__dict__.get("_learner_key") != key:
+            self._learner = factory.for_fit(init, X.shape[1], self._fit_outputs)
+            self._learner_key = key
+        learner = self._learner
+        if init is not None:
+            message = learner.algorithm.fit_warning(int(self.inner_steps), init.trained_inner_steps)
+            if message:
+                warnings.warn(message, UserWarning, stacklevel=4)
+        Xt, yt = learner.as_tensors(X[None], y[None])  # one task: a task dimension of 1
+        # A stateless module draws no random numbers; other modules may (dropout).
+        seeded = (
+            contextlib.nullcontext()
+            if is_stateless(learner.module)
+            else SeededTorch(seed_from(self.random_state), self.device)
+        )
+        with seeded:
+            params = learner.adapt(
+                Xt, yt, steps=self.inner_steps, inner_lr=self.inner_lr, track_graph=False
+            )
+        self._check_adapted(params)
+        self.adapted_params_ = params
+
+    def _check_adapted(self, params) -> None:
+        """Raise DivergenceError if adaptation made a parameter NaN, infinite or huge.
+
+        One fused norm per tensor and one sync; no forward pass, so no random numbers
+        (dropout) are drawn outside the seeded fork. A norm overflows (|w| > ~1e19)
+        long before the outputs of a diverging network stop being finite.
+        """
+        with torch.no_grad():
+            norms = compat.foreach_norm(list(params.values()))
+            finite = bool(torch.isfinite(torch.stack(norms)).all())
+        if finite:
+            return
+        lr = float(self.inner_lr)
+        raise DivergenceError(
+            f"fit diverged: {self.inner_steps} inner steps at inner_lr={lr:g} made the "
+            f"parameters NaN or infinite; lower inner_lr (e.g. to {lr / 10:g}) or "
+            "inner_steps. The estimator was left as it was before this fit."
+        )
+
+    # ------------------------------------------------------------------ prediction
+
+    def _check_X_predict(self, X) -> np.ndarray:
+        """Validated float32 X for prediction (fast path: ``_inputs.fast_X``)."""
+        check_is_fitted(self)
+        if "feature_names_in_" not in self.__dict__:
+            fast = fast_X(X, self.n_features_in_)
+            if fast is not None:
+                return fast
+        X = validate_data(self, X, dtype=np.float32, reset=False, allow_nd=True)
+        return X if X.flags.writeable else X.copy()
+
+    def _raw_predict(self, X: np.ndarray) -> torch.Tensor:
+        learner = self._learner
+        Xt, _ = learner.as_tensors(X)
+        last_step = max(int(self.inner_steps) - 1, 0)  # per-step BatchNorm: the last set
+        if is_stateless(learner.module):  # no dropout or batch statistics: no mode switch
+            return learner.predict(self.adapted_params_, Xt.unsqueeze(0), step=last_step)[0]
+        # Predict in eval mode, so that dropout is off and predictions are deterministic.
+        training = learner.module.training
+        learner.module.eval()
+        try:
+            return learner.predict(self.adapted_params_, Xt.unsqueeze(0), step=last_step)[0]
+        finally:
+            learner.module.train(training)
+
+    def to_skorch(self, **kwargs):
+        """A skorch net whose module holds the learned weights, ready for more training.
+
+        Parameters
+        ----------
+        **kwargs
+            Constructor arguments of the skorch net (``max_epochs``, ``callbacks``,
+            ``optimizer``, ...). Defaults: ``lr=inner_lr``, ``train_split=None``, the
+            estimator's ``device``, MSE (regressor) or cross-entropy on the logits
+            (classifier) as the criterion.
+
+        Returns
+        -------
+        skorch.NeuralNetRegressor or skorch.NeuralNetClassifier
+            Initialized, so ``predict`` works at once and ``partial_fit`` continues from
+            the exported weights (``fit`` too: skorch keeps a module instance's weights).
+            The module is a copy; training it leaves this estimator unchanged.
+
+        Notes
+        -----
+        The weights are the adapted ones after :meth:`fit`, else the meta-learned
+        initialization. skorch trains every parameter with its own optimizer: Meta-SGD's
+        learned per-parameter rates and ANIL's frozen body do not carry over. The
+        regressor's net expects 2-D float32 targets, ``y.reshape(-1, 1)``; the
+        classifier's net works on class indices ``0..n_outputs-1``, so encode labels with
+        ``np.searchsorted(est.classes_, y)``.
+        """
+        if hasattr(self, "adapted_params_"):
+            module = copy.deepcopy(self._learner.module)
+            state = {k: v[0] for k, v in self.adapted_params_.items()}
+            module.load_state_dict({**module.state_dict(), **state})
+        else:
+            init = self._resolve_meta_init()
+            if init is None:
+                raise NotFittedError(
+                    f"this {type(self).__name__} has no weights to export yet: call meta_fit "
+                    "or fit first (or pass meta_init)."
+                )
+            module = self._factory().from_init(init).module
+        kwargs.setdefault("device", str(self.device))
+        return self._target.skorch_net(module, kwargs, self.inner_lr)

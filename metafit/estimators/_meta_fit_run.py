@@ -1,0 +1,311 @@
+"""One ``meta_fit`` call as a small object: check the tasks, train, hand back the result.
+
+:class:`MetaFitRun` does everything :meth:`MetaInitializedEstimator.meta_fit` needs
+between validating the parameters and storing the result: it reads the first meta-batch
+and the validation tasks (every check that can run before training runs here), finds where
+a warm start continues (a typed :class:`WarmStart`), builds the learner through the
+:class:`LearnerFactory`, assembles the callbacks the parameters ask for, runs
+:func:`metafit.training.meta_train`, and turns its result into a :class:`MetaFitOutcome`.
+It never assigns to the estimator: the estimator stores the outcome.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+import torch
+
+from metafit.callbacks import BestState, Checkpoint, EarlyStopping, ProgressBar
+from metafit.distributed import distributed_training
+from metafit.estimators._inputs import SeededTorch, seed_from
+from metafit.estimators._learners import LearnerFactory
+from metafit.persistence import MetaInit, module_spec
+from metafit.tasks import Task, iter_meta_batches
+from metafit.training import DivergenceError, MetaHistory, TrainingState, meta_train
+
+__all__ = ["MetaFitOutcome", "MetaFitRun", "WarmStart"]
+
+_MAX_VALIDATION_TASKS = 100
+
+
+@dataclass
+class WarmStart:
+    """Where ``warm_start=True`` continues: the training state and the bookkeeping around.
+
+    ``meta_init`` is the initialization this record belongs to: when the estimator's
+    ``meta_init_`` is replaced, only its tensors are known and the record is dropped.
+    """
+
+    state: TrainingState
+    algorithm: str | None
+    history: list = field(default_factory=list)
+    time: float = 0.0
+    best_loss: float = math.inf
+    best_iteration: int | None = None
+    best_tensors: dict | None = None
+    wait: int = 0
+    meta_init: MetaInit | None = None
+
+    @classmethod
+    def from_init(cls, init: MetaInit, history: list) -> WarmStart:
+        """The record of an initialization read from a file or set by hand."""
+        meta = init.metadata
+        done = history[-1]["iteration"] if history else meta.get("iteration", 0)
+        return cls(
+            state=TrainingState(int(done), init.tensors),
+            algorithm=meta.get("algorithm"),
+            history=history,
+            time=history[-1]["time"] if history else 0.0,
+            best_loss=float(meta.get("best_validation_loss", math.inf)),
+            best_iteration=meta.get("best_iteration"),
+            best_tensors=init.tensors if "best_iteration" in meta else None,
+        )
+
+
+@dataclass
+class MetaFitOutcome:
+    """What a run hands back: the estimator's new ``meta_init_`` and ``meta_history_``,
+    the record a later warm start continues, and whether Ctrl-C ended it."""
+
+    meta_init: MetaInit
+    history: MetaHistory
+    warm: WarmStart
+    interrupted: bool
+    last_iteration: int
+
+
+class MetaFitRun:
+    """One meta-training run of an estimator (read-only access to its parameters).
+
+    Parameters
+    ----------
+    est : MetaInitializedEstimator
+        Its parameters are read, never assigned; its current ``meta_init_``,
+        ``meta_history_`` and warm-start record are read for ``warm_start=True``.
+    target : TargetKind
+    """
+
+    def __init__(self, est, target):
+        self.est = est
+        self.target = target
+        self.factory = LearnerFactory.of(est, target)
+
+    # ------------------------------------------------------------------ before training
+
+    def read_tasks(self, tasks: Iterable, validation_tasks: Iterable | None):
+        """The checked first meta-batch, the stream of the others, the validation tasks."""
+        if isinstance(tasks, (Task, np.ndarray)) or not isinstance(tasks, Iterable):
+            raise TypeError(
+                "tasks must be an iterable of Task or (X_support, y_support, X_query, "
+                f"y_query) tuples, got {type(tasks).__name__}."
+            )
+        batches = iter_meta_batches(tasks, self.est.meta_batch_size)
+        first = next(batches, None)
+        if first is None:
+            raise ValueError("tasks is empty: meta_fit needs at least one task.")
+        first = [self.target.prepare_task(t) for t in first]
+        self.feature_shape = first[0].feature_shape
+        self.n_outputs = self.target.meta_outputs(first)
+        val = None
+        if validation_tasks is not None:
+            val = next(iter_meta_batches(validation_tasks, _MAX_VALIDATION_TASKS), [])
+            if not val:
+                raise ValueError("validation_tasks is empty; pass None or at least one task.")
+        val = self._checked([*first, *(val or [])])[len(first) :] or None
+        if self.est.patience is not None and val is None:
+            raise ValueError(
+                "patience (early stopping) needs validation_tasks: call "
+                "meta_fit(tasks, validation_tasks=held_out_tasks) or set patience=None."
+            )
+        stream = itertools.chain([first], (self._checked(b) for b in batches))
+        return stream, val
+
+    def _checked(self, batch) -> list[Task]:
+        out = []
+        for t in batch:
+            t = self.target.prepare_task(t)
+            if t.feature_shape != self.feature_shape:
+                raise ValueError(
+                    f"a task has feature shape {t.feature_shape} but the first task had "
+                    f"{self.feature_shape}; all tasks must share their features."
+                )
+            self.target.check_task(t, self.n_outputs)
+            out.append(t)
+        return out
+
+    def warm_start_point(self) -> WarmStart | None:
+        """Where ``warm_start=True`` continues from: ``meta_init_``, else ``meta_init``."""
+        est = self.est
+        saved = est.__dict__.get("_warm_state_")
+        if hasattr(est, "meta_init_"):
+            init, history = est.meta_init_, list(getattr(est, "meta_history_", []))
+            if saved is not None and saved.meta_init is not init:
+                saved = None  # meta_init_ was replaced since: only its tensors are known
+        else:
+            init, history, saved = est._resolve_meta_init(), [], None
+        if init is None:
+            return None
+        shape = init.metadata.get("feature_shape")
+        if (shape is not None and list(shape) != list(self.feature_shape)) or (
+            init.n_outputs != self.n_outputs
+        ):
+            raise ValueError(
+                f"warm_start=True continues a meta-initialization for feature shape "
+                f"{tuple(shape or ())} and {init.n_outputs} output(s), but these tasks have "
+                f"{tuple(self.feature_shape)} and {self.n_outputs}; pass matching tasks or "
+                "set warm_start=False to start over."
+            )
+        if saved is not None:
+            return replace(saved, history=history)
+        return WarmStart.from_init(init, history)
+
+    # ------------------------------------------------------------------ training
+
+    def run(self, stream, val, resume: WarmStart | None) -> MetaFitOutcome:
+        """Meta-train; a DivergenceError carries the outcome so far as ``outcome``."""
+        est = self.est
+        n_features = int(np.prod(self.feature_shape))
+        meta_steps = est.inner_steps if est.meta_inner_steps is None else est.meta_inner_steps
+        # Under torchrun / in a process group: this rank's share of each meta-batch.
+        parallel = distributed_training(est.meta_batch_size, est.device)
+        with parallel, SeededTorch(seed_from(est.random_state), est.device):
+            learner, kwargs = self.factory.for_training(n_features, self.n_outputs, meta_steps)
+            learner.init_optimizer(est.meta_lr, est.meta_iterations)
+            if resume is not None:
+                self._restore(learner, resume)
+            self._metadata = self._describe(learner, n_features, module_spec(learner.module,
+                                                                             kwargs))
+            callbacks, best, stopper = self._callbacks(resume, val)
+            try:
+                result = meta_train(
+                    learner,
+                    parallel.shard(stream),
+                    iterations=est.meta_iterations,
+                    validation_tasks=val,
+                    validation_interval=est.validation_interval,
+                    validation_steps=est.inner_steps,
+                    callbacks=parallel.prepare(learner, callbacks),
+                    grad_hook=parallel.grad_hook,
+                    clip_grad_norm=est.clip_grad_norm,
+                    start_iteration=0 if resume is None else resume.state.iteration,
+                    start_time=0.0 if resume is None else resume.time,
+                    catch_interrupt=True,
+                )
+            except DivergenceError as exc:
+                # Keep what was learned up to the last finite iteration, then report.
+                if exc.result is not None and exc.result.history:
+                    exc.outcome = self._outcome(exc.result, resume, None, stopper, False)
+                raise
+        use_best = result.interrupted or est.patience is not None
+        return self._outcome(result, resume, best, stopper, use_best)
+
+    @staticmethod
+    def _restore(learner, resume: WarmStart) -> None:
+        state = resume.state
+        if resume.algorithm != learner.algorithm.name:
+            state = TrainingState(state.iteration, state.tensors)  # fresh optimizer
+        try:
+            state.restore(learner, keep_lr=True)
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise ValueError(
+                "warm_start=True, but the meta-initialization to continue does not fit this "
+                f"estimator's module or algorithm ({exc}); use the same module and "
+                "algorithm, or set warm_start=False to start over."
+            ) from exc
+
+    def _describe(self, learner, n_features: int, spec: dict) -> tuple[dict, dict]:
+        est = self.est
+        metadata = {
+            "estimator": self.target.kind,
+            "algorithm": learner.algorithm.name,
+            "algorithm_options": learner.algorithm.get_config(),
+            "inner_lr": float(est.inner_lr),
+            "inner_steps": int(est.inner_steps),
+            "meta_inner_steps": int(learner.inner_steps),
+            "n_features": n_features,
+            "feature_shape": list(self.feature_shape),
+            "n_outputs": int(self.n_outputs),
+            "loss": self.target.loss,
+            "versions": _versions(),
+        }
+        return metadata, spec
+
+    def make_meta_init(self, tensors, iteration: int, **extra) -> MetaInit:
+        """The artifact of ``tensors`` after ``iteration`` meta-iterations."""
+        metadata, spec = self._metadata
+        meta = {**metadata, "meta_iterations": int(iteration), "iteration": int(iteration)}
+        return MetaInit(tensors, spec, {**meta, **extra})
+
+    def _callbacks(self, resume: WarmStart | None, val):
+        """The callbacks the parameters ask for, plus the best-state tracker."""
+        est = self.est
+        callbacks, best, stopper = [], None, None
+        if val is not None:
+            best = BestState()
+            if resume is not None:
+                best = BestState(resume.best_loss, resume.best_iteration, resume.best_tensors)
+            callbacks.append(best)
+        if est.patience is not None:
+            stopper = EarlyStopping(
+                int(est.patience),
+                float(est.min_delta),
+                best_loss=math.inf if resume is None else resume.best_loss,
+                wait=0 if resume is None else resume.wait,
+            )
+            callbacks.append(stopper)
+        if est.checkpoint_path is not None:
+            callbacks.append(
+                Checkpoint(
+                    est.checkpoint_path,
+                    int(est.checkpoint_interval),
+                    lambda learner, it: self.make_meta_init(learner.state_tensors(), it),
+                )
+            )
+        if est.verbose:
+            callbacks.append(ProgressBar(desc=f"meta_fit {type(est).__name__}"))
+        return callbacks, best, stopper
+
+    def _outcome(self, result, resume, best, stopper, use_best: bool) -> MetaFitOutcome:
+        previous = [] if resume is None else resume.history
+        history = MetaHistory([*previous, *(r.as_dict() for r in result.history)])
+        last = result.last_state.to_cpu()
+        tensors, extra = last.tensors, {}
+        if use_best and best is not None and best.best_tensors is not None:
+            tensors = best.best_tensors
+            extra = {"best_iteration": best.best_iteration, "best_validation_loss": best.best_loss}
+        meta_init = self.make_meta_init(tensors, last.iteration, **extra)
+        warm = WarmStart(
+            state=last,
+            algorithm=meta_init.metadata["algorithm"],
+            time=history[-1]["time"] if history else 0.0,
+            best_loss=math.inf if best is None else best.best_loss,
+            best_iteration=None if best is None else best.best_iteration,
+            best_tensors=None if best is None else best.best_tensors,
+            wait=0 if stopper is None else stopper.wait,
+            meta_init=meta_init,
+        )
+        return MetaFitOutcome(meta_init, history, warm, result.interrupted, result.last_iteration)
+
+
+def warn_already_done(done: int, meta_iterations: int) -> None:
+    """``warm_start=True`` with nothing left to do."""
+    warnings.warn(
+        f"meta_fit with warm_start=True: {done} meta-iterations are already done and "
+        f"meta_iterations={meta_iterations}; increase meta_iterations to train further. The "
+        "estimator was left unchanged.",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def _versions() -> dict:
+    import sklearn
+
+    from metafit._version import __version__
+
+    return {"metafit": __version__, "torch": torch.__version__, "sklearn": sklearn.__version__}

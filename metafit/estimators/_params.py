@@ -1,0 +1,182 @@
+"""The estimators' parameters, declared once: what each accepts, read by every checker.
+
+:data:`PARAMETERS` is the one table of the constructor parameters' rules (the model is
+scikit-learn's ``_parameter_constraints``). :func:`check_params` validates an estimator
+with it; :mod:`metafit.config` coerces config values by its ``kind``; the search spaces
+of :mod:`metafit.tuning` check their ranges against its bounds and choices; and a test
+holds the estimators' docstrings to it, so that the four cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import inspect
+import numbers
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from metafit._checks import check_int, check_real
+from metafit.algorithms import ALGORITHMS, MetaAlgorithm
+from metafit.estimators._inputs import seed_from
+from metafit.functional import STRATEGIES
+
+__all__ = ["PARAMETERS", "Param", "check_params"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """The rule of one constructor parameter.
+
+    Attributes
+    ----------
+    kind : {"int", "real", "choice", "bool", "sizes", "module", "path", "seed", "device",
+        "algorithm", "any"}
+        What values are: ``int`` and ``real`` with ``minimum`` (``strict``: above it),
+        ``choice`` one of ``choices``, and the special kinds checked by their own rule.
+    nullable : bool
+        None is accepted (meaning "the default behaviour").
+    """
+
+    kind: str
+    minimum: float | None = None
+    strict: bool = False
+    nullable: bool = False
+    choices: tuple = field(default=())
+
+    def check(self, name: str, value) -> None:
+        """Raise TypeError/ValueError naming ``name`` and the fix when ``value`` breaks it."""
+        allow = (None,) if self.nullable else ()
+        if self.kind == "int":
+            check_int(name, value, minimum=int(self.minimum or 0), allow=allow)
+        elif self.kind == "real":
+            check_real(name, value, self.minimum or 0, strict=self.strict, allow=allow)
+        elif self.kind == "choice":
+            if isinstance(value, str) and value in self.choices:
+                return
+            if len(self.choices) == 2:
+                first, second = self.choices
+                raise ValueError(f'{name} must be "{first}" or "{second}", got {value!r}.')
+            raise ValueError(f"{name} must be one of {', '.join(self.choices)}; got {value!r}.")
+        elif self.kind == "bool":
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{name} must be True or False, got {value!r}.")
+        else:
+            _SPECIAL[self.kind](name, value)
+
+
+def _check_algorithm(name, value) -> None:
+    if isinstance(value, MetaAlgorithm) or (isinstance(value, str) and value in ALGORITHMS):
+        return
+    raise ValueError(
+        f"{name} must be one of {', '.join(sorted(ALGORITHMS))} or a "
+        f"metafit.algorithms.MetaAlgorithm instance; got {value!r}."
+    )
+
+
+def _check_sizes(name, value) -> None:
+    sizes = (value,) if isinstance(value, numbers.Integral) else value
+    ok = isinstance(sizes, (tuple, list)) and all(
+        isinstance(h, numbers.Integral) and not isinstance(h, bool) and h > 0 for h in sizes
+    )
+    if not ok:
+        raise ValueError(f"{name} must be a tuple of positive ints, got {value!r}.")
+
+
+def _check_module(name, value) -> None:
+    if value is None or isinstance(value, nn.Module):
+        return
+    if inspect.isclass(value) and issubclass(value, nn.Module):
+        return
+    raise TypeError(f"{name} must be None, an nn.Module subclass or instance; got {value!r}.")
+
+
+def _check_device(name, value) -> None:
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"{name} {value!r} is not a torch device: {exc}") from exc
+
+
+def _check_path(name, value) -> None:
+    if value is None:
+        return
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be None, a str or a path, got {type(value).__name__}.")
+    if str(value) == "" or os.path.isdir(value):
+        raise ValueError(
+            f"{name} {str(value)!r} must name a file, not a folder; e.g. "
+            "'meta_init.safetensors'."
+        )
+
+
+def _check_verbose(name, value) -> None:
+    if not isinstance(value, (bool, numbers.Integral)) or value < 0:
+        raise ValueError(f"{name} must be an int >= 0 (0 is silent), got {value!r}.")
+
+
+def _check_seed(name, value) -> None:
+    seed_from(value)
+
+
+def _no_check(name, value) -> None:
+    """``meta_init`` is checked when it is read (a file's contents, a MetaInit's shape)."""
+
+
+_SPECIAL = {
+    "algorithm": _check_algorithm,
+    "sizes": _check_sizes,
+    "module": _check_module,
+    "device": _check_device,
+    "path": _check_path,
+    "verbose": _check_verbose,
+    "seed": _check_seed,
+    "any": _no_check,
+}
+
+#: Every constructor parameter of the estimators, in signature order, with its rule.
+PARAMETERS: dict[str, Param] = {
+    "module": Param("module"),
+    "hidden_sizes": Param("sizes"),
+    "activation": Param("any"),  # checked by metafit.models.MLP, which lists the names
+    "algorithm": Param("algorithm", choices=tuple(ALGORITHMS)),
+    "inner_lr": Param("real", minimum=0, strict=True),
+    "inner_steps": Param("int", minimum=0),
+    "meta_inner_steps": Param("int", minimum=0, nullable=True),
+    "meta_lr": Param("real", minimum=0, strict=True, nullable=True),
+    "meta_batch_size": Param("int", minimum=1),
+    "meta_iterations": Param("int", minimum=1),
+    "validation_interval": Param("int", minimum=1),
+    "forward": Param("choice", choices=STRATEGIES),
+    "device": Param("device"),
+    "random_state": Param("seed", nullable=True),
+    "verbose": Param("verbose"),
+    "meta_init": Param("any", nullable=True),
+    "warm_start": Param("bool"),
+    "patience": Param("int", minimum=1, nullable=True),
+    "min_delta": Param("real", minimum=0),
+    "clip_grad_norm": Param("real", minimum=0, strict=True, nullable=True),
+    "checkpoint_path": Param("path", nullable=True),
+    "checkpoint_interval": Param("int", minimum=1),
+    "on_interrupt": Param("choice", choices=("warn", "raise")),
+}
+
+
+def check_params(est) -> None:
+    """Validate an estimator's constructor parameters; raise TypeError/ValueError saying how.
+
+    scikit-learn's rule: ``__init__`` only stores, ``fit`` and ``meta_fit`` validate.
+    """
+    for key in est.__dict__.get("_extra_params", ()):
+        raise TypeError(
+            f"{type(est).__name__} got an unexpected keyword argument {key!r}; "
+            "module constructor arguments are passed as module__<name>."
+        )
+    for name, rule in PARAMETERS.items():
+        value = getattr(est, name)
+        if name == "hidden_sizes" and est.module is not None:
+            continue  # unused with a module of the user's
+        rule.check(name, value)
+

@@ -1,0 +1,175 @@
+"""What the regressor and the classifier differ by: a small target-kind object.
+
+A :class:`TargetKind` knows its loss, how many outputs the network needs for a set of
+tasks or a ``y``, how ``fit`` encodes ``y`` (and what it remembers to decode predictions),
+which meta-training tasks it accepts, and which skorch net it exports to. The estimator
+shell (:class:`metafit.estimators.MetaInitializedEstimator`) holds one and asks it; it
+never reads the subclass's attributes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+from sklearn.preprocessing import LabelEncoder
+from sklearn.utils.multiclass import check_classification_targets
+from torch import nn
+
+from metafit.persistence import MetaInit
+from metafit.tasks import Task
+
+__all__ = ["ClassificationTarget", "EncodedTarget", "RegressionTarget", "TargetKind"]
+
+
+@dataclass
+class EncodedTarget:
+    """``fit``'s ``y`` as the engine takes it, the outputs it needs, and the fitted
+    attributes the estimator sets (``classes_``; the regressor's target dimension)."""
+
+    y: np.ndarray
+    n_outputs: int
+    fitted: dict[str, Any] = field(default_factory=dict)
+
+
+class TargetKind:
+    """Base class: the target-specific parts of an estimator."""
+
+    #: ``MetaInit.metadata["estimator"]``: which estimators an initialization may serve
+    kind: ClassVar[str] = ""
+    #: the task loss, a key of :data:`metafit.losses.LOSSES`
+    loss: ClassVar[str] = ""
+    #: keyword arguments of scikit-learn's ``validate_data`` for ``fit``'s ``y``
+    fit_checks: ClassVar[dict] = {}
+    regression: ClassVar[bool] = True
+
+    def prepare_task(self, task) -> Task:
+        """A meta-training task as this target kind takes it (raise if unusable)."""
+        return task if isinstance(task, Task) else Task.from_tuple(task)
+
+    def meta_outputs(self, tasks: list[Task]) -> int:
+        """Network outputs that the first meta-batch needs."""
+        raise NotImplementedError
+
+    def check_task(self, task: Task, n_outputs: int) -> None:
+        """Raise if a later task does not fit a network with ``n_outputs`` outputs."""
+
+    def encode(self, y: np.ndarray, fast: bool) -> EncodedTarget:
+        """``fit``'s validated ``y`` (``fast``: it skipped ``validate_data``)."""
+        raise NotImplementedError
+
+    def check_init(self, init: MetaInit | None, target: EncodedTarget) -> None:
+        """Raise if ``fit``'s targets do not fit the meta-learned head."""
+
+    def skorch_net(self, module: nn.Module, kwargs: dict, inner_lr: float):
+        """An initialized skorch net around ``module`` (see ``to_skorch``)."""
+        raise NotImplementedError
+
+
+class RegressionTarget(TargetKind):
+    """Real targets, 1-D or 2-D (several outputs); MSE."""
+
+    kind = "regressor"
+    loss = "mse"
+    fit_checks = {"multi_output": True, "y_numeric": True}
+    regression = True
+
+    def meta_outputs(self, tasks):
+        y = tasks[0].y_support
+        return 1 if y.ndim == 1 else int(y.shape[1])
+
+    def check_task(self, task, n_outputs):
+        got = 1 if task.y_support.ndim == 1 else task.y_support.shape[1]
+        if got != n_outputs or not np.issubdtype(task.y_support.dtype, np.number):
+            raise ValueError(
+                f"a task has {got} numeric target column(s) (dtype {task.y_support.dtype}); "
+                f"the first task had {n_outputs}. All tasks must share their targets."
+            )
+
+    def encode(self, y, fast):
+        y = np.asarray(y, dtype=np.float32)
+        n_outputs = 1 if y.ndim == 1 else int(y.shape[1])
+        return EncodedTarget(y, n_outputs, {"_y_ndim": y.ndim})
+
+    def check_init(self, init, target):
+        if init is not None and init.n_outputs != target.n_outputs:
+            raise ValueError(
+                f"y has {target.n_outputs} output column(s) but the meta-learned "
+                f"initialization predicts {init.n_outputs}; use the targets of meta-training."
+            )
+
+    def skorch_net(self, module, kwargs, inner_lr):
+        from skorch import NeuralNetRegressor
+
+        kwargs.setdefault("criterion", nn.MSELoss)
+        kwargs.setdefault("lr", inner_lr)
+        kwargs.setdefault("train_split", None)
+        return NeuralNetRegressor(module, **kwargs).initialize()
+
+
+class ClassificationTarget(TargetKind):
+    """Class labels of any kind, mapped onto the head's first outputs; cross-entropy."""
+
+    kind = "classifier"
+    loss = "cross_entropy"
+    fit_checks = {}
+    regression = False
+
+    def prepare_task(self, task):
+        task = super().prepare_task(task)
+        for y in (task.y_support, task.y_query):
+            if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or y.min() < 0:
+                raise ValueError(
+                    "classification tasks need 1-D integer class indices >= 0 as targets "
+                    f"(got dtype {y.dtype}, shape {y.shape}); NWayKShotTasks remaps labels "
+                    "for you."
+                )
+        return task
+
+    def meta_outputs(self, tasks):
+        return int(max(max(t.y_support.max(), t.y_query.max()) for t in tasks)) + 1
+
+    def check_task(self, task, n_outputs):
+        top = int(max(task.y_support.max(), task.y_query.max()))
+        if top >= n_outputs:
+            raise ValueError(
+                f"a task has class index {top} but the head has {n_outputs} outputs (set by "
+                "the first meta-batch); use the same n_way for all tasks."
+            )
+
+    def encode(self, y, fast):
+        if fast:
+            classes, codes = np.unique(y, return_inverse=True)
+        else:
+            check_classification_targets(y)
+            encoder = LabelEncoder().fit(y)
+            classes, codes = encoder.classes_, encoder.transform(y)
+        if len(classes) < 2:
+            raise ValueError(
+                f"y contains only one class ({classes[0]!r}); a classifier needs at least "
+                "2 classes to fit."
+            )
+        return EncodedTarget(codes, len(classes), {"classes_": classes})
+
+    def check_init(self, init, target):
+        if init is not None and target.n_outputs > init.n_outputs:
+            raise ValueError(
+                f"y has {target.n_outputs} classes but the meta-learned head has "
+                f"{init.n_outputs} outputs; meta-train with n_way >= {target.n_outputs}."
+            )
+
+    def skorch_net(self, module, kwargs, inner_lr):
+        from skorch import NeuralNetClassifier
+
+        kwargs.setdefault("criterion", nn.CrossEntropyLoss)
+        kwargs.setdefault("lr", inner_lr)
+        kwargs.setdefault("train_split", None)
+        kwargs.setdefault("classes", list(range(module_outputs(module))))
+        return NeuralNetClassifier(module, **kwargs).initialize()
+
+
+def module_outputs(module: nn.Module) -> int:
+    """Number of outputs of a module's last parameterized layer."""
+    last = [p for p in module.parameters()][-1]
+    return int(last.shape[0])

@@ -1,0 +1,73 @@
+"""The scikit-learn regressor over the meta-learning engine."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.base import RegressorMixin
+
+from metafit.estimators._base import MetaInitializedEstimator
+from metafit.estimators._targets import RegressionTarget
+
+__all__ = ["MetaInitializedRegressor"]
+
+
+class MetaInitializedRegressor(RegressorMixin, MetaInitializedEstimator):
+    """A neural regressor that adapts a meta-learned initialization in a few steps.
+
+    See :class:`metafit.estimators.MetaInitializedEstimator` for the parameters. Targets
+    may be 1-D or 2-D (several outputs).
+
+    Examples
+    --------
+    >>> from metafit import MetaInitializedRegressor
+    >>> from metafit.tasks import SinusoidTasks
+    >>> est = MetaInitializedRegressor(meta_iterations=20, random_state=0)
+    >>> est = est.meta_fit(SinusoidTasks(k_shot=10, random_state=0))
+    >>> task = SinusoidTasks(random_state=1).sample(1)[0]
+    >>> est.fit(task.X_support, task.y_support).predict(task.X_query).shape
+    (10,)
+    """
+
+    _target = RegressionTarget()
+
+    def fit(self, X, y):
+        """Adapt the (meta-learned) initialization to one task.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+        y : array-like of shape (n_samples,) or (n_samples, n_outputs)
+
+        Returns
+        -------
+        self : object
+
+        Raises
+        ------
+        ValueError
+            For NaN/inf, empty or 1-D X, non-numeric data, X and y of different lengths,
+            or X/y that do not match the meta-learned initialization (features, outputs).
+            The estimator is left exactly as it was.
+        """
+        return self._fit(X, y)
+
+    def predict(self, X):
+        """Predict with the adapted network.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        ndarray of shape (n_samples,) or (n_samples, n_outputs)
+        """
+        out = self._raw_predict(self._check_X_predict(X)).cpu().numpy()
+        return out[:, 0].astype(np.float64) if self._y_ndim == 1 else out.astype(np.float64)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.target_tags.multi_output = True
+        tags.target_tags.single_output = True
+        tags.regressor_tags.poor_score = True  # see metafit.estimators._base._POOR_SCORE
+        return tags
