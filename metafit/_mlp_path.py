@@ -156,23 +156,7 @@ class MLPPath:
             h = act(_linear(h, params[w], params[b]))
         body = h
         n, n_out = h.shape[-2], params[self.names[-1][0]].shape[-2]
-        column = y.dim() == h.dim() - 1  # one target per example
-        output_grad, target = None, None  # None: the output gradient is ``out - target``
-        if loss_fn is mse_loss:
-            target = y.unsqueeze(-1) if column else y
-            factor = 2.0 / (n if column else n * y.shape[-1])
-            if column and n_out > 1:  # only the first output is compared
-
-                def output_grad(out):
-                    return F.pad(out[..., :1] - target, (0, n_out - 1))
-        elif loss_fn is cross_entropy_loss:
-            onehot = F.one_hot(y, n_out).to(h.dtype)
-            factor = 1.0 / n
-
-            def output_grad(out):
-                return torch.softmax(out, -1) - onehot
-        else:  # pragma: no cover - make_grad_fn only builds this for the losses above
-            raise ValueError(f"no analytic gradient for the loss {loss_fn!r}.")
+        output_grad, target, factor = _output_gradient(loss_fn, y, h, n, n_out)
         if single:  # module-shaped parameters: plain 2-D kernels
             linear, mm, back = F.linear, torch.mm, torch.mm
         else:
@@ -210,6 +194,32 @@ class MLPPath:
             return grads
 
         return step, factor
+
+
+def _output_gradient(loss_fn: Callable, y: Tensor, h: Tensor, n: int, n_out: int):
+    """``(output_grad, target, factor)`` of a built-in loss: the loss's gradient at the
+    outputs is ``factor * output_grad(out)``, or ``factor * (out - target)`` when
+    ``output_grad`` is None (the MSE's common case)."""
+    column = y.dim() == h.dim() - 1  # one target per example
+    if loss_fn is mse_loss:
+        target = y.unsqueeze(-1) if column else y
+        factor = 2.0 / (n if column else n * y.shape[-1])
+        if column and n_out > 1:  # only the first output is compared
+
+            def first_output(out):
+                return F.pad(out[..., :1] - target, (0, n_out - 1))
+
+            return first_output, target, factor
+        return None, target, factor
+    if loss_fn is cross_entropy_loss:
+        onehot = F.one_hot(y, n_out).to(h.dtype)
+
+        def softmax_grad(out):
+            return torch.softmax(out, -1) - onehot
+
+        return softmax_grad, None, 1.0 / n
+    # make_grad_fn only builds the analytic path for the losses above
+    raise ValueError(f"no analytic gradient for the loss {loss_fn!r}.")  # pragma: no cover
 
 
 class MLPGradient:

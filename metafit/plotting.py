@@ -25,7 +25,13 @@ from metafit.learner import MetaLearner
 from metafit.persistence import MetaInit
 from metafit.tasks import Task, as_task
 
-__all__ = ["adaptation_curves", "plot_adaptation", "plot_meta_history", "plot_predictions"]
+__all__ = [
+    "adaptation_curves",
+    "plot_adaptation",
+    "plot_meta_history",
+    "plot_predictions",
+    "write_report",
+]
 
 
 def _pyplot():
@@ -352,3 +358,79 @@ def plot_predictions(est, task, ax=None, *, steps: int | None = None, n_grid: in
     ax.set_ylabel("y")
     ax.legend(fontsize="small")
     return ax
+
+
+# --------------------------------------------------------------------------- study report
+
+_PLOTS = (
+    ("optimization_history", "plot_optimization_history"),
+    ("param_importances", "plot_param_importances"),
+    ("slice", "plot_slice"),
+    ("intermediate_values", "plot_intermediate_values"),
+)
+
+
+def write_report(study, out) -> tuple[list, list[str]]:
+    """Write a study's plots into ``out``: PNGs (matplotlib), plus HTML when plotly is there.
+
+    Returns
+    -------
+    written : list of Path
+    skipped : list of str
+        One reason per plot that could not be drawn (e.g. too few trials).
+    """
+    import warnings
+    from pathlib import Path
+
+    from optuna.trial import TrialState
+
+    out = Path(out)
+    written: list[Path] = []
+    skipped: list[str] = []
+    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not done:
+        return written, [f"all plots: study {study.study_name!r} has no completed trial"]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from optuna.visualization import matplotlib as ovm
+    except ImportError:
+        ovm = None
+        skipped.append("PNG plots: matplotlib is not installed (pip install 'metafit[plot]')")
+    try:
+        import plotly  # noqa: F401
+        from optuna import visualization as ovp
+    except ImportError:
+        ovp = None
+    has_intermediate = any(t.intermediate_values for t in study.get_trials(deepcopy=False))
+    for name, func in _PLOTS:
+        if name == "intermediate_values" and not has_intermediate:
+            continue
+        if name == "param_importances" and (len(done) < 2 or not done[0].params):
+            skipped.append(f"{name}: needs at least 2 completed trials with parameters")
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                if ovm is not None:
+                    axes = getattr(ovm, func)(study)
+                    first = axes.flat[0] if hasattr(axes, "flat") else axes
+                    fig = first.get_figure()
+                    if name == "slice":  # one panel per parameter, plus a colorbar
+                        n = len(getattr(axes, "flat", [axes]))
+                        fig.set_size_inches(max(6.4, 3.6 * n + 1.5), 4.8)
+                    path = out / f"{name}.png"
+                    fig.savefig(path, dpi=100, bbox_inches="tight")
+                    plt.close(fig)
+                    written.append(path)
+                if ovp is not None:
+                    path = out / f"{name}.html"
+                    # plotly.min.js is written once beside the pages, which
+                    # then work offline (a CDN link leaves them blank there).
+                    getattr(ovp, func)(study).write_html(str(path), include_plotlyjs="directory")
+                    written.append(path)
+            except (ValueError, RuntimeError, ZeroDivisionError) as exc:
+                skipped.append(f"{name}: {exc}")
+    return written, skipped

@@ -18,12 +18,14 @@ from __future__ import annotations
 import logging
 import math
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from metafit import _torch_compat as compat
 from metafit.learner import GradientHook, MetaLearner
 from metafit.tasks import Task
 
@@ -261,7 +263,7 @@ def _all_finite(tensors) -> bool:
     tensors = [t.detach() for t in tensors]
     if not tensors:
         return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+    return bool(torch.isfinite(torch.stack(compat.foreach_norm(tensors))).all())
 
 
 def _lr_of(learner: MetaLearner) -> float:
@@ -327,6 +329,8 @@ def _divergence_message(
     )
 
 
+# Long function: 99 lines, of which 45 are the numpydoc of its 14 options; the loop itself
+# is 40 lines and each iteration's work is _Loop.iterate.
 def meta_train(
     learner: MetaLearner,
     meta_batches: Iterator[list[Task]],
@@ -382,17 +386,9 @@ def meta_train(
     DivergenceError
         See ``check_finite``.
     """
-    result = TrainingResult()
-    result.last_state = first_state = TrainingState.capture(learner, start_iteration)
-    previous_state: TrainingState | None = None
-
-    def hook(grads):
-        if grad_hook is not None:
-            grad_hook(grads)
-        if not _all_finite(grads):
-            raise _NonFiniteGradient
-
-    step_hook = hook if check_finite else grad_hook
+    loop = _Loop(learner, start_iteration, grad_hook if not check_finite else None, check_finite)
+    if check_finite:
+        loop.grad_hook = loop.checked_hook(grad_hook)
     logger.info(
         "meta-training %s with %s from iteration %d to %d",
         type(learner.module).__name__,
@@ -402,52 +398,23 @@ def meta_train(
     )
     for cb in callbacks:
         cb.on_train_begin(learner, iterations)
-    start = time.perf_counter() - float(start_time)
+    loop.start = time.perf_counter() - float(start_time)
     iteration = start_iteration
+    result = loop.result
     try:
         while iteration < iterations:
             batch = next(meta_batches, None)
             if batch is None:
-                logger.info("the tasks ran out after %d meta-iterations", iteration)
+                _warn_ran_out(iteration, iterations)
                 break
             iteration += 1
-            diverged = None
-            try:
-                loss = learner.meta_step(
-                    learner.batches(batch), grad_hook=step_hook, clip_grad_norm=clip_grad_norm
-                )
-            except _NonFiniteGradient:
-                loss, diverged = float("nan"), "meta-gradient"
-            if diverged is None and check_finite and not math.isfinite(loss):
-                diverged = "meta-loss"
-            val = None
-            if (
-                diverged is None
-                and validation_tasks
-                and (iteration % validation_interval == 0 or iteration == iterations)
-            ):
-                val = learner.evaluate(validation_tasks, steps=validation_steps)
-                if check_finite and not math.isfinite(val):
-                    diverged = "validation loss"
-            if diverged is not None:
-                result.last_state.restore(learner)
-                if previous_state is not None and not _adapts_finitely(learner, batch):
-                    # The last step already ruined the initialization: go one step back.
-                    previous_state.restore(learner)
-                    result.last_state = previous_state
-                    result.history.pop()
-                message = _divergence_message(
-                    learner, batch, iteration, diverged, first_state, result.last_iteration
-                )
-                logger.error(message)
-                error = DivergenceError(message)
-                error.result = result
-                raise error
-            record = HistoryRecord(iteration, loss, val, time.perf_counter() - start)
-            state = TrainingState.capture(learner, iteration)
-            previous_state, result.last_state = result.last_state, state
-            result.history.append(record)
-            logger.debug("iteration %d: meta_loss=%.4g validation_loss=%s", iteration, loss, val)
+            validate = bool(validation_tasks) and (
+                iteration % validation_interval == 0 or iteration == iterations
+            )
+            record = loop.iterate(
+                batch, iteration, clip_grad_norm, validation_tasks if validate else None,
+                validation_steps,
+            )
             try:
                 for cb in callbacks:
                     cb.on_iteration_end(learner, record)
@@ -456,17 +423,100 @@ def meta_train(
                 logger.info("stopped early after iteration %d", iteration)
                 break
     except KeyboardInterrupt:
-        # The interrupt may have landed anywhere, even inside an optimizer step, or
-        # between taking the snapshot of an iteration and recording it.
-        recorded = result.history[-1].iteration if result.history else start_iteration
-        if result.last_state.iteration != recorded and previous_state is not None:
-            result.last_state = previous_state
-        result.last_state.restore(learner)
-        result.interrupted = True
-        logger.info("meta-training interrupted; restored iteration %d", result.last_iteration)
+        loop.restore_after_interrupt()
         if not catch_interrupt:
             raise
     finally:
         for cb in callbacks:
             cb.on_train_end(learner, result.history)
     return result
+
+
+def _warn_ran_out(done: int, planned: int) -> None:
+    message = (
+        f"the tasks ran out after {done} of meta_iterations={planned} meta-iterations; pass "
+        "more tasks, an endless sampler (SinusoidTasks, NWayKShotTasks), or fewer "
+        "meta_iterations"
+    )
+    logger.info(message)
+    warnings.warn(message + ".", UserWarning, stacklevel=5)
+
+
+class _Loop:
+    """The state of one :func:`meta_train` run: the result so far, the last two states
+    (a divergence may need to go one iteration back), and one iteration's work."""
+
+    def __init__(self, learner: MetaLearner, start_iteration: int, grad_hook, check_finite):
+        self.learner = learner
+        self.result = TrainingResult()
+        self.result.last_state = self.first_state = TrainingState.capture(
+            learner, start_iteration
+        )
+        self.start_iteration = start_iteration
+        self.previous_state: TrainingState | None = None
+        self.grad_hook = grad_hook
+        self.check_finite = check_finite
+        self.start = 0.0
+
+    @staticmethod
+    def checked_hook(grad_hook):
+        def hook(grads):
+            if grad_hook is not None:
+                grad_hook(grads)
+            if not _all_finite(grads):
+                raise _NonFiniteGradient
+
+        return hook
+
+    def iterate(self, batch, iteration, clip_grad_norm, validation_tasks, steps):
+        """One meta-step (and validation); record it, or raise DivergenceError."""
+        learner, diverged = self.learner, None
+        try:
+            loss = learner.meta_step(
+                learner.batches(batch), grad_hook=self.grad_hook, clip_grad_norm=clip_grad_norm
+            )
+        except _NonFiniteGradient:
+            loss, diverged = float("nan"), "meta-gradient"
+        if diverged is None and self.check_finite and not math.isfinite(loss):
+            diverged = "meta-loss"
+        val = None
+        if diverged is None and validation_tasks:
+            val = learner.evaluate(validation_tasks, steps=steps)
+            if self.check_finite and not math.isfinite(val):
+                diverged = "validation loss"
+        if diverged is not None:
+            self.diverged(batch, iteration, diverged)
+        record = HistoryRecord(iteration, loss, val, time.perf_counter() - self.start)
+        state = TrainingState.capture(learner, iteration)
+        self.previous_state, self.result.last_state = self.result.last_state, state
+        self.result.history.append(record)
+        logger.debug("iteration %d: meta_loss=%.4g validation_loss=%s", iteration, loss, val)
+        return record
+
+    def diverged(self, batch, iteration: int, what: str):
+        """Restore the last finite state and raise the DivergenceError that says so."""
+        result, learner = self.result, self.learner
+        result.last_state.restore(learner)
+        if self.previous_state is not None and not _adapts_finitely(learner, batch):
+            # The last step already ruined the initialization: go one step back.
+            self.previous_state.restore(learner)
+            result.last_state = self.previous_state
+            result.history.pop()
+        message = _divergence_message(
+            learner, batch, iteration, what, self.first_state, result.last_iteration
+        )
+        logger.error(message)
+        error = DivergenceError(message)
+        error.result = result
+        raise error
+
+    def restore_after_interrupt(self) -> None:
+        # The interrupt may have landed anywhere, even inside an optimizer step, or
+        # between taking the snapshot of an iteration and recording it.
+        result = self.result
+        recorded = result.history[-1].iteration if result.history else self.start_iteration
+        if result.last_state.iteration != recorded and self.previous_state is not None:
+            result.last_state = self.previous_state
+        result.last_state.restore(self.learner)
+        result.interrupted = True
+        logger.info("meta-training interrupted; restored iteration %d", result.last_iteration)

@@ -17,6 +17,7 @@ from metafit.functional import (
     make_forward,
     make_grad_fn,
     mse_loss,
+    reference_inner_loop,
     resolve_strategy,
 )
 from metafit.models import MLP
@@ -335,3 +336,110 @@ def test_on_step_sees_every_step_even_though_later_steps_update_in_place(n_tasks
     for k in final:
         torch.testing.assert_close(final[k], seen[-1][k], rtol=0, atol=0)
         assert torch.equal(theta[k], before[k])  # the in-place steps never touch theta
+
+
+# ------------------------------------------------------------ the reference inner loop
+
+
+def _rates(kind, net, steps):
+    names = [n for n, _ in net.named_parameters()]
+    if kind == "number":
+        return 0.07
+    if kind == "per-name":
+        return {n: torch.full((), 0.05 + 0.01 * i, dtype=torch.float64, requires_grad=True)
+                for i, n in enumerate(names)}
+    return [  # per step, tensors (MAML++)
+        {n: torch.tensor(0.04 + 0.01 * k, dtype=torch.float64, requires_grad=True)
+         for n in names}
+        for k in range(steps)
+    ]
+
+
+@pytest.mark.parametrize("strategy", ["mlp", "vmap", "loop"])
+@pytest.mark.parametrize("n_tasks", [1, 3])
+@pytest.mark.parametrize("lr_kind", ["number", "per-name", "per-step"])
+@pytest.mark.parametrize("head_only", [False, True])
+@pytest.mark.parametrize("create_graph", [False, True])
+def test_every_fast_path_equals_the_reference_loop(strategy, n_tasks, lr_kind, head_only,
+                                                   create_graph):
+    """Values and meta-gradients (to theta and the learned rates) of every named fast path
+    (shared first step, analytic gradient, one-task loop) against the plain loop."""
+    net = _net()
+    X, y = _data("mse")
+    X, y = X[:n_tasks], y[:n_tasks]
+    steps = 3
+    forward = make_forward(net, strategy)
+    grad_fn = make_grad_fn(net, strategy, mse_loss)
+    theta = dict(net.named_parameters())
+    adapt = head_parameter_names(net) if head_only else None
+    lr = _rates(lr_kind, net, steps)
+    ref = reference_inner_loop(forward, mse_loss, expand_params(theta, n_tasks), X, y,
+                               steps=steps, lr=lr, adapt=adapt, create_graph=create_graph)
+    fast = inner_loop(forward, mse_loss, theta, X, y, steps=steps, lr=lr, adapt=adapt,
+                      create_graph=create_graph, grad_fn=grad_fn, shared=True)
+    leaves = [*theta.values(), *_rate_leaves(lr)]
+    grads = []
+    for out in (ref, fast):
+        assert set(out) == set(ref)
+        for k in ref:
+            assert out[k].shape == ref[k].shape
+        loss = mse_loss(forward(out, X), y).sum()
+        grads.append(torch.autograd.grad(loss, leaves, allow_unused=True))
+    for k in ref:
+        torch.testing.assert_close(fast[k], ref[k], rtol=1e-10, atol=1e-12)
+    for a, b in zip(*grads):
+        if a is None or b is None:
+            assert a is None and b is None or float((a if a is not None else b).abs().sum()) == 0
+            continue
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-11)
+
+
+def _rate_leaves(lr):
+    if isinstance(lr, dict):
+        return list(lr.values())
+    if isinstance(lr, list):
+        return [v for step in lr for v in step.values()]
+    return []
+
+
+@pytest.mark.parametrize("strategy", ["mlp", "vmap"])
+@pytest.mark.parametrize("n_tasks", [1, 3])
+def test_the_no_graph_fast_paths_equal_the_reference_loop(strategy, n_tasks):
+    """Outside autograd (fit, Reptile): in-place updates, with and without on_step."""
+    net = _net()
+    X, y = _data("mse")
+    X, y = X[:n_tasks], y[:n_tasks]
+    forward = make_forward(net, strategy)
+    grad_fn = make_grad_fn(net, strategy, mse_loss)
+    theta = dict(net.named_parameters())
+    ref = reference_inner_loop(forward, mse_loss, expand_params(theta, n_tasks), X, y,
+                               steps=4, lr=0.05)
+    seen = []
+    for on_step in (None, lambda step, p: seen.append(step)):
+        out = inner_loop(forward, mse_loss, theta, X, y, steps=4, lr=0.05, track_graph=False,
+                         grad_fn=grad_fn, shared=True, on_step=on_step)
+        for k in ref:
+            assert not out[k].requires_grad
+            torch.testing.assert_close(out[k], ref[k].detach(), rtol=1e-10, atol=1e-12)
+    assert seen == [0, 1, 2, 3]
+
+
+def test_a_step_dependent_forward_gets_the_step_index():
+    net = _net()
+    X, y = _data("mse")
+    forward = make_forward(net, "vmap")
+    calls = []
+
+    def step_forward(params, X, step):
+        calls.append(step)
+        return forward(params, X) * (1.0 + 0.1 * step)
+
+    theta = dict(net.named_parameters())
+    ref = reference_inner_loop(forward, mse_loss, expand_params(theta, T), X, y, steps=3,
+                               lr=0.05, step_forward=step_forward)
+    assert calls == [0, 1, 2]
+    out = inner_loop(forward, mse_loss, theta, X, y, steps=3, lr=0.05, shared=True,
+                     grad_fn=make_grad_fn(net, "mlp", mse_loss), step_forward=step_forward)
+    assert calls == [0, 1, 2, 0, 1, 2]
+    for k in ref:
+        torch.testing.assert_close(out[k], ref[k], rtol=1e-10, atol=1e-12)

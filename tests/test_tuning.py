@@ -380,3 +380,28 @@ def test_optuna_search_cv_uses_the_meta_init(meta_fitted):
     assert hasattr(search.best_estimator_, "meta_init_")
     assert search.best_estimator_.meta_init_ is meta_fitted.meta_init_
     assert np.isfinite(search.score(task.X_query, task.y_query))
+
+
+@pytest.mark.parametrize(
+    "error, state",
+    [
+        (RuntimeError("cannot infer the shape: inf"), TrialState.FAIL),
+        (ValueError("input contains NaN"), TrialState.FAIL),
+        (metafit.DivergenceError("fit diverged: lower inner_lr"), TrialState.PRUNED),
+    ],
+)
+def test_divergence_is_recognised_by_type_not_by_words(meta_fitted, val_tasks, monkeypatch,
+                                                       error, state):
+    """A bug whose message mentions "inf" or "NaN" fails its trial (so it is seen);
+    only a DivergenceError is a diverged, pruned trial."""
+    from metafit.tuning import _objectives
+
+    def broken(estimator, tasks):
+        raise error
+
+    monkeypatch.setattr(_objectives, "evaluate", broken)
+    study = optuna.create_study()
+    tune(meta_fitted, validation_tasks=val_tasks, n_trials=1, storage=study._storage,
+         study_name=study.study_name, evaluate_defaults=False, catch=(Exception,))
+    (trial,) = study.trials
+    assert trial.state == state

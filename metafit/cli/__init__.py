@@ -1,0 +1,85 @@
+"""The ``metafit`` command line (also ``python -m metafit``).
+
+The command-line wing, on top of everything: the subcommands (:mod:`._commands`, one
+class each) read a config (:mod:`.config`, with the task sources of :mod:`._sources`) and
+call the estimators and :func:`metafit.tune`.
+
+Subcommands::
+
+    metafit meta-fit CONFIG -o init.safetensors     meta-train, save the initialization
+    metafit tune CONFIG [--storage URL] [--study-name NAME] [--n-trials N] [--timeout S]
+    metafit evaluate CONFIG --init FILE             score on the config's test tasks
+    metafit report [--storage URL] [--study-name NAME] -o DIR     plots of a study
+    metafit best [--storage URL] [--study-name NAME]              best trial of a study
+
+The storage comes from ``--storage``, else ``$METAFIT_STORAGE``, else the config's
+``tune.storage``, else ``sqlite:///metafit.db`` in the working directory. Global options
+(``--threads``) go before or after the subcommand. Errors in the config or the arguments
+print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from metafit.cli._base import DEFAULT_STORAGE, ENV_STORAGE, check_threads, global_flags
+from metafit.cli._base import storage_flags as _storage_flags
+from metafit.cli._commands import COMMANDS
+from metafit.cli._errors import ConfigError, UsageError
+
+__all__ = ["DEFAULT_STORAGE", "ENV_STORAGE", "build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``metafit``."""
+    from metafit._version import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="metafit",
+        description="Meta-learn initializations and tune them with Optuna.",
+        parents=[global_flags(suppress=False)],
+    )
+    parser.add_argument("--version", action="version", version=f"metafit {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parents = {"storage": _storage_flags()}
+    for cls in COMMANDS:
+        command = cls()
+        p = sub.add_parser(
+            command.name,
+            help=command.help,
+            description=(cls.__doc__ or command.help).strip(),
+            parents=[global_flags(suppress=True), *(parents[n] for n in cls.parents)],
+        )
+        command.add_arguments(p)
+        p.set_defaults(func=command.take_action)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    import torch
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        torch.set_num_threads(check_threads(args.threads))
+        return args.func(args)
+    except (ConfigError, UsageError) as exc:
+        print(f"metafit: error: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, TypeError) as exc:
+        # Raised by the library with a message that says what to fix (bad parameter
+        # values, tasks that do not fit the estimator...).
+        msg = str(exc).strip().splitlines()
+        print(f"metafit: error: {msg[0] if msg else type(exc).__name__}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("metafit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""What every ``metafit`` subcommand shares: the command class, shared flags, precedence.
+
+Each subcommand is a :class:`Command` (the model is Optuna's ``optuna/cli.py``): a name,
+a help line, :meth:`Command.add_arguments` and :meth:`Command.take_action`. Flags that
+several commands take are declared once, in the parent parsers of :func:`storage_flags`
+and :func:`global_flags`. Where a value can come from a flag, the config or a default,
+:func:`resolve` is the one rule: the flag wins, then the config, then the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from typing import Any, ClassVar
+
+from metafit.cli._errors import UsageError
+
+__all__ = [
+    "DEFAULT_STORAGE",
+    "ENV_STORAGE",
+    "Command",
+    "global_flags",
+    "resolve",
+    "storage_flags",
+    "storage_url",
+]
+
+DEFAULT_STORAGE = "sqlite:///metafit.db"
+ENV_STORAGE = "METAFIT_STORAGE"
+
+
+def resolve(flag: Any, config_value: Any = None, default: Any = None) -> Any:
+    """The value of a setting: the flag if given, else the config's, else ``default``.
+
+    "Given" means not None: a flag of 0 or an empty string still wins.
+    """
+    if flag is not None:
+        return flag
+    if config_value is not None:
+        return config_value
+    return default
+
+
+def storage_url(args, config=None) -> str:
+    """``--storage``, else ``$METAFIT_STORAGE``, else the config's ``tune.storage``, else the
+    default SQLite file in the working directory."""
+    env = os.environ.get(ENV_STORAGE) or None
+    flag = resolve(getattr(args, "storage", None), env)
+    return resolve(flag, config.tune.get("storage") if config is not None else None,
+                   DEFAULT_STORAGE)
+
+
+class Command:
+    """A subcommand: subclasses set ``name`` and ``help`` and implement the two hooks."""
+
+    name: ClassVar[str] = ""
+    help: ClassVar[str] = ""
+    #: parent parsers whose flags the command takes (see :func:`storage_flags`)
+    parents: ClassVar[tuple[str, ...]] = ()
+
+    def add_arguments(self, parser: argparse.ArgumentParser) -> None:
+        """Declare the command's own arguments."""
+
+    def take_action(self, args: argparse.Namespace) -> int:
+        """Run the command; return the exit status."""
+        raise NotImplementedError
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return v
+
+
+def storage_flags() -> argparse.ArgumentParser:
+    """``--storage`` and ``--study-name``, for the commands that open a study."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--storage",
+        help=f"Optuna storage: sqlite:///file.db, postgresql://user:pass@host/db or "
+        f"journal:./file.log (default: ${ENV_STORAGE}, then the config's tune.storage, "
+        f"then {DEFAULT_STORAGE})",
+    )
+    parent.add_argument(
+        "--study-name", help="the study (optional when the storage holds exactly one)"
+    )
+    return parent
+
+
+def global_flags(suppress: bool) -> argparse.ArgumentParser:
+    """The options every command takes, before or after the subcommand's name.
+
+    ``suppress`` leaves them out of the namespace when not given (the subcommand's copy),
+    so that a value given before the subcommand is not reset by its default.
+    """
+    default = argparse.SUPPRESS if suppress else None
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--threads", type=positive_int, default=default,
+        help="torch CPU threads (default: $METAFIT_THREADS, else 1: the small networks of "
+        "meta-learning run fastest single-threaded; raise it for conv nets on idle cores)",
+    )
+    return parent
+
+
+def check_threads(threads: int | None) -> int:
+    """The thread count of ``--threads``, else ``$METAFIT_THREADS``, else 1."""
+    if threads is not None:
+        return threads
+    env = os.environ.get("METAFIT_THREADS", "1")
+    try:
+        value = int(env)
+    except ValueError:
+        raise UsageError(f"METAFIT_THREADS must be an integer, got {env!r}") from None
+    if value < 1:
+        raise UsageError(f"METAFIT_THREADS must be >= 1, got {value}")
+    return value

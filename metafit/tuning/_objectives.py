@@ -1,0 +1,254 @@
+"""The tuning objective: fit on each validation task's support set, score its query set.
+
+:func:`evaluate` is the score; :func:`make_objective` wraps it as an Optuna objective for
+either mode, so that a hand-written ``study.optimize(make_objective(...))`` behaves as
+:func:`metafit.tune` does: a trial that diverges (a
+:class:`~metafit.training.DivergenceError`, or non-finite predictions) is pruned with its
+reason in ``user_attrs["metafit_diverged"]``; any other error fails the trial.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+import optuna
+from sklearn.base import clone, is_classifier
+
+from metafit.tasks import as_task
+from metafit.tuning.search_space import (
+    _check_mode,
+    _suggest_all,
+    parse_search_space,
+    to_estimator_params,
+)
+
+__all__ = ["META_RUNGS", "evaluate", "make_objective"]
+
+_log = logging.getLogger("metafit.tuning")
+
+#: Fractions of ``meta_iterations`` at which ``mode="meta"`` reports to the pruner.
+META_RUNGS = (0.25, 0.5, 1.0)
+_MAX_VALIDATION_TASKS = 1000
+_ATTR = "metafit_"  # prefix of the study and trial attributes metafit writes
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _query_score(estimator, task) -> float:
+    """Query MSE (regressor) or accuracy (classifier) after fitting on the support set."""
+    est = clone(estimator).fit(task.X_support, task.y_support)
+    with np.errstate(all="ignore"):
+        if is_classifier(est):
+            logits = est.decision_function(task.X_query)
+            if not np.all(np.isfinite(logits)):
+                return math.nan
+            if logits.ndim == 1:  # binary: sklearn's one-column decision function
+                pred = est.classes_[(logits > 0).astype(int)]
+            else:
+                pred = est.classes_[np.argmax(logits, axis=1)]
+            return float(np.mean(pred == task.y_query))
+        pred = np.asarray(est.predict(task.X_query), dtype=np.float64)
+        err = float(np.mean((pred - np.asarray(task.y_query, dtype=np.float64)) ** 2))
+    return err if math.isfinite(err) else math.nan
+
+
+def evaluate(estimator, tasks: Iterable) -> float:
+    """Mean post-adaptation score of ``estimator`` over ``tasks``: the tuning objective.
+
+    For every task a clone of the estimator (which keeps its meta-learned initialization)
+    is fitted on the support set and scored on the query set.
+
+    Parameters
+    ----------
+    estimator : MetaInitializedRegressor or MetaInitializedClassifier
+    tasks : iterable of Task or 4-tuples
+        Finite; at most 1000 tasks.
+
+    Returns
+    -------
+    float
+        Mean query mean-squared error (regressor, lower is better) or mean query accuracy
+        (classifier, higher is better). NaN when some adaptation diverged (non-finite
+        predictions).
+    """
+    tasks = _materialize(tasks, "tasks")
+    scores = []
+    for task in tasks:
+        s = _query_score(estimator, task)
+        if math.isnan(s):
+            return math.nan
+        scores.append(s)
+    return float(np.mean(scores))
+
+
+def _check_iterable(tasks, name: str) -> None:
+    if not isinstance(tasks, Iterable) or isinstance(tasks, (str, bytes)):
+        raise TypeError(f"{name} must be an iterable of Task, got {type(tasks).__name__}.")
+
+
+def _materialize(tasks, name: str) -> list:
+    if tasks is None:
+        raise ValueError(f"{name} is required: pass a list of held-out tasks.")
+    _check_iterable(tasks, name)
+    out = list(itertools.islice(iter(tasks), _MAX_VALIDATION_TASKS + 1))
+    if len(out) > _MAX_VALIDATION_TASKS:
+        raise ValueError(
+            f"{name} has more than {_MAX_VALIDATION_TASKS} tasks (is it an endless sampler?); "
+            "pass a list, e.g. SinusoidTasks(random_state=1).sample(100)."
+        )
+    if not out:
+        raise ValueError(f"{name} is empty; tuning needs at least one held-out task.")
+    return [as_task(t) for t in out]
+
+
+def _is_divergence(exc: BaseException) -> bool:
+    """Whether ``exc`` says training or adaptation diverged: metafit raises
+    :class:`~metafit.training.DivergenceError` (a FloatingPointError) for that, and only
+    for that; any other error (a genuine bug) fails the trial instead of pruning it."""
+    return isinstance(exc, FloatingPointError)
+
+
+def _prune_diverged(trial: optuna.Trial, reason: str):
+    trial.set_user_attr(_ATTR + "diverged", reason)
+    _log.info("trial %d diverged: %s", trial.number, reason)
+    raise optuna.TrialPruned(reason)
+
+
+def _describe(params: Mapping) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                     for k, v in params.items())
+
+
+def _fresh(estimator, params: Mapping):
+    """A new, never meta-fitted estimator with ``estimator``'s parameters and ``params``."""
+    est = type(estimator)(**estimator.get_params(deep=False))
+    return est.set_params(**to_estimator_params(params, estimator))
+
+
+def _check_reiterable(tasks) -> None:
+    if tasks is None:
+        raise ValueError("mode='meta' needs tasks to meta-train on in every trial.")
+    _check_iterable(tasks, "tasks")
+    if iter(tasks) is tasks:
+        raise TypeError(
+            "mode='meta' re-runs meta_fit in every trial, so tasks must be re-iterable (a "
+            "list or a sampler such as SinusoidTasks), not a one-shot iterator or generator."
+        )
+
+
+def _check_disjoint(tasks, validation: list) -> None:
+    if isinstance(tasks, (list, tuple)):
+        seen = {id(t) for t in tasks}
+        if any(id(t) in seen for t in validation):
+            raise ValueError(
+                "validation_tasks overlap the meta-training tasks; tune on tasks that were "
+                "not used for meta-training."
+            )
+
+
+def _meta_fit(est, tasks, validation) -> None:
+    # Early stopping (patience) needs validation tasks; otherwise skip their cost.
+    if est.get_params().get("patience") is not None:
+        est.meta_fit(tasks, validation)
+    else:
+        est.meta_fit(tasks)
+
+
+def _adaptation_objective(estimator, space, validation):
+    def objective(trial: optuna.Trial) -> float:
+        params = _suggest_all(trial, space)
+        est = clone(estimator).set_params(**to_estimator_params(params, estimator))
+        try:
+            value = evaluate(est, validation)
+        except Exception as exc:
+            if _is_divergence(exc):
+                _prune_diverged(trial, f"{type(exc).__name__}: {exc}")
+            raise
+        if math.isnan(value):
+            _prune_diverged(trial, f"non-finite query predictions with {_describe(params)}")
+        return value
+
+    return objective
+
+
+def _meta_objective(estimator, space, tasks, validation):
+    def objective(trial: optuna.Trial) -> float:
+        params = _suggest_all(trial, space)
+        est = _fresh(estimator, params)
+        if "on_interrupt" in est.get_params():
+            est.set_params(on_interrupt="raise")  # Ctrl-C stops the study, not one rung
+        total = int(est.get_params()["meta_iterations"])
+        rungs = sorted({max(1, round(f * total)) for f in META_RUNGS})
+        value = math.nan
+        for budget in rungs:
+            # Each rung is a complete meta_fit with its own budget (successive-halving
+            # style), so the last rung is exactly the run tuned_estimator reproduces.
+            est.set_params(meta_iterations=budget)
+            try:
+                _meta_fit(est, tasks, validation)
+                value = evaluate(est, validation)
+            except Exception as exc:
+                if _is_divergence(exc):
+                    _prune_diverged(trial, f"{type(exc).__name__} at {budget} meta-iterations: "
+                                           f"{exc}")
+                raise
+            if math.isnan(value):
+                _prune_diverged(
+                    trial,
+                    f"non-finite query predictions after {budget} meta-iterations with "
+                    f"{_describe(params)}",
+                )
+            steps = len(est.meta_history_)
+            trial.report(value, steps)
+            if budget != rungs[-1] and trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at {steps} meta-iterations ({value:.4g})")
+            if steps < budget:  # a finite task list ran out: longer budgets change nothing
+                break
+        trial.set_user_attr(_ATTR + "meta_iterations", len(est.meta_history_))
+        return value
+
+    return objective
+
+
+def make_objective(estimator, validation_tasks, tasks=None, *, mode="adaptation",
+                   search_space=None):
+    """An Optuna objective that scores ``estimator``'s trial parameters, as :func:`tune`.
+
+    Parameters
+    ----------
+    estimator : MetaInitializedRegressor or MetaInitializedClassifier
+        In adaptation mode it must already have a meta-learned initialization.
+    validation_tasks : iterable of Task
+        Finite held-out tasks.
+    tasks : iterable of Task, optional
+        Meta-training tasks (mode="meta"; re-iterable).
+    mode : {"adaptation", "meta"}
+    search_space : dict, optional
+        See :func:`metafit.tuning.parse_search_space`.
+
+    Returns
+    -------
+    callable
+        ``objective(trial) -> float`` for :meth:`optuna.Study.optimize`.
+    """
+    _check_mode(mode)
+    space = parse_search_space(search_space, estimator, mode)
+    validation = _materialize(validation_tasks, "validation_tasks")
+    if mode == "meta":
+        _check_reiterable(tasks)
+        return _meta_objective(estimator, space, tasks, validation)
+    if not _has_meta_init(estimator):
+        raise ValueError(
+            "the estimator has no meta-learned initialization: call meta_fit first, or "
+            "construct it with meta_init=<file>."
+        )
+    return _adaptation_objective(estimator, space, validation)
+
+
+def _has_meta_init(estimator) -> bool:
+    return hasattr(estimator, "meta_init_") or estimator.get_params().get("meta_init") is not None
