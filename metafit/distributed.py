@@ -37,9 +37,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from metafit._task_types import Task
 from metafit.callbacks import Checkpoint, ProgressBar
 from metafit.learner import MetaLearner
-from metafit.tasks import Task
 from metafit.training import HistoryRecord, TrainingCallback
 
 __all__ = [

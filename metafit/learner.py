@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from metafit._task_types import Task, TaskBatch
 from metafit.algorithms import MetaAlgorithm, get_algorithm
 from metafit.functional import (
     LOSSES,
@@ -24,7 +25,6 @@ from metafit.functional import (
     make_grad_fn,
     resolve_strategy,
 )
-from metafit.tasks import Task, TaskBatch
 
 __all__ = ["MetaLearner", "GradientHook"]
 

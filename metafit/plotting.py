@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from metafit._checks import check_int
+from metafit._task_types import Task, as_task
 from metafit.estimators._learners import learner_factory
 from metafit.learner import MetaLearner
 from metafit.persistence import MetaInit
-from metafit.tasks import Task, as_task
 
 __all__ = [
     "adaptation_curves",

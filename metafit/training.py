@@ -26,8 +26,8 @@ from typing import Any
 import torch
 
 from metafit import _torch_compat as compat
+from metafit._task_types import Task
 from metafit.learner import GradientHook, MetaLearner
-from metafit.tasks import Task
 
 __all__ = [
     "DivergenceError",

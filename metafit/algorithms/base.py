@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from metafit import _torch_compat as compat
 
 if TYPE_CHECKING:
-    from metafit.tasks import TaskBatch
+    from metafit._task_types import TaskBatch
 
 __all__ = ["AdaptationContext", "MetaAlgorithm", "GradientMetaAlgorithm", "LeanAdam"]
 

@@ -69,7 +69,7 @@ def _splits(train, val_source, test_source, n_val: int, n_test: int, seed: int):
     )
 
 def _tasks_sinusoid(config, spec: dict) -> TaskSplits:
-    from metafit.tasks import SinusoidTasks
+    from metafit.task_sources import SinusoidTasks
 
     n_val, n_test, seed = _pop_counts(spec)
     sampler = SinusoidTasks(**spec)
@@ -97,7 +97,7 @@ def _tasks_omniglot(config, spec: dict) -> TaskSplits:
     return _splits(train, val, test, n_val, n_test, seed)
 
 def _tasks_table(config, spec: dict) -> TaskSplits:
-    from metafit.tasks import tasks_from_groups
+    from metafit.task_sources import tasks_from_groups
 
     path = config.resolve(spec.pop("path"))
     frame = _read_table(config, path)

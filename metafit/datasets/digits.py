@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from metafit.tasks import NWayKShotTasks
+from metafit.task_sources import NWayKShotTasks
 
 __all__ = ["load_digits_tasks", "load_digits_split"]
 

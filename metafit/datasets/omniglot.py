@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from metafit.datasets._png import read_png_layout
-from metafit.tasks import NWayKShotTasks
+from metafit.task_sources import NWayKShotTasks
 
 __all__ = [
     "OmniglotData",

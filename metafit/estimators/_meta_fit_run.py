@@ -20,12 +20,12 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from metafit._task_types import Task, iter_meta_batches
 from metafit.callbacks import BestState, Checkpoint, EarlyStopping, ProgressBar
 from metafit.distributed import distributed_training
 from metafit.estimators._inputs import SeededTorch, seed_from
 from metafit.estimators._learners import LearnerFactory
 from metafit.persistence import MetaInit, module_spec
-from metafit.tasks import Task, iter_meta_batches
 from metafit.training import DivergenceError, MetaHistory, TrainingState, meta_train
 
 __all__ = ["MetaFitOutcome", "MetaFitRun", "WarmStart"]

@@ -17,8 +17,8 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
 from torch import nn
 
+from metafit._task_types import Task
 from metafit.persistence import MetaInit
-from metafit.tasks import Task
 
 __all__ = ["ClassificationTarget", "EncodedTarget", "RegressionTarget", "TargetKind"]
 

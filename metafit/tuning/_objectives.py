@@ -18,7 +18,7 @@ import numpy as np
 import optuna
 from sklearn.base import clone, is_classifier
 
-from metafit.tasks import as_task
+from metafit._task_types import as_task
 from metafit.tuning.search_space import (
     _check_mode,
     _suggest_all,

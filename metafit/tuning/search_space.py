@@ -22,7 +22,7 @@ from optuna.distributions import (
 )
 
 from metafit._checks import is_number, layer_widths
-from metafit.algorithms import ALGORITHMS
+from metafit.estimators._params import PARAMETERS, Param
 
 __all__ = [
     "ADAPTATION_PARAMS",
@@ -38,7 +38,7 @@ ADAPTATION_PARAMS = ("inner_lr", "inner_steps")
 DERIVED_PARAMS = ("hidden_layers", "hidden_units")
 _MODES = ("adaptation", "meta")
 _SPEC_KEYS = {"type", "low", "high", "log", "step", "choices"}
-_KNOWN_ALGORITHMS = tuple(ALGORITHMS)
+_KNOWN_ALGORITHMS = PARAMETERS["algorithm"].choices
 
 
 def _check_mode(mode) -> None:
@@ -160,14 +160,23 @@ def _parse_one(name: str, spec) -> BaseDistribution:
     return FloatDistribution(float(low), float(high), log=log, step=step)
 
 
+#: The derived names' bounds (they are not estimator parameters, so not in PARAMETERS).
+_DERIVED_RULES = {"hidden_layers": Param("int", minimum=0), "hidden_units": Param("int", minimum=1)}
+
+
 def _check_semantics(name: str, dist: BaseDistribution) -> None:
     where = f"search_space[{name!r}]"
-    positive_float = {"inner_lr", "meta_lr"}
-    min_int = {"inner_steps": 0, "meta_inner_steps": 0, "meta_batch_size": 1,
-               "meta_iterations": 1, "hidden_layers": 0, "hidden_units": 1}
+    rule = PARAMETERS.get(name) or _DERIVED_RULES.get(name)
+    # The bounds come from the estimators' parameter table, the one place they live.
+    positive_float = {name} if rule and rule.kind == "real" and rule.strict else set()
+    min_int = {name: int(rule.minimum or 0)} if rule and rule.kind == "int" else {}
     if isinstance(dist, (FloatDistribution, IntDistribution)):
-        if name in positive_float and dist.low <= 0:
+        if name in positive_float and dist.low <= (rule.minimum or 0):
             raise ValueError(f"{where}: {name} must be > 0, so low must be > 0 (got {dist.low}).")
+        if rule and rule.kind == "real" and not rule.strict and dist.low < (rule.minimum or 0):
+            raise ValueError(
+                f"{where}: {name} must be >= {rule.minimum or 0}, got low={dist.low}."
+            )
         if name in min_int:
             if isinstance(dist, FloatDistribution):
                 raise TypeError(f"{where}: {name} is an integer; give int low and high.")

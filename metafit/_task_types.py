@@ -1,0 +1,224 @@
+"""The engine's task types: a task, a stacked batch of tasks, meta-batches of a stream.
+
+A *task* is one small supervised problem: a support set the learner adapts on and a
+query set it is judged on. Meta-training consumes tasks meta-batch by meta-batch; a
+:class:`TaskBatch` stacks the tasks of one meta-batch into tensors so that the engine can
+vectorize over them, and splits a ragged batch into groups of equal shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+__all__ = ["Task", "TaskBatch", "as_task", "iter_meta_batches"]
+
+
+def _check_part(name: str, X, y) -> tuple[np.ndarray, np.ndarray]:
+    X = np.asarray(X)
+    y = np.asarray(y)
+    if X.ndim < 2:
+        raise ValueError(
+            f"{name}: X must be at least 2-D (n_samples, n_features), got shape {X.shape}; "
+            "reshape a single feature with X.reshape(-1, 1)."
+        )
+    if X.shape[0] == 0:
+        raise ValueError(f"{name}: X is empty (0 samples); every task needs examples.")
+    if y.ndim == 0 or y.shape[0] != X.shape[0]:
+        raise ValueError(
+            f"{name}: X has {X.shape[0]} samples but y has shape {y.shape}; they must match."
+        )
+    if not np.issubdtype(X.dtype, np.number) or np.issubdtype(X.dtype, np.complexfloating):
+        raise ValueError(f"{name}: X must be real numbers, got dtype {X.dtype}.")
+    if not np.all(np.isfinite(X)):
+        raise ValueError(f"{name}: X contains NaN or infinity; clean or impute it first.")
+    if np.issubdtype(y.dtype, np.number) and not np.all(np.isfinite(y)):
+        raise ValueError(f"{name}: y contains NaN or infinity; clean or impute it first.")
+    return X, y
+
+
+@dataclass(frozen=True)
+class Task:
+    """One few-shot task: a support set to adapt on and a query set to evaluate on.
+
+    Parameters
+    ----------
+    X_support : array-like of shape (n_support, ...)
+        Support inputs, at least 2-D.
+    y_support : array-like of shape (n_support,) or (n_support, n_outputs)
+        Support targets.
+    X_query : array-like of shape (n_query, ...)
+        Query inputs, with the same trailing shape as ``X_support``.
+    y_query : array-like of shape (n_query,) or (n_query, n_outputs)
+        Query targets.
+
+    Raises
+    ------
+    ValueError
+        If an array is empty, not finite, X is not at least 2-D, lengths differ, or the
+        support and query sets disagree on the feature shape.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> t = Task(np.zeros((5, 1)), np.zeros(5), np.ones((3, 1)), np.ones(3))
+    >>> t.n_support, t.n_query
+    (5, 3)
+    """
+
+    X_support: np.ndarray
+    y_support: np.ndarray
+    X_query: np.ndarray
+    y_query: np.ndarray
+
+    def __post_init__(self):
+        Xs, ys = _check_part("support set", self.X_support, self.y_support)
+        Xq, yq = _check_part("query set", self.X_query, self.y_query)
+        if Xs.shape[1:] != Xq.shape[1:]:
+            raise ValueError(
+                f"support X has feature shape {Xs.shape[1:]} but query X has {Xq.shape[1:]}; "
+                "both sets of a task must have the same features."
+            )
+        if ys.shape[1:] != yq.shape[1:]:
+            raise ValueError(
+                f"support y has shape {ys.shape[1:]} per sample but query y has "
+                f"{yq.shape[1:]}; both sets of a task must have the same targets."
+            )
+        object.__setattr__(self, "X_support", Xs)
+        object.__setattr__(self, "y_support", ys)
+        object.__setattr__(self, "X_query", Xq)
+        object.__setattr__(self, "y_query", yq)
+
+    @classmethod
+    def from_tuple(cls, data: Sequence) -> Task:
+        """Build a task from ``(X_support, y_support, X_query, y_query)``."""
+        if len(data) != 4:
+            raise ValueError(
+                "a task tuple must be (X_support, y_support, X_query, y_query); "
+                f"got {len(data)} items."
+            )
+        return cls(*data)
+
+    @property
+    def n_support(self) -> int:
+        """Number of support examples."""
+        return int(self.X_support.shape[0])
+
+    @property
+    def n_query(self) -> int:
+        """Number of query examples."""
+        return int(self.X_query.shape[0])
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        """Shape of one input example."""
+        return tuple(self.X_support.shape[1:])
+
+    def __iter__(self):
+        return iter((self.X_support, self.y_support, self.X_query, self.y_query))
+
+
+def as_task(obj) -> Task:
+    """Return ``obj`` as a :class:`Task`, accepting a task or a 4-tuple.
+
+    Raises
+    ------
+    TypeError
+        If ``obj`` is neither a task nor a sequence of four arrays.
+    """
+    if isinstance(obj, Task):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        return Task.from_tuple(obj)
+    raise TypeError(
+        f"expected a metafit.tasks.Task or a 4-tuple (X_support, y_support, X_query, "
+        f"y_query), got {type(obj).__name__}."
+    )
+
+
+@dataclass
+class TaskBatch:
+    """A meta-batch of tasks stacked as tensors.
+
+    Tasks of equal shapes share one tensor per field with a leading task dimension, which
+    lets the engine vectorize over tasks. A ragged batch is kept as several groups of
+    equal shape (:meth:`groups`), each vectorized on its own.
+
+    Parameters
+    ----------
+    X_support, y_support, X_query, y_query : torch.Tensor
+        Stacked tensors with a leading task dimension.
+    """
+
+    X_support: torch.Tensor
+    y_support: torch.Tensor
+    X_query: torch.Tensor
+    y_query: torch.Tensor
+    _index: list[int] = field(default_factory=list, repr=False)
+
+    @property
+    def n_tasks(self) -> int:
+        """Number of tasks in the batch."""
+        return int(self.X_support.shape[0])
+
+    @staticmethod
+    def from_tasks(
+        tasks: Sequence[Task],
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        target_dtype: torch.dtype | None = None,
+    ) -> list[TaskBatch]:
+        """Stack tasks into as few equal-shape batches as possible.
+
+        Parameters
+        ----------
+        tasks : sequence of Task
+            The tasks of one meta-batch.
+        device, dtype : torch device and floating dtype of the inputs.
+        target_dtype : torch.dtype, optional
+            Dtype of the targets; defaults to ``dtype`` (use ``torch.long`` for class
+            indices).
+
+        Returns
+        -------
+        list of TaskBatch
+            One batch per distinct shape signature, in order of first appearance; each
+            remembers the positions of its tasks in ``tasks``.
+        """
+        target_dtype = dtype if target_dtype is None else target_dtype
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tasks):
+            key = (t.X_support.shape, t.y_support.shape, t.X_query.shape, t.y_query.shape)
+            groups.setdefault(key, []).append(i)
+        out = []
+        for index in groups.values():
+            def stack(attr, dt, index=index):
+                arr = np.stack([getattr(tasks[i], attr) for i in index])
+                return torch.as_tensor(arr, dtype=dt, device=device)
+
+            out.append(
+                TaskBatch(
+                    stack("X_support", dtype),
+                    stack("y_support", target_dtype),
+                    stack("X_query", dtype),
+                    stack("y_query", target_dtype),
+                    list(index),
+                )
+            )
+        return out
+
+
+def iter_meta_batches(tasks: Iterable, batch_size: int) -> Iterator[list[Task]]:
+    """Yield lists of ``batch_size`` tasks (the last one may be shorter) from any iterable."""
+    batch: list[Task] = []
+    for obj in tasks:
+        batch.append(as_task(obj))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
