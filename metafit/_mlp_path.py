@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metafit._inner_types import PreparedGradFn
 from metafit.losses import cross_entropy_loss, mse_loss
 
 __all__ = ["MLPPath", "MLPGradient", "PreparedGrad"]
@@ -222,7 +223,7 @@ def _output_gradient(loss_fn: Callable, y: Tensor, h: Tensor, n: int, n_out: int
     raise ValueError(f"no analytic gradient for the loss {loss_fn!r}.")  # pragma: no cover
 
 
-class MLPGradient:
+class MLPGradient(PreparedGradFn):
     """The ``"mlp"`` strategy's :data:`GradFn`, plus :meth:`prepare` for the inner loop."""
 
     def __init__(self, path: MLPPath, loss_fn: Callable):

@@ -11,7 +11,6 @@ more slowly. Nothing else in metafit touches ``torch._*``.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -48,46 +47,50 @@ HAS_FUSED_ADAM = hasattr(torch, "_fused_adam_") and all(
 )
 
 
-def foreach_add(tensors: Sequence[Tensor], others: Sequence[Tensor], alpha: float) -> list:
+# The lists are passed through as they are (the callers build lists): a copy per call
+# would cost a few percent of a few-shot fit.
+
+
+def foreach_add(tensors: list[Tensor], others: list[Tensor], alpha: float) -> list:
     """``[t + alpha * o for t, o in zip(tensors, others)]``, one kernel where possible."""
     if HAS_FOREACH:
-        return list(torch._foreach_add(list(tensors), list(others), alpha=alpha))
+        return torch._foreach_add(tensors, others, alpha=alpha)
     return [torch.add(t, o, alpha=alpha) for t, o in zip(tensors, others)]
 
 
-def foreach_add_(tensors: Sequence[Tensor], others: Sequence[Tensor], alpha: float) -> None:
+def foreach_add_(tensors: list[Tensor], others: list[Tensor], alpha: float) -> None:
     """In place: ``t += alpha * o`` for every pair."""
     if HAS_FOREACH:
-        torch._foreach_add_(list(tensors), list(others), alpha=alpha)
+        torch._foreach_add_(tensors, others, alpha=alpha)
         return
     for t, o in zip(tensors, others):
         t.add_(o, alpha=alpha)
 
 
 def foreach_addcmul(
-    tensors: Sequence[Tensor], rates: Sequence[Tensor], others: Sequence[Tensor], value: float
+    tensors: list[Tensor], rates: list[Tensor], others: list[Tensor], value: float
 ) -> list:
     """``[t + value * r * o ...]`` (Meta-SGD's and MAML++'s tensor learning rates)."""
     if HAS_FOREACH:
-        return list(torch._foreach_addcmul(list(tensors), list(rates), list(others), value=value))
+        return torch._foreach_addcmul(tensors, rates, others, value=value)
     return [torch.addcmul(t, r, o, value=value) for t, r, o in zip(tensors, rates, others)]
 
 
 def foreach_addcmul_(
-    tensors: Sequence[Tensor], rates: Sequence[Tensor], others: Sequence[Tensor], value: float
+    tensors: list[Tensor], rates: list[Tensor], others: list[Tensor], value: float
 ) -> None:
     """In place: ``t += value * r * o`` for every triple."""
     if HAS_FOREACH:
-        torch._foreach_addcmul_(list(tensors), list(rates), list(others), value=value)
+        torch._foreach_addcmul_(tensors, rates, others, value=value)
         return
     for t, r, o in zip(tensors, rates, others):
         t.addcmul_(r, o, value=value)
 
 
-def foreach_norm(tensors: Sequence[Tensor]) -> list:
+def foreach_norm(tensors: list[Tensor]) -> list:
     """The 2-norm of every tensor (one fused kernel where possible)."""
     if HAS_FOREACH:
-        return list(torch._foreach_norm(list(tensors)))
+        return torch._foreach_norm(tensors)
     return [torch.linalg.vector_norm(t) for t in tensors]
 
 

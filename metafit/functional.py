@@ -32,7 +32,6 @@ here.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -40,6 +39,7 @@ from torch.func import functional_call, vmap
 
 from metafit import _torch_compat as compat
 from metafit._checks import is_number
+from metafit._inner_types import Params, PreparedGradFn, StepGradients
 from metafit._mlp_path import MLPGradient, MLPPath
 from metafit.losses import LOSSES, cross_entropy_loss, mse_loss
 
@@ -49,6 +49,7 @@ __all__ = [
     "GradFn",
     "PreparedGradFn",
     "StepForward",
+    "StepGradients",
     "make_forward",
     "make_grad_fn",
     "resolve_strategy",
@@ -61,7 +62,6 @@ __all__ = [
     "head_parameter_names",
 ]
 
-Params = dict[str, Tensor]
 BatchedForward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
 #: ``grad_fn(params, X, y, names, scale) -> {name: scale * d(sum_t loss_t)/d params[name]}``
 #: for the names in ``names``; every result has the task dimension. ``scale`` None means 1.
@@ -69,25 +69,8 @@ GradFn = Callable[[Mapping[str, Tensor], Tensor, Tensor, Sequence[str], "float |
 LearningRate = float | Tensor | Mapping[str, Tensor]
 #: ``step_forward(params, X, step) -> outputs``: a forward that depends on the inner step.
 StepForward = Callable[[Mapping[str, Tensor], Tensor, int], Tensor]
-#: ``step(current, scale=None) -> gradients in names order`` (without the loss's factor).
-StepGradients = Callable[..., list[Tensor]]
 
 
-@runtime_checkable
-class PreparedGradFn(Protocol):
-    """A :data:`GradFn` that can precompute, once per inner loop, what all steps share.
-
-    ``prepare(params, X, y, names, single=False)`` returns ``(step, factor)`` with
-    ``factor * step(current)`` the gradients of the adapted ``names``; with ``single``
-    (one task) the parameters have their module shape. The ``"mlp"`` strategy's analytic
-    gradient (:class:`metafit._mlp_path.MLPGradient`) is one.
-    """
-
-    def __call__(self, params, X, y, names, scale=None) -> Params: ...
-
-    def prepare(
-        self, params, X, y, names, single: bool = False
-    ) -> tuple[StepGradients, float]: ...
 
 
 # --------------------------------------------------------------------------- forwards
@@ -531,6 +514,7 @@ class _SGDUpdate:
     def __call__(self, current: Params, grads, rate, factor: float) -> None:
         """Replace ``current[n]`` by the updated tensors (out of place)."""
         names = self.names
+        grads = grads if type(grads) is list else list(grads)
         kind = self.kind if self.fixed else self._kind(rate)
         params = [current[n] for n in names]
         if not torch.is_grad_enabled() and kind != "mixed":
@@ -551,6 +535,7 @@ class _SGDUpdate:
 
     def in_place(self, params: list[Tensor], grads, rate, factor: float) -> None:
         """Update ``params`` (the adapted tensors, in ``names`` order) in place, no graph."""
+        grads = grads if type(grads) is list else list(grads)
         kind = self.kind if self.fixed else self._kind(rate)
         if kind == "number":
             compat.foreach_add_(params, grads, alpha=-float(rate) * factor)

@@ -398,10 +398,10 @@ default="maml"
             f"meta_init must be None, a path or a MetaInit; got {type(self.meta_init).__name__}."
         )
 
-    def _fit_init(self) -> MetaInit | None:
+    def _fit_init(self, factory: LearnerFactory | None = None) -> MetaInit | None:
         init = self._resolve_meta_init()
         if init is not None:
-            self._factory().check_kind(init)
+            (factory or self._factory()).check_kind(init)
         return init
 
     # ------------------------------------------------------------------ adaptation
@@ -412,7 +412,8 @@ default="maml"
             self._check_params()
             X, y, fast = self._fit_data(X, y)
             target = self._target.encode(y, fast)
-            init = self._fit_init()
+            factory = self._factory()
+            init = self._fit_init(factory)
             if init is not None and init.n_features != X[0].size:
                 raise ValueError(
                     f"X has {X[0].size} feature(s), but the meta-learned initialization "
@@ -422,7 +423,7 @@ default="maml"
             self._target.check_init(init, target)
             self.__dict__.update(target.fitted)
             self._fit_outputs = target.n_outputs
-            self._adapt(X, target.y, init)
+            self._adapt(X, target.y, init, factory)
         return self
 
     def _fit_data(self, X, y) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -444,9 +445,8 @@ default="maml"
         X = X if X.flags.writeable else X.copy()  # torch warns on read-only arrays
         return X, y, False
 
-    def _adapt(self, X: np.ndarray, y: np.ndarray, init: MetaInit | None) -> None:
+    def _adapt(self, X: np.ndarray, y: np.ndarray, init: MetaInit | None, factory) -> None:
         """Adapt from ``init`` (already resolved and checked against ``X`` by ``fit``)."""
-        factory = self._factory()
         key = factory.fit_key(init, X.shape[1:], self._fit_outputs)
         if self.__dict__.get("_learner_key") != key:
             self._learner = factory.for_fit(init, X.shape[1], self._fit_outputs)
@@ -504,7 +504,8 @@ default="maml"
     def _raw_predict(self, X: np.ndarray) -> torch.Tensor:
         learner = self._learner
         Xt, _ = learner.as_tensors(X)
-        last_step = max(int(self.inner_steps) - 1, 0)  # per-step BatchNorm: the last set
+        # per-step BatchNorm (MAML++): the last step's set
+        last_step = max(int(self.inner_steps) - 1, 0) if learner.step_dependent else None
         if is_stateless(learner.module):  # no dropout or batch statistics: no mode switch
             return learner.predict(self.adapted_params_, Xt.unsqueeze(0), step=last_step)[0]
         # Predict in eval mode, so that dropout is off and predictions are deterministic.

@@ -29,7 +29,7 @@ from metafit.persistence import MetaInit, build_module
 __all__ = ["LearnerFactory", "learner_factory"]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class LearnerFactory:
     """Builds networks and learners from an estimator's parameters (a snapshot of them).
 
