@@ -405,3 +405,36 @@ def test_divergence_is_recognised_by_type_not_by_words(meta_fitted, val_tasks, m
          study_name=study.study_name, evaluate_defaults=False, catch=(Exception,))
     (trial,) = study.trials
     assert trial.state == state
+
+
+def test_make_objective_drives_a_hand_written_study(meta_fitted, val_tasks):
+    from metafit.tuning import make_objective
+
+    study = optuna.create_study()
+    study.enqueue_trial({"inner_lr": 0.9, "inner_steps": 20})  # diverges
+    study.enqueue_trial({"inner_lr": 0.01, "inner_steps": 3})
+    study.optimize(make_objective(meta_fitted, val_tasks), n_trials=2)
+    bad, good = study.trials
+    assert bad.state == TrialState.PRUNED and "DivergenceError" in bad.user_attrs[
+        "metafit_diverged"]
+    assert good.state == TrialState.COMPLETE
+    assert good.value == pytest.approx(evaluate(
+        tuned_estimator(meta_fitted, {"inner_lr": 0.01, "inner_steps": 3}), val_tasks))
+    with pytest.raises(ValueError, match="no meta-learned initialization"):
+        make_objective(MetaInitializedRegressor(**SMALL), val_tasks)
+
+
+def test_tune_accepts_an_existing_study_and_names_its_own(meta_fitted, val_tasks, tmp_path):
+    mine = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    got = tune(meta_fitted, validation_tasks=val_tasks, n_trials=2, study=mine,
+               gc_after_trial=True)
+    assert got is mine and len(mine.trials) == 2
+    assert mine.metric_names == ["query MSE"]
+    with pytest.raises(ValueError, match="study= and storage"):
+        tune(meta_fitted, validation_tasks=val_tasks, n_trials=1, study=mine,
+             storage=f"sqlite:///{tmp_path / 'x.db'}")
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    named = tune(meta_fitted, validation_tasks=val_tasks, n_trials=1, storage=url)
+    assert named.study_name == "metafit-regressor-adaptation"
+    again = tune(meta_fitted, validation_tasks=val_tasks, n_trials=1, storage=url)
+    assert len(again.trials) == 2  # the default name resumes the same study

@@ -23,7 +23,7 @@ from metafit.persistence import MetaInit
 __all__ = ["ClassificationTarget", "EncodedTarget", "RegressionTarget", "TargetKind"]
 
 
-@dataclass
+@dataclass(slots=True)
 class EncodedTarget:
     """``fit``'s ``y`` as the engine takes it, the outputs it needs, and the fitted
     attributes the estimator sets (``classes_``; the regressor's target dimension)."""
