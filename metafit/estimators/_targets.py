@@ -63,7 +63,14 @@ class TargetKind:
         """Raise if ``fit``'s targets do not fit the meta-learned head."""
 
     def skorch_net(self, module: nn.Module, kwargs: dict, inner_lr: float):
-        """An initialized skorch net around ``module`` (see ``to_skorch``)."""
+        """An initialized skorch net around ``module`` (see ``to_skorch``): the kind's
+        net class and criterion, ``lr=inner_lr``, no train split, unless ``kwargs`` say."""
+        net_class, defaults = self._skorch(module)
+        kwargs = {"lr": inner_lr, "train_split": None, **defaults, **kwargs}
+        return net_class(module, **kwargs).initialize()
+
+    def _skorch(self, module: nn.Module) -> tuple[type, dict]:
+        """The skorch net class and its default arguments for this target kind."""
         raise NotImplementedError
 
 
@@ -99,13 +106,10 @@ class RegressionTarget(TargetKind):
                 f"initialization predicts {init.n_outputs}; use the targets of meta-training."
             )
 
-    def skorch_net(self, module, kwargs, inner_lr):
+    def _skorch(self, module):
         from skorch import NeuralNetRegressor
 
-        kwargs.setdefault("criterion", nn.MSELoss)
-        kwargs.setdefault("lr", inner_lr)
-        kwargs.setdefault("train_split", None)
-        return NeuralNetRegressor(module, **kwargs).initialize()
+        return NeuralNetRegressor, {"criterion": nn.MSELoss}
 
 
 class ClassificationTarget(TargetKind):
@@ -159,14 +163,11 @@ class ClassificationTarget(TargetKind):
                 f"{init.n_outputs} outputs; meta-train with n_way >= {target.n_outputs}."
             )
 
-    def skorch_net(self, module, kwargs, inner_lr):
+    def _skorch(self, module):
         from skorch import NeuralNetClassifier
 
-        kwargs.setdefault("criterion", nn.CrossEntropyLoss)
-        kwargs.setdefault("lr", inner_lr)
-        kwargs.setdefault("train_split", None)
-        kwargs.setdefault("classes", list(range(module_outputs(module))))
-        return NeuralNetClassifier(module, **kwargs).initialize()
+        classes = list(range(module_outputs(module)))
+        return NeuralNetClassifier, {"criterion": nn.CrossEntropyLoss, "classes": classes}
 
 
 def module_outputs(module: nn.Module) -> int:
