@@ -34,10 +34,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -50,6 +52,9 @@ from metafit.datasets import load_omniglot_split
 from metafit.learner import MetaLearner
 from metafit.models import Conv4
 from metafit.tasks import TaskBatch
+
+#: The data folder beside this repository (the project's layout, not a user's).
+REPO_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 PUBLISHED = {  # accuracy in % for 5w1s, 5w5s, 20w1s, 20w5s
     "maml": (98.7, 99.9, 95.8, 98.9),
@@ -110,7 +115,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--compare", action="store_true", help="time against a per-task loop")
     p.add_argument("--compare-steps", type=int, default=6, help="interleaved timed steps")
     p.add_argument("--compare-only", action="store_true", help="timings only, no training")
-    p.add_argument("--data", default=None, help="folder with the Omniglot files")
+    p.add_argument(
+        "--data", default=os.environ.get("METAFIT_DATA", str(REPO_DATA)),
+        help="folder with the Omniglot files (default: $METAFIT_DATA, else this "
+        "repository's ../shared/data)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also append the report to this file")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budget and net")

@@ -2,9 +2,9 @@
 
 Each task shows one image of each of 5 handwritten characters never seen in training and
 asks to classify 15 more images of each. The data are read from ``--data`` (default
-``$METAFIT_DATA``, then ``../shared/data``; see docs/datasets.md). Without Omniglot the
-script falls back to scikit-learn's 8x8 digits (5-way tasks over digits 5-9, meta-trained on
-0-4) with an MLP, so that it always runs.
+``$METAFIT_DATA``, then this repository's ``../shared/data``; see docs/datasets.md).
+Without Omniglot the script falls back to scikit-learn's 8x8 digits (5-way tasks over
+digits 5-9, meta-trained on 0-4) with an MLP, so that it always runs.
 
 Run::
 
@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 
 import numpy as np
 
 from metafit import MetaInitializedClassifier
+
+#: The data folder beside this repository (the project's layout, not a user's).
+REPO_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def load_tasks(data, n_way, k_shot, image_size, quick):
@@ -58,7 +62,11 @@ def load_tasks(data, n_way, k_shot, image_size, quick):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny run for CI")
-    parser.add_argument("--data", default=None, help="folder with the Omniglot files")
+    parser.add_argument(
+        "--data", default=os.environ.get("METAFIT_DATA", str(REPO_DATA)),
+        help="folder with the Omniglot files (default: $METAFIT_DATA, else this "
+        "repository's ../shared/data)",
+    )
     parser.add_argument("--algorithm", default="fomaml", help="maml, fomaml, anil, reptile...")
     parser.add_argument("--iterations", type=int, default=3000)
     parser.add_argument("--device", default="cpu")

@@ -387,9 +387,19 @@ def test_path_resolution_env_default_and_forms(tmp_path, monkeypatch):
     monkeypatch.setenv("METAFIT_DATA", str(root))
     np.testing.assert_array_equal(D.load_omniglot(image_size=None).images, expected)
     monkeypatch.delenv("METAFIT_DATA")
+    # the working directory never decides: ../shared/data from here is not read
     (tmp_path / "repo").mkdir()
-    monkeypatch.chdir(tmp_path / "repo")  # default ../shared/data
+    monkeypatch.chdir(tmp_path / "repo")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg"))
+    with pytest.raises(FileNotFoundError, match="per-user data folder"):
+        D.load_omniglot(image_size=None)
+    # the per-user folder is the default
+    assert D.data_home() == tmp_path / "xdg" / "metafit"
+    _write_zip(D.data_home() / "omniglot" / "images_background.zip", _tiny_files())
     np.testing.assert_array_equal(D.load_omniglot(image_size=None).images, expected)
+    monkeypatch.delenv("XDG_DATA_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert D.data_home() == tmp_path / "home" / ".local" / "share" / "metafit"
     for p in (root, root / "omniglot", root / "omniglot" / "images_background.zip"):
         np.testing.assert_array_equal(D.load_omniglot(p, image_size=None).images, expected)
 

@@ -9,6 +9,7 @@ from metafit.datasets.digits import load_digits_split, load_digits_tasks
 from metafit.datasets.omniglot import (
     OmniglotData,
     clear_omniglot_cache,
+    data_home,
     load_omniglot,
     load_omniglot_split,
     omniglot_split_indices,
@@ -19,6 +20,7 @@ from metafit.datasets.omniglot import (
 __all__ = [
     "OmniglotData",
     "clear_omniglot_cache",
+    "data_home",
     "load_digits_split",
     "load_digits_tasks",
     "load_omniglot",

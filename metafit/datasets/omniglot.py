@@ -42,7 +42,8 @@ __all__ = [
 
 SPLITS = ("background", "evaluation", "background_small1", "background_small2")
 PROTOCOLS = {"vinyals": ("train", "val", "test"), "lake": ("train", "test")}
-DEFAULT_DATA = os.path.join("..", "shared", "data")
+#: The environment variable that names the data folder when ``path=`` is not given.
+DATA_ENV = "METAFIT_DATA"
 _FORMATS = ("auto", "npz", "png")
 _ROTATIONS = (0, 90, 180, 270)
 
@@ -129,11 +130,25 @@ class OmniglotData:
 # ----------------------------------------------------------------------------- paths
 
 
+def data_home() -> Path:
+    """The per-user data folder: ``%LOCALAPPDATA%\\metafit`` on Windows, else
+    ``$XDG_DATA_HOME/metafit``, else ``~/.local/share/metafit``.
+
+    Never a path relative to the working directory: where a program is started from must
+    not decide which data it reads.
+    """
+    if os.name == "nt" and os.environ.get("LOCALAPPDATA"):
+        return Path(os.environ["LOCALAPPDATA"]) / "metafit"
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".local" / "share"
+    return base / "metafit"
+
+
 def _default_root() -> tuple[Path, str]:
-    env = os.environ.get("METAFIT_DATA")
+    env = os.environ.get(DATA_ENV)
     if env:
-        return Path(env), "$METAFIT_DATA"
-    return Path(DEFAULT_DATA), "the default ../shared/data (relative to the current directory)"
+        return Path(env), f"${DATA_ENV}"
+    return data_home(), "the per-user data folder (metafit.datasets.data_home())"
 
 
 def _check_split(split) -> str:
@@ -372,7 +387,7 @@ def load_omniglot(
         The data root (holding ``omniglot/``), the omniglot folder, an extracted PNG folder,
         or one ``.npz`` / ``.zip`` file (then ``split`` is read from its name
         ``images_<split>.*`` when it has that form). Defaults to ``$METAFIT_DATA``, then
-        ``../shared/data`` relative to the current directory.
+        the per-user folder of :func:`data_home`.
     split : {"background", "evaluation", "background_small1", "background_small2"}
         Which official set to look for.
     image_size : int or None, default=28
