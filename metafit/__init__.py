@@ -12,6 +12,7 @@ from metafit.estimators import (  # noqa: E402
     MetaInitializedClassifier,
     MetaInitializedEstimator,
     MetaInitializedRegressor,
+    NoMetaInitWarning,
 )
 from metafit.persistence import MetaInit  # noqa: E402
 from metafit.tasks import (  # noqa: E402
@@ -35,6 +36,7 @@ __all__ = [
     "MetaInitializedEstimator",
     "MetaInitializedRegressor",
     "NWayKShotTasks",
+    "NoMetaInitWarning",
     "SinusoidTasks",
     "Task",
     "tasks_from_groups",

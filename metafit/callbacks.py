@@ -1,7 +1,9 @@
 """Ready-made training callbacks for :func:`metafit.training.meta_train`.
 
-The estimators assemble these from their parameters (``verbose``, ``patience``,
-``checkpoint_path``); code driving :func:`~metafit.training.meta_train` directly can use
+The estimators assemble some of these from their parameters (``verbose``, ``patience``,
+``checkpoint_path``), and take any of them, or callbacks of your own, in ``callbacks=``:
+:class:`LRScheduler`, :class:`EarlyStopping`, :class:`Checkpoint`, :class:`TensorBoard`,
+:class:`ProgressBar`. Code driving :func:`~metafit.training.meta_train` directly can use
 them as they are.
 """
 
@@ -11,6 +13,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,9 +23,38 @@ from metafit.learner import MetaLearner
 from metafit.persistence import MetaInit
 from metafit.training import HistoryRecord, StopTraining, TrainingCallback
 
-__all__ = ["BestState", "Checkpoint", "EarlyStopping", "ProgressBar"]
+__all__ = [
+    "BestState",
+    "Checkpoint",
+    "EarlyStopping",
+    "LRScheduler",
+    "MetaFitContext",
+    "ProgressBar",
+    "TensorBoard",
+]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MetaFitContext:
+    """What a ``meta_fit`` run tells its callbacks before it trains (see
+    :meth:`~metafit.training.TrainingCallback.initialize`).
+
+    Attributes
+    ----------
+    make_meta_init : callable
+        ``make_meta_init(learner, iteration) -> MetaInit``: the run's artifact of the
+        learner's current state.
+    has_validation : bool
+        Whether the run evaluates validation tasks (``validation_loss`` in the records).
+    estimator : str
+        The estimator's class name.
+    """
+
+    make_meta_init: Callable[[MetaLearner, int], MetaInit]
+    has_validation: bool
+    estimator: str = ""
 
 
 class ProgressBar(TrainingCallback):
@@ -36,19 +68,30 @@ class ProgressBar(TrainingCallback):
         Where the bar is drawn; tqdm's default (stderr) if None.
     leave : bool, default=True
         Keep the finished bar on screen.
+    disable : bool or None, default=None
+        tqdm's convention: None draws the bar only when ``file`` (stderr) is a terminal,
+        so that no bar is written into a redirected log; False always draws it. With an
+        explicit ``file``, None means False.
     """
 
-    def __init__(self, desc: str = "meta_fit", file=None, leave: bool = True):
+    def __init__(self, desc: str = "meta_fit", file=None, leave: bool = True, disable=None):
         self.desc = desc
         self.file = file
         self.leave = leave
+        self.disable = disable
         self.bar = None
         self._val = None
 
     def on_train_begin(self, learner: MetaLearner, total: int) -> None:
         from tqdm.auto import tqdm
 
-        self.bar = tqdm(total=total, desc=self.desc, file=self.file, leave=self.leave)
+        self.bar = tqdm(
+            total=total,
+            desc=self.desc,
+            file=self.file,
+            leave=self.leave,
+            disable=False if self.disable is None and self.file is not None else self.disable,
+        )
         self._val = None
 
     def on_iteration_end(self, learner: MetaLearner, record: HistoryRecord) -> None:
@@ -137,6 +180,13 @@ class EarlyStopping(TrainingCallback):
         self.wait = int(wait)
         self.stopped_iteration: int | None = None
 
+    def initialize(self, context: MetaFitContext) -> None:
+        if not context.has_validation:
+            raise ValueError(
+                "EarlyStopping watches the validation loss: call "
+                "meta_fit(tasks, validation_tasks=held_out_tasks)."
+            )
+
     def on_iteration_end(self, learner: MetaLearner, record: HistoryRecord) -> None:
         val = record.validation_loss
         if val is None:
@@ -175,21 +225,26 @@ class Checkpoint(TrainingCallback):
         Destination file; its folder is created if needed.
     interval : int
         Write every this many iterations (>= 1).
-    make_meta_init : callable
-        ``make_meta_init(learner, iteration) -> MetaInit`` builds the artifact.
+    make_meta_init : callable, optional
+        ``make_meta_init(learner, iteration) -> MetaInit`` builds the artifact; given to an
+        estimator's ``callbacks=``, it defaults to the run's own.
     """
 
     def __init__(
         self,
         path: str | os.PathLike,
-        interval: int,
-        make_meta_init: Callable[[MetaLearner, int], MetaInit],
+        interval: int = 100,
+        make_meta_init: Callable[[MetaLearner, int], MetaInit] | None = None,
     ):
         check_int("checkpoint interval", interval)
         self.path = Path(path)
         self.interval = interval
         self.make_meta_init = make_meta_init
         self.last_written: int | None = None
+
+    def initialize(self, context: MetaFitContext) -> None:
+        if self.make_meta_init is None:
+            self.make_meta_init = context.make_meta_init
 
     def write(self, learner: MetaLearner, iteration: int) -> None:
         """Write the current state of ``learner`` as iteration ``iteration``."""
@@ -206,3 +261,115 @@ class Checkpoint(TrainingCallback):
         # learner matches history[-1] even after an interrupt or a divergence.
         if history and self.last_written != history[-1].iteration:
             self.write(learner, history[-1].iteration)
+
+
+class LRScheduler(TrainingCallback):
+    """Step a torch learning-rate scheduler of the meta-optimizer every meta-iteration.
+
+    As skorch's ``LRScheduler``: ``policy`` is a scheduler class of
+    :mod:`torch.optim.lr_scheduler` or its name, built on the meta-optimizer when training
+    begins with ``kwargs``. ``ReduceLROnPlateau`` steps with each validation loss.
+    Algorithms with a schedule of their own (MAML++'s cosine, Reptile's linear decay)
+    keep it; this one multiplies in.
+
+    Parameters
+    ----------
+    policy : str or scheduler class, default="CosineAnnealingLR"
+    **kwargs
+        Arguments of the scheduler (``T_max`` of a cosine defaults to the iterations).
+
+    Attributes
+    ----------
+    lr_ : list of float
+        The learning rate after each meta-iteration.
+    """
+
+    def __init__(self, policy="CosineAnnealingLR", **kwargs):
+        self.policy = policy
+        self.kwargs = kwargs
+        self.scheduler = None
+        self.lr_: list[float] = []
+
+    def _policy(self):
+        policy = self.policy
+        if isinstance(policy, str):
+            policy = getattr(torch.optim.lr_scheduler, policy, None)
+        if not (isinstance(policy, type) and hasattr(policy, "step")):
+            raise ValueError(
+                f"LRScheduler policy {self.policy!r} is not a scheduler of "
+                "torch.optim.lr_scheduler (e.g. 'StepLR', 'CosineAnnealingLR')."
+            )
+        return policy
+
+    def initialize(self, context: MetaFitContext) -> None:
+        self._policy()
+
+    def on_train_begin(self, learner: MetaLearner, total: int) -> None:
+        policy = self._policy()
+        kwargs = dict(self.kwargs)
+        if policy is torch.optim.lr_scheduler.CosineAnnealingLR:
+            kwargs.setdefault("T_max", max(int(total), 1))
+        self.scheduler = policy(learner.optimizer, **kwargs)
+        self.lr_ = []
+
+    def on_iteration_end(self, learner: MetaLearner, record: HistoryRecord) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            if record.validation_loss is not None:
+                self.scheduler.step(record.validation_loss)
+        else:
+            self.scheduler.step()
+        self.lr_.append(float(learner.optimizer.param_groups[0]["lr"]))
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["scheduler"] = None  # holds the optimizer; rebuilt each run
+        return state
+
+
+class TensorBoard(TrainingCallback):
+    """Write the meta-loss, validation loss and meta learning rate as TensorBoard scalars.
+
+    Uses :class:`torch.utils.tensorboard.SummaryWriter` (``pip install tensorboard``);
+    view with ``tensorboard --logdir DIR``. The scalars are ``meta_loss``,
+    ``validation_loss`` (where evaluated) and ``meta_lr``, indexed by meta-iteration.
+
+    Parameters
+    ----------
+    log_dir : str or path
+        Folder of the event files (created if needed).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike):
+        self.log_dir = str(log_dir)
+        self.writer = None
+
+    def initialize(self, context: MetaFitContext) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(
+                "the TensorBoard callback needs the tensorboard package: pip install "
+                "tensorboard"
+            ) from exc
+
+    def on_train_begin(self, learner: MetaLearner, total: int) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=self.log_dir)
+
+    def on_iteration_end(self, learner: MetaLearner, record: HistoryRecord) -> None:
+        step = record.iteration
+        self.writer.add_scalar("meta_loss", record.meta_loss, step)
+        if record.validation_loss is not None:
+            self.writer.add_scalar("validation_loss", record.validation_loss, step)
+        self.writer.add_scalar("meta_lr", learner.optimizer.param_groups[0]["lr"], step)
+
+    def on_train_end(self, learner: MetaLearner, history: list[HistoryRecord]) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["writer"] = None
+        return state

@@ -98,6 +98,19 @@ class MetaHistory(list):
 
     columns = ("iteration", "meta_loss", "validation_loss", "time")
 
+    def __getitem__(self, key):
+        """List indexing, plus skorch's ``History`` slicing: ``h[:, "meta_loss"]`` (a
+        column), ``h[-1, "validation_loss"]`` (one value)."""
+        if isinstance(key, tuple) and len(key) == 2 and isinstance(key[1], str):
+            rows, name = key
+            if name not in self.columns:
+                raise KeyError(f"no column {name!r}; the history has {', '.join(self.columns)}.")
+            selected = list.__getitem__(self, rows)
+            if isinstance(rows, slice):
+                return [row[name] for row in selected]
+            return selected[name]
+        return list.__getitem__(self, key)
+
     def column(self, name: str) -> list:
         """The values of one key, in iteration order."""
         if name not in self.columns:
@@ -132,7 +145,19 @@ class StopTraining(Exception):  # noqa: N818 - a control-flow signal, like StopI
 
 
 class TrainingCallback:
-    """Hooks called by :func:`meta_train`; override the ones you need."""
+    """Hooks called by :func:`meta_train`; override the ones you need.
+
+    The names follow skorch's callbacks (``on_train_begin``, ``on_train_end``), with one
+    meta-iteration where skorch has an epoch. Given to an estimator (``callbacks=``), a
+    callback is deep-copied for each ``meta_fit`` (the parameter is never changed), the
+    copy gets :meth:`initialize` first and is kept in ``callbacks_``.
+    """
+
+    def initialize(self, context) -> None:
+        """Before ``meta_fit`` trains: ``context`` is a
+        :class:`metafit.callbacks.MetaFitContext` (what the run knows: how to build its
+        :class:`~metafit.persistence.MetaInit`, whether it validates). Raise here, before
+        any work, when the callback cannot serve this run."""
 
     def on_train_begin(self, learner: MetaLearner, total: int) -> None:
         """Before the first meta-step."""

@@ -20,6 +20,7 @@ __all__ = [
     "DEFAULT_STORAGE",
     "ENV_STORAGE",
     "Command",
+    "explicit_threads",
     "global_flags",
     "resolve",
     "storage_flags",
@@ -118,6 +119,14 @@ def global_flags(suppress: bool) -> argparse.ArgumentParser:
         "meta-learning run fastest single-threaded; raise it for conv nets on idle cores)",
     )
     return parent
+
+
+def explicit_threads(threads: int | None) -> int | None:
+    """The thread count the user asked for: ``--threads``, else ``$METAFIT_THREADS``, else
+    None (let each estimator choose)."""
+    if threads is not None or not os.environ.get("METAFIT_THREADS"):
+        return threads
+    return check_threads(None)
 
 
 def check_threads(threads: int | None) -> int:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from metafit.cli._base import (
     Command,
+    explicit_threads,
     positive_float,
     positive_int,
     resolve,
@@ -53,9 +54,17 @@ def _params_line(params: dict) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
 
 
-def _verbose(config) -> dict:
-    # Progress bars on in the command line unless the config decides.
-    return {} if "verbose" in config.estimator.get("params", {}) else {"verbose": 1}
+def _verbose(config, args=None) -> dict:
+    """Overrides of the config's estimator parameters: the thread count of ``--threads`` /
+    ``$METAFIT_THREADS`` when one was given (otherwise the estimator picks the fastest for
+    its network). Progress bars follow the estimator's default unless the config decides:
+    drawn on a terminal, never into a redirected log."""
+    params = config.estimator.get("params", {})
+    out = {}
+    threads = explicit_threads(getattr(args, "threads", None))
+    if threads is not None and "n_threads" not in params:
+        out["n_threads"] = threads
+    return out
 
 
 def _existing_file(flag: str, path) -> None:
@@ -82,7 +91,7 @@ class MetaFitCommand(Command):
         if not out.parent.is_dir():
             raise UsageError(f"--output: directory {out.parent} does not exist")
         splits = config.build_tasks()
-        est = config.build_estimator(**_verbose(config))
+        est = config.build_estimator(**_verbose(config, args))
         n = est.get_params()["meta_iterations"]
         rank0 = is_main_process()  # under torchrun, rank 0 alone reports and writes the file
         if rank0:
@@ -142,7 +151,7 @@ class TuneCommand(Command):
             n_trials = 20
         _existing_file("--init", args.init)
         splits = config.build_tasks()
-        est = config.build_estimator(meta_init=args.init, **_verbose(config))
+        est = config.build_estimator(meta_init=args.init, **_verbose(config, args))
         if "on_interrupt" in est.get_params():
             est.set_params(on_interrupt="raise")  # Ctrl-C ends the command
         if mode == "adaptation" and args.init is None:

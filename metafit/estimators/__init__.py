@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from metafit.estimators._base import MetaInitializedEstimator
+from metafit.estimators._base import MetaInitializedEstimator, NoMetaInitWarning
 from metafit.estimators._learners import LearnerFactory, learner_factory
 from metafit.estimators._params import PARAMETERS
 from metafit.estimators.classifier import MetaInitializedClassifier
@@ -23,4 +23,5 @@ __all__ = [
     "MetaInitializedClassifier",
     "MetaInitializedEstimator",
     "MetaInitializedRegressor",
+    "NoMetaInitWarning",
 ]

@@ -29,6 +29,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from metafit import _torch_compat as compat
+from metafit._threads import threads_for, torch_threads
 from metafit.estimators._inputs import SeededTorch, fast_X, fast_xy, seed_from, unchanged_on_error
 from metafit.estimators._learners import LearnerFactory
 from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done
@@ -38,7 +39,12 @@ from metafit.models import is_stateless
 from metafit.persistence import MetaInit
 from metafit.training import DivergenceError, InterruptedTrainingWarning
 
-__all__ = ["MetaInitializedEstimator"]
+__all__ = ["MetaInitializedEstimator", "NoMetaInitWarning"]
+
+
+class NoMetaInitWarning(UserWarning):
+    """``fit`` ran without a meta-learned initialization (from a random start); said once
+    per estimator."""
 
 #: Why both estimators declare the ``poor_score`` tag (the scikit-learn checks then skip
 #: their accuracy thresholds, nothing else): ``fit`` is a few-shot adapter, ``inner_steps``
@@ -95,10 +101,11 @@ default="maml"
     random_state : int, RandomState, Generator or None, default=None
         Seeds the initialization (meta-training, or ``fit`` without a meta-init) and any
         dropout. The global torch RNG is left as it was.
-    verbose : int, default=0
-        0 is silent; 1 or more shows a tqdm progress bar during :meth:`meta_fit` with the
-        meta-loss and the latest validation loss. Messages go to the ``logging`` logger
-        ``"metafit"`` whatever the value.
+    verbose : int or None, default=None
+        None shows a tqdm progress bar during :meth:`meta_fit` (meta-loss and latest
+        validation loss) when stderr is a terminal, and nothing when it is redirected to a
+        file (tqdm's ``disable=None``); 0 is silent; 1 or more always draws the bar.
+        Messages go to the ``logging`` logger ``"metafit"`` whatever the value.
     meta_init : None, str, path or MetaInit, default=None
         A saved initialization (see :meth:`save_meta_init`, or a ``checkpoint_path`` file)
         to adapt from instead of calling :meth:`meta_fit`; with ``warm_start=True``,
@@ -131,6 +138,18 @@ default="maml"
         ``validation_tasks`` were given, else the last completed iteration) and can resume
         with ``warm_start=True``. "warn" then warns and returns normally; "raise" re-raises
         the KeyboardInterrupt.
+    callbacks : list of TrainingCallback or (name, TrainingCallback), default=None
+        Extra meta-training callbacks, skorch-style (:mod:`metafit.callbacks`:
+        ``LRScheduler``, ``EarlyStopping``, ``Checkpoint``, ``TensorBoard``,
+        ``ProgressBar``, or your own :class:`~metafit.training.TrainingCallback`). Each
+        :meth:`meta_fit` works on deep copies, kept in ``callbacks_``; the list itself is
+        never changed, so clones and searches are safe.
+    n_threads : int or None, default=None
+        torch CPU threads during :meth:`meta_fit` and :meth:`fit`, restored afterwards.
+        None picks what runs fastest for the network: 1 for networks without
+        convolutions (the built-in MLP: its kernels are too short to share, and extra
+        threads stall on a busy machine), every core for convolutional ones (Conv4);
+        see ``benchmarks/threads.py``.
     **kwargs
         ``module__<name>`` constructor arguments of a module class.
 
@@ -144,6 +163,14 @@ default="maml"
         pandas DataFrame.
     n_features_in_ : int
         Features seen by ``fit``.
+    callbacks_ : list of (str, TrainingCallback)
+        The callbacks of the last :meth:`meta_fit` (copies of ``callbacks``), by name.
+
+    Notes
+    -----
+    ``meta_history_`` is the counterpart of skorch's ``net.history``: one dict per
+    meta-iteration instead of per epoch, with the same slicing, e.g.
+    ``meta_history_[:, "meta_loss"]`` or ``meta_history_[-1, "validation_loss"]``.
     """
 
     #: what the regressor and the classifier differ by (set by each subclass)
@@ -166,7 +193,7 @@ default="maml"
         forward="auto",
         device="cpu",
         random_state=None,
-        verbose=0,
+        verbose=None,
         meta_init=None,
         warm_start=False,
         patience=None,
@@ -175,6 +202,8 @@ default="maml"
         checkpoint_path=None,
         checkpoint_interval=100,
         on_interrupt="warn",
+        callbacks=None,
+        n_threads=None,
         **kwargs,
     ):
         self.module = module
@@ -200,6 +229,8 @@ default="maml"
         self.checkpoint_path = checkpoint_path
         self.checkpoint_interval = checkpoint_interval
         self.on_interrupt = on_interrupt
+        self.callbacks = callbacks
+        self.n_threads = n_threads
         # Stored unvalidated (sklearn rule: __init__ only stores); any name other than
         # module__<name> is rejected by fit/meta_fit, not here.
         self._extra_params = tuple(k for k in kwargs if not k.startswith("module__"))
@@ -325,6 +356,7 @@ default="maml"
                 self._store(exc.outcome)
             raise
         self._store(outcome)
+        self.callbacks_ = run.user_callbacks
         if outcome.interrupted:
             self._warn_interrupted(outcome.last_iteration)
             if self.on_interrupt == "raise":
@@ -456,6 +488,15 @@ default="maml"
             message = learner.algorithm.fit_warning(int(self.inner_steps), init.trained_inner_steps)
             if message:
                 warnings.warn(message, UserWarning, stacklevel=4)
+        elif not self.__dict__.get("_warned_no_init"):
+            self._warned_no_init = True
+            warnings.warn(
+                f"{type(self).__name__}.fit has no meta-learned initialization: it adapts a "
+                "random network in inner_steps steps, which is rarely what you want. Call "
+                "meta_fit first, or pass meta_init=<file>.",
+                NoMetaInitWarning,
+                stacklevel=4,
+            )
         Xt, yt = learner.as_tensors(X[None], y[None])  # one task: a task dimension of 1
         # A stateless module draws no random numbers; other modules may (dropout).
         seeded = (
@@ -463,7 +504,7 @@ default="maml"
             if is_stateless(learner.module)
             else SeededTorch(seed_from(self.random_state), self.device)
         )
-        with seeded:
+        with seeded, torch_threads(threads_for(learner.module, self.n_threads)):
             params = learner.adapt(
                 Xt, yt, steps=self.inner_steps, inner_lr=self.inner_lr, track_graph=False
             )

@@ -11,6 +11,7 @@ It never assigns to the estimator: the estimator stores the outcome.
 
 from __future__ import annotations
 
+import copy
 import itertools
 import math
 import warnings
@@ -21,7 +22,8 @@ import numpy as np
 import torch
 
 from metafit._task_types import Task, iter_meta_batches
-from metafit.callbacks import BestState, Checkpoint, EarlyStopping, ProgressBar
+from metafit._threads import threads_for, torch_threads
+from metafit.callbacks import BestState, Checkpoint, EarlyStopping, MetaFitContext, ProgressBar
 from metafit.distributed import distributed_training
 from metafit.estimators._inputs import SeededTorch, seed_from
 from metafit.estimators._learners import LearnerFactory
@@ -94,6 +96,7 @@ class MetaFitRun:
         self.est = est
         self.target = target
         self.factory = LearnerFactory.of(est, target)
+        self.user_callbacks: list[tuple[str, object]] = []
 
     # ------------------------------------------------------------------ before training
 
@@ -123,6 +126,7 @@ class MetaFitRun:
                 "meta_fit(tasks, validation_tasks=held_out_tasks) or set patience=None."
             )
         stream = itertools.chain([first], (self._checked(b) for b in batches))
+        self.prepare_user_callbacks(val is not None)
         return stream, val
 
     def _checked(self, batch) -> list[Task]:
@@ -181,28 +185,33 @@ class MetaFitRun:
             self._metadata = self._describe(learner, n_features, module_spec(learner.module,
                                                                              kwargs))
             callbacks, best, stopper = self._callbacks(resume, val)
-            try:
-                result = meta_train(
-                    learner,
-                    parallel.shard(stream),
-                    iterations=est.meta_iterations,
-                    validation_tasks=val,
-                    validation_interval=est.validation_interval,
-                    validation_steps=est.inner_steps,
-                    callbacks=parallel.prepare(learner, callbacks),
-                    grad_hook=parallel.grad_hook,
-                    clip_grad_norm=est.clip_grad_norm,
-                    start_iteration=0 if resume is None else resume.state.iteration,
-                    start_time=0.0 if resume is None else resume.time,
-                    catch_interrupt=True,
-                )
-            except DivergenceError as exc:
-                # Keep what was learned up to the last finite iteration, then report.
-                if exc.result is not None and exc.result.history:
-                    exc.outcome = self._outcome(exc.result, resume, None, stopper, False)
-                raise
+            with torch_threads(threads_for(learner.module, est.n_threads)):
+                result = self._train(learner, parallel, stream, val, resume, callbacks, stopper)
         use_best = result.interrupted or est.patience is not None
         return self._outcome(result, resume, best, stopper, use_best)
+
+    def _train(self, learner, parallel, stream, val, resume, callbacks, stopper):
+        est = self.est
+        try:
+            return meta_train(
+                learner,
+                parallel.shard(stream),
+                iterations=est.meta_iterations,
+                validation_tasks=val,
+                validation_interval=est.validation_interval,
+                validation_steps=est.inner_steps,
+                callbacks=parallel.prepare(learner, callbacks),
+                grad_hook=parallel.grad_hook,
+                clip_grad_norm=est.clip_grad_norm,
+                start_iteration=0 if resume is None else resume.state.iteration,
+                start_time=0.0 if resume is None else resume.time,
+                catch_interrupt=True,
+            )
+        except DivergenceError as exc:
+            # Keep what was learned up to the last finite iteration, then report.
+            if exc.result is not None and exc.result.history:
+                exc.outcome = self._outcome(exc.result, resume, None, stopper, False)
+            raise
 
     @staticmethod
     def _restore(learner, resume: WarmStart) -> None:
@@ -266,9 +275,31 @@ class MetaFitRun:
                     lambda learner, it: self.make_meta_init(learner.state_tensors(), it),
                 )
             )
-        if est.verbose:
-            callbacks.append(ProgressBar(desc=f"meta_fit {type(est).__name__}"))
+        if est.verbose is None or est.verbose:
+            # None: a bar on a terminal only (never into a redirected file); >= 1: always
+            disable = None if est.verbose is None else False
+            callbacks.append(ProgressBar(desc=f"meta_fit {type(est).__name__}", disable=disable))
+        callbacks += [cb for _, cb in self.user_callbacks]
         return callbacks, best, stopper
+
+    def prepare_user_callbacks(self, has_validation: bool) -> None:
+        """Deep copies of the ``callbacks=`` parameter, named and initialized (their
+        errors come before any training)."""
+        named, seen = [], {}
+        for item in self.est.callbacks or ():
+            name, cb = item if isinstance(item, tuple) else (type(item).__name__, item)
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] > 1:
+                name = f"{name}_{seen[name]}"
+            named.append((name, copy.deepcopy(cb)))
+        context = MetaFitContext(
+            make_meta_init=lambda learner, it: self.make_meta_init(learner.state_tensors(), it),
+            has_validation=has_validation,
+            estimator=type(self.est).__name__,
+        )
+        for _, cb in named:
+            cb.initialize(context)
+        self.user_callbacks = named
 
     def _outcome(self, result, resume, best, stopper, use_best: bool) -> MetaFitOutcome:
         previous = [] if resume is None else resume.history

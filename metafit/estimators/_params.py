@@ -23,6 +23,7 @@ from metafit._checks import check_int, check_real
 from metafit.algorithms import ALGORITHMS, MetaAlgorithm
 from metafit.estimators._inputs import seed_from
 from metafit.functional import STRATEGIES
+from metafit.training import TrainingCallback
 
 __all__ = ["PARAMETERS", "Param", "check_params"]
 
@@ -157,6 +158,23 @@ def _check_verbose(name, value) -> None:
         raise ValueError(f"{name} must be an int >= 0 (0 is silent), got {value!r}.")
 
 
+def _check_callbacks(name, value) -> None:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(
+            f"{name} must be None or a list of TrainingCallback (or (name, callback) pairs), "
+            f"got {type(value).__name__}."
+        )
+    for item in value:
+        cb = item[1] if isinstance(item, tuple) and len(item) == 2 else item
+        if isinstance(item, tuple) and (len(item) != 2 or not isinstance(item[0], str)):
+            raise TypeError(f"{name}: {item!r} is not a (name, callback) pair.")
+        if not isinstance(cb, TrainingCallback):
+            raise TypeError(
+                f"{name}: {cb!r} is not a metafit.training.TrainingCallback; subclass it and "
+                "override on_train_begin / on_iteration_end / on_train_end."
+            )
+
+
 def _check_seed(name, value) -> None:
     seed_from(value)
 
@@ -173,6 +191,7 @@ _SPECIAL = {
     "path": _check_path,
     "verbose": _check_verbose,
     "seed": _check_seed,
+    "callbacks": _check_callbacks,
     "any": _no_check,
 }
 
@@ -192,7 +211,7 @@ PARAMETERS: dict[str, Param] = {
     "forward": Param("choice", choices=STRATEGIES),
     "device": Param("device"),
     "random_state": Param("seed", nullable=True),
-    "verbose": Param("verbose"),
+    "verbose": Param("verbose", nullable=True),
     "meta_init": Param("any", nullable=True),
     "warm_start": Param("bool"),
     "patience": Param("int", minimum=1, nullable=True),
@@ -201,6 +220,8 @@ PARAMETERS: dict[str, Param] = {
     "checkpoint_path": Param("path", nullable=True),
     "checkpoint_interval": Param("int", minimum=1),
     "on_interrupt": Param("choice", choices=("warn", "raise")),
+    "callbacks": Param("callbacks", nullable=True),
+    "n_threads": Param("int", minimum=1, nullable=True),
 }
 
 
