@@ -399,7 +399,7 @@ def test_divergence_is_recognised_by_type_not_by_words(meta_fitted, val_tasks, m
     def broken(estimator, tasks):
         raise error
 
-    monkeypatch.setattr(_objectives, "evaluate", broken)
+    monkeypatch.setattr(_objectives, "task_scores", broken)
     study = optuna.create_study()
     tune(meta_fitted, validation_tasks=val_tasks, n_trials=1, storage=study._storage,
          study_name=study.study_name, evaluate_defaults=False, catch=(Exception,))
@@ -438,3 +438,32 @@ def test_tune_accepts_an_existing_study_and_names_its_own(meta_fitted, val_tasks
     assert named.study_name == "metafit-regressor-adaptation"
     again = tune(meta_fitted, validation_tasks=val_tasks, n_trials=1, storage=url)
     assert len(again.trials) == 2  # the default name resumes the same study
+
+
+def test_completed_trials_carry_spread_and_fit_time(meta_fitted, val_tasks):
+    study = tune(meta_fitted, validation_tasks=val_tasks, n_trials=2)
+    for trial in study.trials:
+        attrs = trial.user_attrs
+        assert attrs["metafit_score_std"] >= 0 and attrs["metafit_score_sem"] >= 0
+        assert 0 < attrs["metafit_fit_seconds"] < 10
+    from metafit.tuning import task_scores
+
+    scores, seconds = task_scores(meta_fitted, val_tasks)
+    assert len(scores) == len(val_tasks) and np.isfinite(scores).all()
+    assert float(np.mean(scores)) == pytest.approx(evaluate(meta_fitted, val_tasks))
+
+
+def test_a_huge_but_finite_loss_is_a_diverged_trial(meta_fitted, val_tasks, monkeypatch):
+    """64,388 (or 5.8e25) recorded as COMPLETE would ruin every plot of the study."""
+    from metafit.tuning import _objectives, trivial_mse
+
+    bound = _objectives.BLOWUP_FACTOR * trivial_mse(val_tasks)
+
+    def huge(estimator, tasks):
+        return np.full(len(val_tasks), 2 * bound), np.zeros(len(val_tasks))
+
+    monkeypatch.setattr(_objectives, "task_scores", huge)
+    study = tune(meta_fitted, validation_tasks=val_tasks, n_trials=1, evaluate_defaults=False)
+    (trial,) = study.trials
+    assert trial.state == TrialState.PRUNED
+    assert "over 100 times" in trial.user_attrs["metafit_diverged"]

@@ -9,7 +9,14 @@ Only the estimators' public API is used.
 
 from __future__ import annotations
 
-from metafit.tuning._objectives import META_RUNGS, evaluate, make_objective
+from metafit.tuning._objectives import (
+    BLOWUP_FACTOR,
+    META_RUNGS,
+    evaluate,
+    make_objective,
+    task_scores,
+    trivial_mse,
+)
 from metafit.tuning._study import default_study_name, tune, tuned_estimator
 from metafit.tuning.search_space import (
     ADAPTATION_PARAMS,
@@ -21,6 +28,7 @@ from metafit.tuning.storage import make_storage
 
 __all__ = [
     "ADAPTATION_PARAMS",
+    "BLOWUP_FACTOR",
     "META_RUNGS",
     "default_search_space",
     "default_study_name",
@@ -28,6 +36,8 @@ __all__ = [
     "make_objective",
     "make_storage",
     "parse_search_space",
+    "task_scores",
+    "trivial_mse",
     "to_estimator_params",
     "tune",
     "tuned_estimator",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import time
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -26,7 +27,9 @@ from metafit.tuning.search_space import (
     to_estimator_params,
 )
 
-__all__ = ["META_RUNGS", "evaluate", "make_objective"]
+__all__ = [
+    "BLOWUP_FACTOR", "META_RUNGS", "evaluate", "make_objective", "task_scores", "trivial_mse",
+]
 
 _log = logging.getLogger("metafit.tuning")
 
@@ -76,14 +79,87 @@ def evaluate(estimator, tasks: Iterable) -> float:
         (classifier, higher is better). NaN when some adaptation diverged (non-finite
         predictions).
     """
+    scores, _ = task_scores(estimator, tasks)
+    return math.nan if np.isnan(scores).any() else float(np.mean(scores))
+
+
+def task_scores(estimator, tasks: Iterable, *, stop_at_nan: bool = True):
+    """Each task's post-adaptation score and ``fit`` time, as :func:`evaluate` computes them.
+
+    Returns
+    -------
+    scores : ndarray of float
+        Query MSE or accuracy per task, NaN where adaptation diverged (non-finite
+        predictions). With ``stop_at_nan`` (the objective's way) scoring stops at the
+        first NaN.
+    seconds : ndarray of float
+        Wall time of each task's ``fit``.
+
+    Raises
+    ------
+    metafit.DivergenceError
+        When ``fit`` itself detects divergence (unless ``stop_at_nan`` is False, which
+        records NaN for that task and goes on).
+    """
+    from metafit.training import DivergenceError
+
     tasks = _materialize(tasks, "tasks")
-    scores = []
+    scores, seconds = [], []
     for task in tasks:
-        s = _query_score(estimator, task)
-        if math.isnan(s):
-            return math.nan
+        start = time.perf_counter()
+        try:
+            s = _query_score(estimator, task)
+        except DivergenceError:
+            if stop_at_nan:
+                raise
+            s = math.nan
+        seconds.append(time.perf_counter() - start)
         scores.append(s)
-    return float(np.mean(scores))
+        if stop_at_nan and math.isnan(s):
+            break
+    return np.asarray(scores, dtype=np.float64), np.asarray(seconds, dtype=np.float64)
+
+
+#: A regressor trial whose query MSE is over this many times that of the trivial
+#: predictor (each task's support mean) has diverged, even if every number is finite.
+BLOWUP_FACTOR = 100.0
+
+
+def trivial_mse(tasks) -> float:
+    """Query MSE of predicting each task's mean support target: a model-free yardstick."""
+    errs = []
+    for t in tasks:
+        y_s, y_q = np.asarray(t.y_support, np.float64), np.asarray(t.y_query, np.float64)
+        errs.append(float(np.mean((y_q - y_s.mean(axis=0)) ** 2)))
+    return float(np.mean(errs))
+
+
+def _score_trial(trial, est, validation, where: str, params) -> float:
+    """Score ``est`` for ``trial``: prune on divergence (an error, NaN, or a finite loss
+    beyond :data:`BLOWUP_FACTOR` times the trivial one); record the spread and times."""
+    try:
+        scores, seconds = task_scores(est, validation)
+    except Exception as exc:
+        if _is_divergence(exc):
+            _prune_diverged(trial, f"{type(exc).__name__}{where}: {exc}")
+        raise
+    if np.isnan(scores).any():
+        _prune_diverged(trial, f"non-finite query predictions{where} with {_describe(params)}")
+    value = float(np.mean(scores))
+    if not is_classifier(est):
+        bound = BLOWUP_FACTOR * trivial_mse(validation)
+        if value > bound:
+            _prune_diverged(
+                trial,
+                f"query MSE {value:.4g}{where} is over {BLOWUP_FACTOR:g} times that of "
+                f"predicting each task's support mean ({bound / BLOWUP_FACTOR:.4g}) with "
+                f"{_describe(params)}",
+            )
+    sem = float(scores.std(ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else 0.0
+    trial.set_user_attr(_ATTR + "score_std", float(scores.std()))
+    trial.set_user_attr(_ATTR + "score_sem", sem)
+    trial.set_user_attr(_ATTR + "fit_seconds", float(seconds.mean()))
+    return value
 
 
 def _check_iterable(tasks, name: str) -> None:
@@ -163,15 +239,7 @@ def _adaptation_objective(estimator, space, validation):
     def objective(trial: optuna.Trial) -> float:
         params = _suggest_all(trial, space)
         est = clone(estimator).set_params(**to_estimator_params(params, estimator))
-        try:
-            value = evaluate(est, validation)
-        except Exception as exc:
-            if _is_divergence(exc):
-                _prune_diverged(trial, f"{type(exc).__name__}: {exc}")
-            raise
-        if math.isnan(value):
-            _prune_diverged(trial, f"non-finite query predictions with {_describe(params)}")
-        return value
+        return _score_trial(trial, est, validation, "", params)
 
     return objective
 
@@ -189,20 +257,14 @@ def _meta_objective(estimator, space, tasks, validation):
             # Each rung is a complete meta_fit with its own budget (successive-halving
             # style), so the last rung is exactly the run tuned_estimator reproduces.
             est.set_params(meta_iterations=budget)
+            where = f" after {budget} meta-iterations"
             try:
                 _meta_fit(est, tasks, validation)
-                value = evaluate(est, validation)
             except Exception as exc:
                 if _is_divergence(exc):
-                    _prune_diverged(trial, f"{type(exc).__name__} at {budget} meta-iterations: "
-                                           f"{exc}")
+                    _prune_diverged(trial, f"{type(exc).__name__}{where}: {exc}")
                 raise
-            if math.isnan(value):
-                _prune_diverged(
-                    trial,
-                    f"non-finite query predictions after {budget} meta-iterations with "
-                    f"{_describe(params)}",
-                )
+            value = _score_trial(trial, est, validation, where, params)
             steps = len(est.meta_history_)
             trial.report(value, steps)
             if budget != rungs[-1] and trial.should_prune():
