@@ -441,8 +441,12 @@ def test_tune_accepts_an_existing_study_and_names_its_own(meta_fitted, val_tasks
 
 
 def test_completed_trials_carry_spread_and_fit_time(meta_fitted, val_tasks):
-    study = tune(meta_fitted, validation_tasks=val_tasks, n_trials=2)
+    study = optuna.create_study()
+    for lr in (0.01, 0.02):
+        study.enqueue_trial({"inner_lr": lr, "inner_steps": 3})
+    tune(meta_fitted, validation_tasks=val_tasks, n_trials=2, study=study)
     for trial in study.trials:
+        assert trial.state == TrialState.COMPLETE
         attrs = trial.user_attrs
         assert attrs["metafit_score_std"] >= 0 and attrs["metafit_score_sem"] >= 0
         assert 0 < attrs["metafit_fit_seconds"] < 10
