@@ -203,3 +203,52 @@ def test_python_dash_m_and_console_script(tmp_path):
         pytest.skip("metafit is not pip-installed, so its console script is absent")
     assert scripts["metafit"] == "metafit.cli:main"
     assert shutil.which("metafit") is not None
+
+
+# ------------------------------------------------------------------ issue 14's command line
+
+
+def test_global_options_go_before_or_after_the_subcommand(tiny, capsys):
+    import torch
+
+    before = torch.get_num_threads()
+    for argv in (["--threads", "1", "-q", "tune", tiny], ["tune", tiny, "--threads", "1", "-q"]):
+        code, out, err = _run(capsys, *argv)
+        assert code == 0, err
+        assert "best trial" in out
+        assert "Trial" not in err  # -q: no per-trial log lines
+    torch.set_num_threads(before)
+    code, out, err = _run(capsys, "tune", tiny, "--log-level", "info", "--n-trials", "1")
+    assert code == 0 and "Trial" in err  # Optuna's per-trial INFO lines
+
+
+def test_studies_lists_a_storage_without_writing_to_it(tiny, capsys):
+    assert _run(capsys, "tune", tiny)[0] == 0
+    code, out, err = _run(capsys, "studies")
+    assert code == 0 and "tiny" in out and "minimize" in out
+    row = next(line for line in out.splitlines() if line.startswith("tiny"))
+    assert row.split()[2] == "3"  # complete
+    _error(capsys, "studies", "--storage", "sqlite:///absent.db")
+    assert not Path("absent.db").exists()
+
+
+def test_evaluate_reports_a_spread_and_diverged_tasks_as_a_row(tiny, capsys):
+    assert _run(capsys, "meta-fit", tiny, "-o", "init.safetensors")[0] == 0
+    code, out, err = _run(capsys, "evaluate", tiny, "--init", "init.safetensors",
+                          "--param", "inner_lr=50", "--param", "inner_steps=30")
+    assert code == 0, err
+    first, second = out.strip().splitlines()
+    assert "± " in first and "standard error" in first
+    assert "diverged on" in second
+
+
+def test_every_option_has_help_text():
+    from metafit.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            if action.dest in ("help",):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest}: no help"

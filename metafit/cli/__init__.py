@@ -11,11 +11,12 @@ Subcommands::
     metafit evaluate CONFIG --init FILE             score on the config's test tasks
     metafit report [--storage URL] [--study-name NAME] -o DIR     plots of a study
     metafit best [--storage URL] [--study-name NAME]              best trial of a study
+    metafit studies [--storage URL]                                the studies of a storage
 
 The storage comes from ``--storage``, else ``$METAFIT_STORAGE``, else the config's
 ``tune.storage``, else ``sqlite:///metafit.db`` in the working directory. Global options
-(``--threads``) go before or after the subcommand. Errors in the config or the arguments
-print one line and exit with status 2.
+(``--threads``, ``-v``/``-q``, ``--log-level``) go before or after the subcommand. Errors
+in the config or the arguments print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -24,7 +25,13 @@ import argparse
 import logging
 import sys
 
-from metafit.cli._base import DEFAULT_STORAGE, ENV_STORAGE, check_threads, global_flags
+from metafit.cli._base import (
+    DEFAULT_STORAGE,
+    ENV_STORAGE,
+    check_threads,
+    global_flags,
+    log_level,
+)
 from metafit.cli._base import storage_flags as _storage_flags
 from metafit.cli._commands import COMMANDS
 from metafit.cli._errors import ConfigError, UsageError
@@ -63,7 +70,10 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    level = log_level(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("metafit").setLevel(level)
+    args.log_level_value = level
     try:
         torch.set_num_threads(check_threads(args.threads))
         return args.func(args)

@@ -21,6 +21,7 @@ __all__ = [
     "ENV_STORAGE",
     "Command",
     "explicit_threads",
+    "log_level",
     "global_flags",
     "resolve",
     "storage_flags",
@@ -115,10 +116,35 @@ def global_flags(suppress: bool) -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
         "--threads", type=positive_int, default=default,
-        help="torch CPU threads (default: $METAFIT_THREADS, else 1: the small networks of "
-        "meta-learning run fastest single-threaded; raise it for conv nets on idle cores)",
+        help="torch CPU threads (default: $METAFIT_THREADS, else each estimator's choice: "
+        "1 for MLPs, every core for conv nets; see benchmarks/threads.py)",
+    )
+    parent.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS if suppress else 0,
+        help="more messages: -v shows metafit's and Optuna's INFO log, -vv DEBUG",
+    )
+    parent.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS if suppress else False,
+        help="errors only: no per-trial log lines",
+    )
+    parent.add_argument(
+        "--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"), type=str.upper,
+        default=default, help="log level of the metafit and optuna loggers (overrides -v/-q)",
     )
     return parent
+
+
+def log_level(args) -> int:
+    """The logging level of ``--log-level``, else ``-q`` (ERROR), ``-v`` (INFO), ``-vv``
+    (DEBUG), else WARNING."""
+    import logging
+
+    if getattr(args, "log_level", None):
+        return getattr(logging, args.log_level)
+    if getattr(args, "quiet", False):
+        return logging.ERROR
+    verbose = getattr(args, "verbose", 0) or 0
+    return logging.DEBUG if verbose >= 2 else logging.INFO if verbose == 1 else logging.WARNING
 
 
 def explicit_threads(threads: int | None) -> int | None:

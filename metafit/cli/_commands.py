@@ -67,6 +67,24 @@ def _verbose(config, args=None) -> dict:
     return out
 
 
+def _summary(est, tasks) -> str:
+    """``mean ± standard error`` over the tasks, and how many diverged (those are left out
+    of the mean and named, instead of aborting the whole table)."""
+    import numpy as np
+
+    from metafit.tuning import task_scores
+
+    scores, _ = task_scores(est, tasks, stop_at_nan=False)
+    finite = scores[np.isfinite(scores)]
+    if not len(finite):
+        return f"diverged on all {len(scores)} tasks (lower inner_lr or inner_steps)"
+    sem = finite.std(ddof=1) / math.sqrt(len(finite)) if len(finite) > 1 else 0.0
+    text = f"{_fmt(float(finite.mean()))} ± {sem:.2g} (standard error)"
+    if len(finite) < len(scores):
+        text += f"; diverged on {len(scores) - len(finite)} of {len(scores)} tasks, left out"
+    return text
+
+
 def _existing_file(flag: str, path) -> None:
     if path is not None and not Path(path).is_file():
         raise UsageError(f"{flag}: file not found: {path}")
@@ -156,7 +174,8 @@ class TuneCommand(Command):
             est.set_params(on_interrupt="raise")  # Ctrl-C ends the command
         if mode == "adaptation" and args.init is None:
             self._meta_fit(est, splits)
-        self._announce(study_name, mode, n_trials, timeout, len(splits.validation))
+        self._announce(study_name, mode, n_trials, timeout, len(splits.validation),
+                       getattr(args, "log_level_value", 30))
         study = tune(
             est,
             splits.train,
@@ -184,10 +203,14 @@ class TuneCommand(Command):
         print(f"meta-trained in {time.perf_counter() - start:.1f} s", flush=True)
 
     @staticmethod
-    def _announce(study_name, mode, n_trials, timeout, n_validation) -> None:
+    def _announce(study_name, mode, n_trials, timeout, n_validation, level) -> None:
+        import logging
+
         import optuna
 
-        optuna.logging.set_verbosity(optuna.logging.INFO)
+        # one log line per trial by default; -q silences them, -vv shows Optuna's debug
+        optuna.logging.set_verbosity(min(level, logging.INFO) if level < logging.ERROR
+                                     else logging.ERROR)
         budget = f"{n_trials} trials" if n_trials else "until timeout"
         if n_trials and timeout:
             budget += f", timeout {timeout:g} s"
@@ -256,8 +279,6 @@ class EvaluateCommand(Command):
                             "several (--param inner_steps=10 --param inner_lr=0.05)")
 
     def take_action(self, args) -> int:
-        from metafit.tuning import evaluate
-
         config = _load(args.config)
         _existing_file("--init", args.init)
         splits = config.build_tasks()
@@ -265,16 +286,14 @@ class EvaluateCommand(Command):
         overrides = self._overrides(args, config, est)
         name = _metric(config.estimator_type)
         split = splits.test if args.split == "test" else splits.validation
-        base = evaluate(est, split)
-        print(f"{args.split} {name} over {len(split)} tasks: {_fmt(base)} "
+        print(f"{args.split} {name} over {len(split)} tasks: {_summary(est, split)} "
               f"({_params_line(_own(est))})")
         if overrides:
             try:
                 est.set_params(**overrides)
             except ValueError as exc:
                 raise UsageError(f"--param: {exc}") from None
-            tuned = evaluate(est, split)
-            print(f"{args.split} {name} with {_params_line(overrides)}: {_fmt(tuned)}")
+            print(f"{args.split} {name} with {_params_line(overrides)}: {_summary(est, split)}")
         return 0
 
     @staticmethod
@@ -314,16 +333,22 @@ def _parse_value(text: str):
         return text
 
 
-def _load_study(args, config=None):
-    import optuna
-
+def _open_existing_storage(url: str):
+    """A storage for commands that only read: a local file must exist already."""
     from metafit.tuning.storage import journal_path
 
-    url = storage_url(args, config)
     local = url[len("sqlite:///"):] if url.startswith("sqlite:///") else journal_path(url)
     if local and not Path(local).expanduser().is_file():
         raise UsageError(f"storage {url}: file {local} does not exist (no study was run there)")
-    storage = _open_storage(url)
+    return _open_storage(url)
+
+
+def _load_study(args, config=None):
+    import optuna
+
+
+    url = storage_url(args, config)
+    storage = _open_existing_storage(url)
     names = optuna.get_all_study_names(storage)
     found = ", ".join(names) if names else "none"
     name = args.study_name
@@ -400,6 +425,37 @@ class ReportCommand(Command):
         return 0 if written else 1
 
 
+class StudiesCommand(Command):
+    """List the studies of a storage: trials by state and the best value (read-only)."""
+
+    name = "studies"
+    help = "list the studies of a storage"
+    parents = ("storage",)
+
+    def take_action(self, args) -> int:
+        import optuna
+        from optuna.trial import TrialState
+
+        url = storage_url(args)
+        storage = _open_existing_storage(url)
+        summaries = optuna.get_all_study_summaries(storage, include_best_trial=True)
+        if not summaries:
+            print(f"no study in {url}")
+            return 0
+        print(f"{'study':<32} {'direction':<9} {'complete':>8} {'pruned':>6} {'fail':>5} "
+              f"{'best':>10}")
+        for summary in sorted(summaries, key=lambda x: x.study_name):
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            states = [t.state for t in study.get_trials(deepcopy=False)]
+            best = summary.best_trial.value if summary.best_trial is not None else None
+            print(
+                f"{summary.study_name:<32} {summary.direction.name.lower():<9} "
+                f"{states.count(TrialState.COMPLETE):>8} {states.count(TrialState.PRUNED):>6} "
+                f"{states.count(TrialState.FAIL):>5} {_fmt(best) if best is not None else '-':>10}"
+            )
+        return 0
+
+
 #: The subcommands, in the order ``metafit --help`` lists them.
 COMMANDS: tuple[type[Command], ...] = (
     MetaFitCommand,
@@ -407,4 +463,5 @@ COMMANDS: tuple[type[Command], ...] = (
     EvaluateCommand,
     ReportCommand,
     BestCommand,
+    StudiesCommand,
 )
