@@ -54,6 +54,10 @@ class Task:
         Query inputs, with the same trailing shape as ``X_support``.
     y_query : array-like of shape (n_query,) or (n_query, n_outputs)
         Query targets.
+    info : dict, optional
+        What is known about the task beyond its data, e.g. the amplitude and phase of a
+        :class:`~metafit.tasks.SinusoidTasks` task (the plots draw its true curve). Not
+        compared, not part of the 4-tuple.
 
     Raises
     ------
@@ -73,6 +77,7 @@ class Task:
     y_support: np.ndarray
     X_query: np.ndarray
     y_query: np.ndarray
+    info: dict = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         Xs, ys = _check_part("support set", self.X_support, self.y_support)

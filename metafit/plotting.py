@@ -119,10 +119,22 @@ def plot_meta_history(est, ax=None, *, log_scale: bool = True):
     if log_scale and len(finite) and finite.min() > 0 and finite.max() / finite.min() > 20:
         ax.set_yscale("log")
     ax.set_xlabel("meta-iteration")
-    ax.set_ylabel("query loss after adaptation")
-    ax.set_title(f"meta-training ({best.metadata.get('algorithm', '')})" if best else "")
-    ax.legend()
+    ax.set_ylabel(f"query {_loss_name(best)} after adaptation")
+    ax.set_title(f"meta-training ({best.metadata.get('algorithm', '')})" if best else
+                 "meta-training")
+    _legend_outside(ax)
     return ax
+
+
+def _loss_name(init) -> str:
+    loss = None if init is None else init.metadata.get("loss")
+    return {"mse": "MSE", "cross_entropy": "cross-entropy"}.get(loss, "loss")
+
+
+def _legend_outside(ax, **kwargs) -> None:
+    """The legend right of the axes, never over the data (``savefig(bbox_inches="tight")``
+    and ``constrained_layout`` keep it in the picture)."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, **kwargs)
 
 
 def _random_module(module: nn.Module, seed: int) -> nn.Module:
@@ -283,17 +295,19 @@ def plot_adaptation(est, tasks, steps: int = 10, ax=None, **kwargs):
     for name in ("meta-learned", "pretrained", "random"):
         ax.plot(x, curves[name], ms=4, lw=1.8, **styles[name])
     ax.set_xlabel(f"inner gradient steps (inner_lr={est.inner_lr:g})")
-    ax.set_ylabel(f"mean query loss over {len(_tasks(tasks))} tasks")
+    ax.set_ylabel(f"mean query {_loss_name(_meta_init(est))} over {len(_tasks(tasks))} tasks")
     ax.set_xticks(x if len(x) <= 11 else x[:: max(1, len(x) // 10)])
     finite = np.concatenate([c[np.isfinite(c)] for c in curves.values()])
     if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 30:
         ax.set_yscale("log")
-    ax.set_title("adaptation from three initializations")
-    ax.legend()
+    ax.set_title("adaptation to new tasks from three initializations")
+    _legend_outside(ax)
     return ax
 
 
-def plot_predictions(est, task, ax=None, *, steps: int | None = None, n_grid: int = 200):
+def plot_predictions(
+    est, task, ax=None, *, steps: int | None = None, n_grid: int = 200, truth=None
+):
     """One 1-D regression task: its points, and predictions before and after adaptation.
 
     Parameters
@@ -307,12 +321,21 @@ def plot_predictions(est, task, ax=None, *, steps: int | None = None, n_grid: in
         Inner steps; defaults to ``est.inner_steps``.
     n_grid : int, default=200
         Points of the prediction curves.
+    truth : callable, optional
+        ``truth(x) -> y`` of the task's true function, drawn as a curve. By default the
+        true curve is drawn when the task knows it (a :class:`~metafit.tasks.SinusoidTasks`
+        task's ``info``).
 
     Returns
     -------
     matplotlib.axes.Axes
     """
     task = as_task(task)
+    if truth is None and task.info.get("function") == "sinusoid":
+        amplitude, phase = task.info["amplitude"], task.info["phase"]
+
+        def truth(x):
+            return amplitude * np.sin(x - phase)
     init = _meta_init(est)
     if init.metadata.get("loss", "mse") != "mse" or init.n_features != 1 or init.n_outputs != 1:
         raise ValueError(
@@ -334,6 +357,8 @@ def plot_predictions(est, task, ax=None, *, steps: int | None = None, n_grid: in
     after = learner.predict(phi, Xg[None])[0, :, 0].cpu().numpy()
 
     ax = _axes(ax)
+    if truth is not None:
+        ax.plot(grid[:, 0], truth(grid[:, 0]), "-", color="0.25", lw=1, label="true function")
     order = np.argsort(task.X_query[:, 0])
     ax.plot(
         task.X_query[order, 0],
@@ -356,7 +381,8 @@ def plot_predictions(est, task, ax=None, *, steps: int | None = None, n_grid: in
     )
     ax.set_xlabel("x")
     ax.set_ylabel("y")
-    ax.legend(fontsize="small")
+    ax.set_title(f"a new task: {task.n_support} support points, {steps} inner step(s)")
+    _legend_outside(ax, fontsize="small")
     return ax
 
 
@@ -372,6 +398,10 @@ _PLOTS = (
 
 def write_report(study, out) -> tuple[list, list[str]]:
     """Write a study's plots into ``out``: PNGs (matplotlib), plus HTML when plotly is there.
+
+    The value axes name the study's metric ("query MSE", "query accuracy") and turn
+    logarithmic when the values span more than two decades. The HTML pages load
+    ``plotly.min.js`` from the same folder (written there once), so they work offline.
 
     Returns
     -------
@@ -390,21 +420,10 @@ def write_report(study, out) -> tuple[list, list[str]]:
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not done:
         return written, [f"all plots: study {study.study_name!r} has no completed trial"]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from optuna.visualization import matplotlib as ovm
-    except ImportError:
-        ovm = None
-        skipped.append("PNG plots: matplotlib is not installed (pip install 'metafit[plot]')")
-    try:
-        import plotly  # noqa: F401
-        from optuna import visualization as ovp
-    except ImportError:
-        ovp = None
+    out.mkdir(parents=True, exist_ok=True)
+    ovm, ovp = _optuna_backends(skipped)
     has_intermediate = any(t.intermediate_values for t in study.get_trials(deepcopy=False))
+    axis = _value_axis(study, done)
     for name, func in _PLOTS:
         if name == "intermediate_values" and not has_intermediate:
             continue
@@ -415,22 +434,76 @@ def write_report(study, out) -> tuple[list, list[str]]:
             warnings.simplefilter("ignore")
             try:
                 if ovm is not None:
-                    axes = getattr(ovm, func)(study)
-                    first = axes.flat[0] if hasattr(axes, "flat") else axes
-                    fig = first.get_figure()
-                    if name == "slice":  # one panel per parameter, plus a colorbar
-                        n = len(getattr(axes, "flat", [axes]))
-                        fig.set_size_inches(max(6.4, 3.6 * n + 1.5), 4.8)
-                    path = out / f"{name}.png"
-                    fig.savefig(path, dpi=100, bbox_inches="tight")
-                    plt.close(fig)
-                    written.append(path)
+                    written.append(_write_png(ovm, func, name, study, out, axis))
                 if ovp is not None:
-                    path = out / f"{name}.html"
-                    # plotly.min.js is written once beside the pages, which
-                    # then work offline (a CDN link leaves them blank there).
-                    getattr(ovp, func)(study).write_html(str(path), include_plotlyjs="directory")
-                    written.append(path)
+                    written.append(_write_html(ovp, func, name, study, out, axis))
             except (ValueError, RuntimeError, ZeroDivisionError) as exc:
                 skipped.append(f"{name}: {exc}")
     return written, skipped
+
+
+def _optuna_backends(skipped: list[str]):
+    """Optuna's matplotlib and plotly visualization modules (None where not installed)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        from optuna.visualization import matplotlib as ovm
+    except ImportError:
+        ovm = None
+        skipped.append("PNG plots: matplotlib is not installed (pip install 'metafit[plot]')")
+    try:
+        import plotly  # noqa: F401
+        from optuna import visualization as ovp
+    except ImportError:
+        ovp = None
+    return ovm, ovp
+
+
+def _value_axis(study, done) -> tuple[str, bool]:
+    """The metric's name and whether its axis should be logarithmic."""
+    names = getattr(study, "metric_names", None)
+    metric = study.user_attrs.get("metafit_metric")
+    label = names[0] if names and names[0] else (
+        "query accuracy" if metric == "accuracy" else "query MSE" if metric == "mse"
+        else "objective value"
+    )
+    values = np.array([t.value for t in done], dtype=float)
+    values = values[np.isfinite(values)]
+    log = bool(len(values) and values.min() > 0 and values.max() / values.min() > 100)
+    return label, log
+
+
+_VALUE_PLOTS = ("optimization_history", "slice", "intermediate_values")
+
+
+def _write_png(ovm, func, name, study, out, axis):
+    import matplotlib.pyplot as plt
+
+    axes = getattr(ovm, func)(study)
+    panels = list(getattr(axes, "flat", [axes]))
+    fig = panels[0].get_figure()
+    if name == "slice":  # one panel per parameter, plus a colorbar
+        fig.set_size_inches(max(6.4, 3.6 * len(panels) + 1.5), 4.8)
+    if name in _VALUE_PLOTS:
+        label, log = axis
+        for panel in panels:
+            panel.set_ylabel(label)
+            if log:
+                panel.set_yscale("log")
+    path = out / f"{name}.png"
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _write_html(ovp, func, name, study, out, axis):
+    figure = getattr(ovp, func)(study)
+    if name in _VALUE_PLOTS:
+        label, log = axis
+        figure.update_yaxes(title_text=label, type="log" if log else None)
+    path = out / f"{name}.html"
+    # plotly.min.js is written once beside the pages, which then work offline (a CDN
+    # link leaves them blank there).
+    figure.write_html(str(path), include_plotlyjs="directory")
+    return path

@@ -113,7 +113,8 @@ class SinusoidTasks(_TaskSource):
         y = amplitude * np.sin(x[:, 0] - phase)
         x, y = x.astype(np.float32), y.astype(np.float32)
         k = self.k_shot
-        return Task(x[:k], y[:k], x[k:], y[k:])
+        info = {"function": "sinusoid", "amplitude": float(amplitude), "phase": float(phase)}
+        return Task(x[:k], y[:k], x[k:], y[k:], info=info)
 
     def sample_batch(
         self,
