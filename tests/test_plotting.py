@@ -150,3 +150,104 @@ def test_missing_matplotlib_gives_a_clear_error(est, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
     with pytest.raises(ImportError, match=r"metafit\[plot\]"):
         plot_meta_history(est)
+
+
+# ------------------------------------------------------------------ readable figures
+
+
+def _legend_is_outside(ax) -> bool:
+    fig = ax.get_figure()
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    return legend.x0 >= ax.get_window_extent().x1
+
+
+def test_figures_have_titles_metric_labels_and_legends_off_the_data(est):
+    for draw in (lambda: plot_meta_history(est), lambda: plot_adaptation(est, EVAL[:3]),
+                 lambda: plot_predictions(est, EVAL[0])):
+        ax = draw()
+        assert ax.get_title()
+        assert _legend_is_outside(ax)
+    assert "MSE" in plot_meta_history(est).get_ylabel()
+    assert "MSE" in plot_adaptation(est, EVAL[:3]).get_ylabel()
+
+
+def test_plot_predictions_draws_the_true_sinusoid_when_known(est):
+    task = EVAL[0]
+    ax = plot_predictions(est, task)
+    truth = next(line for line in ax.get_lines() if line.get_label() == "true function")
+    x, y = truth.get_data()
+    np.testing.assert_allclose(
+        y, task.info["amplitude"] * np.sin(x - task.info["phase"]), rtol=1e-6, atol=1e-6
+    )
+    plain = type(task)(task.X_support, task.y_support, task.X_query, task.y_query)
+    labels = [line.get_label() for line in plot_predictions(est, plain).get_lines()]
+    assert "true function" not in labels
+    labels = [line.get_label() for line in plot_predictions(
+        est, plain, truth=np.cos).get_lines()]
+    assert "true function" in labels
+
+
+@pytest.fixture(scope="module")
+def report(est, tmp_path_factory):
+    import optuna
+
+    from metafit import tune
+    from metafit.plotting import write_report
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for lr in (1e-3, 1e-2, 0.1):
+        study.enqueue_trial({"inner_lr": lr, "inner_steps": 2})
+    tune(est, validation_tasks=EVAL[:4], n_trials=5, study=study)
+    out = tmp_path_factory.mktemp("report") / "nested" / "dir"
+    written, skipped = write_report(study, out)
+    return out, written, skipped
+
+
+def test_report_pages_work_offline_and_name_the_metric(report):
+    out, written, skipped = report
+    pages = [p for p in written if p.suffix == ".html"]
+    assert pages and (out / "plotly.min.js").is_file()
+    for page in pages:
+        text = page.read_text()
+        assert "cdn.plot.ly" not in text and "plotly.min.js" in text
+    history = (out / "optimization_history.html").read_text()
+    assert "query MSE" in history
+
+
+def test_report_axes_turn_logarithmic_over_two_decades():
+    from types import SimpleNamespace
+
+    from metafit.plotting import _value_axis
+
+    def trials(*values):
+        return [SimpleNamespace(value=v) for v in values]
+
+    study = SimpleNamespace(metric_names=["query MSE"], user_attrs={})
+    assert _value_axis(study, trials(0.5, 0.7, 2.0)) == ("query MSE", False)
+    assert _value_axis(study, trials(0.5, 64388.0)) == ("query MSE", True)
+    study = SimpleNamespace(metric_names=None, user_attrs={"metafit_metric": "accuracy"})
+    assert _value_axis(study, trials(0.5, 0.9))[0] == "query accuracy"
+
+
+def test_report_renders_in_headless_chromium(report, tmp_path):
+    import shutil
+    import subprocess
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
+    from PIL import Image
+
+    out, _, _ = report
+    shot = tmp_path / "page.png"
+    subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=900,600",
+         "--virtual-time-budget=5000", f"--screenshot={shot}",
+         (out / "optimization_history.html").as_uri()],
+        check=True, capture_output=True, timeout=120,
+    )
+    pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
+    # a blank page (plotly.js missing) is one colour; a drawn plot has many
+    assert pixels.std() > 5 and len(np.unique(pixels)) > 20
