@@ -471,3 +471,13 @@ def test_a_huge_but_finite_loss_is_a_diverged_trial(meta_fitted, val_tasks, monk
     (trial,) = study.trials
     assert trial.state == TrialState.PRUNED
     assert "over 100 times" in trial.user_attrs["metafit_diverged"]
+
+
+def test_the_study_names_the_file_its_initialization_came_from(meta_fitted, val_tasks,
+                                                                tmp_path):
+    path = tmp_path / "init.safetensors"
+    meta_fitted.save_meta_init(path)
+    est = MetaInitializedRegressor(meta_init=path, hidden_sizes=meta_fitted.hidden_sizes)
+    study = tune(est, validation_tasks=val_tasks, n_trials=1)
+    assert study.user_attrs["metafit_init_file"] == str(path)
+    assert len(study.user_attrs["metafit_init"]) == 16

@@ -54,7 +54,17 @@ _log = logging.getLogger("metafit.tuning")
 
 
 def _init_fingerprint(estimator) -> str | None:
+    """A hash of the initialization the estimator adapts from (``meta_init_``, else its
+    ``meta_init=`` file or object): workers that share a study must share it."""
+    from metafit.persistence import MetaInit
+
     init = getattr(estimator, "meta_init_", None)
+    if init is None:
+        source = estimator.get_params().get("meta_init")
+        if isinstance(source, MetaInit):
+            init = source
+        elif source is not None:
+            init = MetaInit.load(source)
     if init is None:
         return None
     h = hashlib.sha256()
