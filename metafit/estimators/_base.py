@@ -345,7 +345,15 @@ default="maml"
         self._check_params()
         run = MetaFitRun(self, self._target)
         stream, val = run.read_tasks(tasks, validation_tasks)
-        resume = run.warm_start_point() if self.warm_start else None
+        resume = None
+        if self.warm_start:
+            if hasattr(self, "meta_init_"):
+                resume = run.warm_start_point(
+                    self.meta_init_, list(getattr(self, "meta_history_", [])),
+                    self.__dict__.get("_warm_state_"),
+                )
+            else:
+                resume = run.warm_start_point(self._resolve_meta_init(), [], None)
         if resume is not None and resume.state.iteration >= self.meta_iterations:
             warn_already_done(resume.state.iteration, self.meta_iterations)
             return self

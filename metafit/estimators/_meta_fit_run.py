@@ -87,8 +87,8 @@ class MetaFitRun:
     Parameters
     ----------
     est : MetaInitializedEstimator
-        Its parameters are read, never assigned; its current ``meta_init_``,
-        ``meta_history_`` and warm-start record are read for ``warm_start=True``.
+        Its parameters are read, never assigned (the shell hands over its fitted state
+        explicitly, in :meth:`warm_start_point`).
     target : TargetKind
     """
 
@@ -142,18 +142,21 @@ class MetaFitRun:
             out.append(t)
         return out
 
-    def warm_start_point(self) -> WarmStart | None:
-        """Where ``warm_start=True`` continues from: ``meta_init_``, else ``meta_init``."""
-        est = self.est
-        saved = est.__dict__.get("_warm_state_")
-        if hasattr(est, "meta_init_"):
-            init, history = est.meta_init_, list(getattr(est, "meta_history_", []))
-            if saved is not None and saved.meta_init is not init:
-                saved = None  # meta_init_ was replaced since: only its tensors are known
-        else:
-            init, history, saved = est._resolve_meta_init(), [], None
+    def warm_start_point(
+        self, init: MetaInit | None, history: list, saved: WarmStart | None
+    ) -> WarmStart | None:
+        """Where ``warm_start=True`` continues from.
+
+        ``init`` is the estimator's ``meta_init_`` (with its ``meta_history_`` as
+        ``history`` and the record ``saved`` by its last run), else the initialization of
+        ``meta_init=`` (no history, no record). A record that belongs to another
+        initialization (``meta_init_`` was replaced since) is not used: only the tensors
+        are known then.
+        """
         if init is None:
             return None
+        if saved is not None and saved.meta_init is not init:
+            saved = None
         shape = init.metadata.get("feature_shape")
         if (shape is not None and list(shape) != list(self.feature_shape)) or (
             init.n_outputs != self.n_outputs
