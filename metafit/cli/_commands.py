@@ -340,7 +340,7 @@ def _open_existing_storage(url: str):
     local = url[len("sqlite:///"):] if url.startswith("sqlite:///") else journal_path(url)
     if local and not Path(local).expanduser().is_file():
         raise UsageError(f"storage {url}: file {local} does not exist (no study was run there)")
-    return _open_storage(url)
+    return _open_storage(url, read_only=True)
 
 
 def _load_study(args, config=None):

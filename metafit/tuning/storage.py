@@ -26,6 +26,7 @@ def make_storage(
     heartbeat_interval: int | None = None,
     grace_period: int | None = None,
     max_retry: int | None = 3,
+    read_only: bool = False,
 ):
     """Open an Optuna storage from a URL or path.
 
@@ -42,6 +43,9 @@ def make_storage(
         ``2 * heartbeat_interval``) is marked failed by the next worker and re-queued with
         the same parameters, at most ``max_retry`` times.
     max_retry : int or None, default=3
+    read_only : bool, default=False
+        For commands that only read (``metafit best``, ``report``, ``studies``): never
+        create or migrate a schema; a database without Optuna's tables is an error.
 
     Returns
     -------
@@ -85,7 +89,7 @@ def make_storage(
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
         return JournalStorage(JournalFileBackend(str(Path(journal).expanduser())))
-    return _rdb_storage(storage, heartbeat_interval, grace_period, max_retry)
+    return _rdb_storage(storage, heartbeat_interval, grace_period, max_retry, read_only)
 
 
 def journal_path(storage: str) -> str | None:
@@ -141,7 +145,7 @@ def _normalize_url(url: str):
     return parsed
 
 
-def _rdb_storage(url, heartbeat_interval, grace_period, max_retry):
+def _rdb_storage(url, heartbeat_interval, grace_period, max_retry, read_only=False):
     from sqlalchemy.exc import SQLAlchemyError
 
     parsed = _normalize_url(url)
@@ -149,6 +153,15 @@ def _rdb_storage(url, heartbeat_interval, grace_period, max_retry):
     kwargs: dict[str, Any] = {}
     if parsed.get_backend_name() != "sqlite":
         kwargs["engine_kwargs"] = {"pool_pre_ping": True}
+    else:
+        # Many workers on one file: wait for a lock instead of failing at once, and let
+        # readers go on while one worker writes (WAL, a property of the file).
+        kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
+        if not read_only:
+            _sqlite_wal(parsed.database)
+    if read_only:
+        kwargs["skip_table_creation"] = True
+        kwargs["skip_compatibility_check"] = True
     if heartbeat_interval is not None:
         kwargs["heartbeat_interval"] = heartbeat_interval
         kwargs["grace_period"] = grace_period or 2 * heartbeat_interval
@@ -166,7 +179,10 @@ def _rdb_storage(url, heartbeat_interval, grace_period, max_retry):
                     else "failed_trial_callback"
                 )
                 kwargs[key] = retry(max_retry=max_retry)
-            return _create_rdb_storage(parsed.render_as_string(hide_password=False), kwargs)
+            full = parsed.render_as_string(hide_password=False)
+            if read_only:  # before Optuna's storage, which writes its version table
+                _check_optuna_schema(full, kwargs.get("engine_kwargs", {}), shown)
+            return _create_rdb_storage(full, kwargs)
     except ModuleNotFoundError as exc:
         raise ValueError(
             f"storage {shown}: the database driver is not installed ({exc.name}); for "
@@ -179,7 +195,35 @@ def _rdb_storage(url, heartbeat_interval, grace_period, max_retry):
         ) from None
 
 
-def _create_rdb_storage(url: str, kwargs: dict, attempts: int = 6):
+def _sqlite_wal(database: str) -> None:
+    """Put a SQLite file in write-ahead-log mode (once; the mode stays with the file)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(str(Path(database).expanduser()), timeout=60) as con:
+            con.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.Error:
+        pass  # a file that refuses WAL (a network share) still works, with more waiting
+
+
+def _check_optuna_schema(url: str, engine_kwargs: dict, shown: str) -> None:
+    """A read-only storage must already hold Optuna's tables (looked at, not touched)."""
+    from sqlalchemy import create_engine
+    from sqlalchemy import inspect as sql_inspect
+
+    engine = create_engine(url, **engine_kwargs)
+    try:
+        tables = set(sql_inspect(engine).get_table_names())
+    finally:
+        engine.dispose()
+    if not {"studies", "version_info"} <= tables:
+        raise ValueError(
+            f"storage {shown} holds no Optuna study (no 'studies' table); metafit did not "
+            "change it. Check the URL, or run 'metafit tune' there first."
+        )
+
+
+def _create_rdb_storage(url: str, kwargs: dict, attempts: int = 8):
     """``RDBStorage(url)``, retried when workers race to create the schema.
 
     Several workers started together on a fresh PostgreSQL database all issue
@@ -189,14 +233,18 @@ def _create_rdb_storage(url: str, kwargs: dict, attempts: int = 6):
     import random
     import time
 
-    from sqlalchemy.exc import IntegrityError, ProgrammingError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(url, **kwargs)
-        except (IntegrityError, ProgrammingError) as exc:
+        except (IntegrityError, ProgrammingError, OperationalError) as exc:
+            # PostgreSQL reports the race as IntegrityError/ProgrammingError, SQLite as
+            # OperationalError ("table ... already exists", "database is locked").
             text = str(getattr(exc, "orig", None) or exc)
-            racing = "duplicate key" in text or "already exists" in text
+            racing = any(
+                words in text for words in ("duplicate key", "already exists", "locked")
+            )
             if not racing or attempt == attempts - 1:
                 raise
             time.sleep(0.2 * (attempt + 1) * (1 + random.random()))
