@@ -481,3 +481,18 @@ def test_the_study_names_the_file_its_initialization_came_from(meta_fitted, val_
     study = tune(est, validation_tasks=val_tasks, n_trials=1)
     assert study.user_attrs["metafit_init_file"] == str(path)
     assert len(study.user_attrs["metafit_init"]) == 16
+
+
+def test_evaluate_in_a_hand_written_objective_never_ends_the_study(meta_fitted, val_tasks):
+    study = optuna.create_study()
+    study.enqueue_trial({"inner_lr": 1e6, "inner_steps": 20})
+    study.enqueue_trial({"inner_lr": 0.01, "inner_steps": 3})
+
+    def objective(trial):
+        lr = trial.suggest_float("inner_lr", 1e-3, 1e6, log=True)
+        steps = trial.suggest_int("inner_steps", 1, 20)
+        return evaluate(tuned_estimator(meta_fitted, {"inner_lr": lr, "inner_steps": steps}),
+                        val_tasks)
+
+    study.optimize(objective, n_trials=2)
+    assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]

@@ -77,9 +77,17 @@ def evaluate(estimator, tasks: Iterable) -> float:
     float
         Mean query mean-squared error (regressor, lower is better) or mean query accuracy
         (classifier, higher is better). NaN when some adaptation diverged (non-finite
-        predictions).
+        predictions, or ``fit``'s DivergenceError), never an exception for that: for a
+        study, prefer :func:`make_objective`, which prunes such trials with the reason.
     """
-    scores, _ = task_scores(estimator, tasks)
+    from metafit.training import DivergenceError
+
+    try:
+        scores, _ = task_scores(estimator, tasks)
+    except DivergenceError:
+        # A hand-written objective returning evaluate(...) then records a failed trial
+        # (Optuna's rule for NaN) instead of a DivergenceError that ends the study.
+        return math.nan
     return math.nan if np.isnan(scores).any() else float(np.mean(scores))
 
 
