@@ -206,6 +206,7 @@ def report(est, tmp_path_factory):
 
 
 def test_report_pages_work_offline_and_name_the_metric(report):
+    pytest.importorskip("plotly")
     out, written, skipped = report
     pages = [p for p in written if p.suffix == ".html"]
     assert pages and (out / "plotly.min.js").is_file()
@@ -235,6 +236,7 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     import shutil
     import subprocess
 
+    pytest.importorskip("plotly")
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")

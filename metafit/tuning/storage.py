@@ -240,10 +240,12 @@ def _create_rdb_storage(url: str, kwargs: dict, attempts: int = 8):
             return optuna.storages.RDBStorage(url, **kwargs)
         except (IntegrityError, ProgrammingError, OperationalError) as exc:
             # PostgreSQL reports the race as IntegrityError/ProgrammingError, SQLite as
-            # OperationalError ("table ... already exists", "database is locked").
+            # OperationalError ("table ... already exists", "database is locked") or as
+            # IntegrityError ("UNIQUE constraint failed: alembic_version...").
             text = str(getattr(exc, "orig", None) or exc)
             racing = any(
-                words in text for words in ("duplicate key", "already exists", "locked")
+                words in text
+                for words in ("duplicate key", "UNIQUE constraint", "already exists", "locked")
             )
             if not racing or attempt == attempts - 1:
                 raise
