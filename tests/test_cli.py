@@ -262,3 +262,43 @@ def test_every_option_has_help_text():
             if action.dest in ("help",):
                 continue
             assert action.help, f"{name} {action.option_strings or action.dest}: no help"
+
+
+def test_sigterm_fails_the_running_trial_and_exits_with_a_message(tmp_path):
+    """What SLURM, Kubernetes and systemd send: handled like Ctrl-C, through the real CLI."""
+    import signal
+    import time
+
+    import optuna
+    from optuna.trial import TrialState
+
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY.replace("n_trials: 3", "n_trials: 100000"))
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metafit", "tune", str(config), "--storage", url],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # wait for a few finished trials
+            time.sleep(0.5)
+            try:
+                study = optuna.load_study(study_name="tiny", storage=url)
+                if len(study.get_trials(states=(TrialState.COMPLETE,))) >= 3:
+                    break
+            except KeyError:
+                continue
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    err = err.decode()
+    assert proc.returncode == 143, err[-2000:]
+    assert "terminated (SIGTERM)" in err
+    assert "Traceback" not in err
+    study = optuna.load_study(study_name="tiny", storage=url)
+    states = [t.state for t in study.trials]
+    assert TrialState.RUNNING not in states
+    assert states.count(TrialState.COMPLETE) >= 3

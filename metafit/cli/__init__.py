@@ -64,16 +64,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status."""
-    import torch
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what SLURM, Kubernetes and systemd send), handled like Ctrl-C: Optuna fails
+    the running trial, ``meta_fit`` keeps its best state, the command says so."""
 
+
+_terminated = False
+
+
+def _on_sigterm(signum, frame):
+    global _terminated
+    _terminated = True  # meta_fit re-raises a plain KeyboardInterrupt after keeping state
+    raise Terminated
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (130 after Ctrl-C, 143 after
+    SIGTERM, 2 for a usage or config error, 1 for an error while running)."""
+    import signal
+    import threading
+
+    global _terminated
+    _terminated = False
     parser = build_parser()
     args = parser.parse_args(argv)
     level = log_level(args)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("metafit").setLevel(level)
     args.log_level_value = level
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return _dispatch(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _dispatch(args) -> int:
+    import torch
+
     try:
         torch.set_num_threads(check_threads(args.threads))
         return args.func(args)
@@ -86,7 +117,15 @@ def main(argv: list[str] | None = None) -> int:
         msg = str(exc).strip().splitlines()
         print(f"metafit: error: {msg[0] if msg else type(exc).__name__}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Terminated) or _terminated:
+            print(
+                "metafit: terminated (SIGTERM); the running trial was marked failed and "
+                "the study keeps every finished trial: run the same command again to "
+                "continue",
+                file=sys.stderr,
+            )
+            return 143
         print("metafit: interrupted", file=sys.stderr)
         return 130
 

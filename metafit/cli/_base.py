@@ -167,3 +167,27 @@ def check_threads(threads: int | None) -> int:
     if value < 1:
         raise UsageError(f"METAFIT_THREADS must be >= 1, got {value}")
     return value
+
+
+class NoInterruptTraceback:
+    """A logging filter: Optuna logs a trial ended by Ctrl-C or SIGTERM with a traceback;
+    keep the line, drop the traceback (metafit's own one-line message follows)."""
+
+    def filter(self, record) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_interrupt_tracebacks() -> None:
+    """Add :class:`NoInterruptTraceback` to the handlers of Optuna's logger (made by
+    Optuna on first use)."""
+    import logging
+
+    import optuna
+
+    optuna.logging.get_verbosity()  # makes sure Optuna's handler exists
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, NoInterruptTraceback) for f in handler.filters):
+            handler.addFilter(NoInterruptTraceback())

@@ -19,6 +19,7 @@ from metafit.cli._base import (
     explicit_threads,
     positive_float,
     positive_int,
+    quiet_interrupt_tracebacks,
     resolve,
     storage_url,
 )
@@ -211,6 +212,7 @@ class TuneCommand(Command):
         # one log line per trial by default; -q silences them, -vv shows Optuna's debug
         optuna.logging.set_verbosity(min(level, logging.INFO) if level < logging.ERROR
                                      else logging.ERROR)
+        quiet_interrupt_tracebacks()
         budget = f"{n_trials} trials" if n_trials else "until timeout"
         if n_trials and timeout:
             budget += f", timeout {timeout:g} s"
