@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from metafit.training import HistoryRecord, StopTraining, TrainingCallback
 __all__ = [
     "BestState",
     "Checkpoint",
+    "check_checkpoint_path",
     "EarlyStopping",
     "LRScheduler",
     "MetaFitContext",
@@ -241,14 +243,32 @@ class Checkpoint(TrainingCallback):
         self.interval = interval
         self.make_meta_init = make_meta_init
         self.last_written: int | None = None
+        self._warned = False
 
     def initialize(self, context: MetaFitContext) -> None:
         if self.make_meta_init is None:
             self.make_meta_init = context.make_meta_init
+        check_checkpoint_path(self.path)
 
     def write(self, learner: MetaLearner, iteration: int) -> None:
-        """Write the current state of ``learner`` as iteration ``iteration``."""
-        self.make_meta_init(learner, iteration).save(self.path)
+        """Write the current state of ``learner`` as iteration ``iteration``.
+
+        A write that fails (a full disk, a folder made read-only meanwhile) warns once
+        and training goes on: the estimator still gets the result in memory.
+        """
+        try:
+            self.make_meta_init(learner, iteration).save(self.path)
+        except OSError as exc:
+            if not self._warned:
+                warnings.warn(
+                    f"checkpoint of iteration {iteration} not written ({exc}); meta-training "
+                    "goes on, and the result stays in the estimator: save it with "
+                    "save_meta_init when meta_fit returns.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+                self._warned = True
+            return
         self.last_written = iteration
         logger.debug("checkpoint of iteration %d written to %s", iteration, self.path)
 
@@ -261,6 +281,43 @@ class Checkpoint(TrainingCallback):
         # learner matches history[-1] even after an interrupt or a divergence.
         if history and self.last_written != history[-1].iteration:
             self.write(learner, history[-1].iteration)
+
+
+def check_checkpoint_path(path) -> None:
+    """Raise before any training when checkpoints could not be written to ``path``, or
+    would overwrite a file that is not a metafit checkpoint.
+
+    Raises
+    ------
+    ValueError
+        ``path`` is a folder, lies under a regular file, in a folder that cannot be
+        created or written, or names an existing file of another kind (``train.csv``).
+    """
+    from metafit.persistence import is_meta_init_file
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint_path {str(path)!r} is a folder; name a file in it.")
+    if path.exists():
+        if not is_meta_init_file(path):
+            raise ValueError(
+                f"checkpoint_path {str(path)!r} exists and is not a metafit checkpoint; "
+                "metafit will not overwrite it. Choose another file name, or delete it."
+            )
+        return
+    folder = path.parent
+    while not folder.exists():  # the first folder up that exists decides
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(
+            f"checkpoint_path {str(path)!r} lies under {str(folder)!r}, which is a file, not "
+            "a folder."
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"checkpoint_path {str(path)!r}: the folder {str(folder)!r} is not writable; "
+            "choose a folder you can write to."
+        )
 
 
 class LRScheduler(TrainingCallback):

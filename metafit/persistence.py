@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MetaInit", "FORMAT_VERSION", "module_spec", "build_module"]
+__all__ = ["MetaInit", "FORMAT_VERSION", "build_module", "is_meta_init_file", "module_spec"]
 
 #: Version 2 adds ``metadata["algorithm_options"]`` (the algorithm's own options, see
 #: :meth:`metafit.algorithms.MetaAlgorithm.get_config`); version-1 files still load and
@@ -82,6 +82,32 @@ def build_module(spec: dict[str, Any]) -> nn.Module:
         raise ValueError(f"cannot build {path} from the saved arguments {kwargs}: {exc}") from exc
 
 
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def is_meta_init_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file metafit wrote (a safetensors file with metafit's header);
+    reads the header only."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == "metafit.meta_init"
+    except Exception:  # not safetensors at all, unreadable, ...
+        return False
+
+
 @dataclass
 class MetaInit:
     """A meta-learned initialization.
@@ -132,7 +158,19 @@ class MetaInit:
         return None if steps is None else int(steps)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the artifact atomically (temporary file, then rename) and return the path."""
+        """Write the artifact atomically and durably, and return the path.
+
+        The bytes go to a temporary file in the same folder, are flushed to disk
+        (``fsync``), then renamed over ``path``: a killed process or a power loss leaves
+        either the old file or the new one, never a partial or empty one, and an
+        interrupted save removes its temporary file.
+
+        Raises
+        ------
+        OSError
+            When the file cannot be written (a folder in the way, no permission, a full
+            disk); the message names ``path`` and the cause, not the temporary file.
+        """
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -143,14 +181,26 @@ class MetaInit:
             "metadata": json.dumps(_jsonable(self.metadata)),
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
+        tmp = None
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
             save_file(tensors, tmp, metadata=header)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
             os.replace(tmp, path)
+            _fsync_folder(path.parent)
+        except OSError as exc:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            raise OSError(
+                exc.errno, f"cannot write the meta-initialization to {str(path)!r}: "
+                f"{exc.strerror or exc}"
+            ) from None
         except BaseException:
-            Path(tmp).unlink(missing_ok=True)
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
             raise
         return path
 

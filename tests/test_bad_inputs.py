@@ -777,3 +777,69 @@ def test_meta_init_is_not_written_on_bad_input(tmp_path):
         est.meta_fit(REG_TASKS)
     assert not path.exists() and not os.listdir(tmp_path)
     assert isinstance(fitted_regressor().meta_init_, MetaInit)
+
+
+# ------------------------------------------------------------ issue 13: checkpoint paths
+
+
+def _tiny_regressor(**kw):
+    from metafit import MetaInitializedRegressor
+
+    params = dict(hidden_sizes=(4,), meta_iterations=3, meta_batch_size=2, random_state=0,
+                  verbose=0)
+    return MetaInitializedRegressor(**{**params, **kw})
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "existing-csv", "read-only-folder"])
+def test_checkpoint_paths_that_cannot_work_fail_before_training(tmp_path, where):
+    from metafit import SinusoidTasks
+    from metafit.callbacks import Checkpoint
+
+    if where == "under-a-file":
+        (tmp_path / "plain").write_text("x")
+        path = tmp_path / "plain" / "sub" / "ck.safetensors"
+        match = "which is a file"
+    elif where == "existing-csv":
+        path = tmp_path / "train.csv"
+        path.write_text("a,b\n1,2\n")
+        match = "not a metafit checkpoint"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        folder = tmp_path / "ro"
+        folder.mkdir()
+        folder.chmod(0o500)
+        path = folder / "ck.safetensors"
+        match = "not writable"
+    before = path.read_bytes() if path.is_file() else None
+    for est in (_tiny_regressor(checkpoint_path=path),
+                _tiny_regressor(callbacks=[Checkpoint(path, interval=1)])):
+        with pytest.raises(ValueError, match=match):
+            est.meta_fit(SinusoidTasks(k_shot=5, random_state=0))
+        assert not hasattr(est, "meta_init_")
+    if before is not None:
+        assert path.read_bytes() == before  # train.csv is untouched
+
+
+def test_an_existing_checkpoint_may_be_overwritten(tmp_path):
+    from metafit import SinusoidTasks
+
+    path = tmp_path / "ck.safetensors"
+    _tiny_regressor(checkpoint_path=path).meta_fit(SinusoidTasks(k_shot=5, random_state=0))
+    _tiny_regressor(checkpoint_path=path, meta_iterations=4).meta_fit(
+        SinusoidTasks(k_shot=5, random_state=0))
+    from metafit import MetaInit
+
+    assert MetaInit.load(path).metadata["iteration"] == 4
+
+
+def test_save_errors_name_the_file_not_the_temporary_one(tmp_path):
+    from metafit import SinusoidTasks
+
+    est = _tiny_regressor().meta_fit(SinusoidTasks(k_shot=5, random_state=0))
+    (tmp_path / "plain").write_text("x")
+    target = tmp_path / "plain" / "m.safetensors"
+    with pytest.raises(OSError) as info:
+        est.save_meta_init(target)
+    assert str(target) in str(info.value) and ".tmp" not in str(info.value)
+    assert sorted(os.listdir(tmp_path)) == ["plain"]

@@ -354,8 +354,11 @@ def test_failed_checkpoint_write_keeps_the_old_file_and_no_temp(
     make(meta_iterations=2, checkpoint_path=path, checkpoint_interval=1).meta_fit(tasks())
     old = path.read_bytes()
     break_safetensors_save()
-    with pytest.raises(OSError, match="disk full"):
-        make(meta_iterations=2, checkpoint_path=path, checkpoint_interval=1).meta_fit(tasks())
+    # issue 13: a failed write warns and training goes on; nothing is lost in memory
+    with pytest.warns(UserWarning, match="disk full"):
+        est = make(meta_iterations=2, checkpoint_path=path, checkpoint_interval=1).meta_fit(
+            tasks())
+    assert len(est.meta_history_) == 2 and hasattr(est, "meta_init_")
     assert path.read_bytes() == old
     assert os.listdir(tmp_path) == ["m.safetensors"]
 

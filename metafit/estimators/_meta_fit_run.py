@@ -23,7 +23,14 @@ import torch
 
 from metafit._task_types import Task, iter_meta_batches
 from metafit._threads import threads_for, torch_threads
-from metafit.callbacks import BestState, Checkpoint, EarlyStopping, MetaFitContext, ProgressBar
+from metafit.callbacks import (
+    BestState,
+    Checkpoint,
+    EarlyStopping,
+    MetaFitContext,
+    ProgressBar,
+    check_checkpoint_path,
+)
 from metafit.distributed import distributed_training
 from metafit.estimators._inputs import SeededTorch, seed_from
 from metafit.estimators._learners import LearnerFactory
@@ -126,6 +133,8 @@ class MetaFitRun:
                 "meta_fit(tasks, validation_tasks=held_out_tasks) or set patience=None."
             )
         stream = itertools.chain([first], (self._checked(b) for b in batches))
+        if self.est.checkpoint_path is not None:
+            check_checkpoint_path(self.est.checkpoint_path)  # before any work is done
         self.prepare_user_callbacks(val is not None)
         return stream, val
 
