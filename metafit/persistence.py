@@ -43,14 +43,39 @@ def _jsonable(obj):
     return repr(obj)
 
 
-def build_module(spec: dict[str, Any]) -> nn.Module:
+#: Bounds on a saved module's constructor arguments: a header is a few bytes, so it must
+#: not be able to ask for terabytes (checked before anything is built).
+_MAX_INT_ARGUMENT = 1_000_000
+_MAX_LIST_ARGUMENT = 1_000
+
+
+def _check_arguments(path: str, kwargs: dict) -> None:
+    for key, value in kwargs.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if len(values) > _MAX_LIST_ARGUMENT or any(
+            isinstance(v, int) and not isinstance(v, bool) and abs(v) > _MAX_INT_ARGUMENT
+            for v in values
+        ):
+            raise ValueError(
+                f"the meta-initialization asks to build {path} with {key}={value!r}, beyond "
+                "any network metafit saves; the file is damaged or was not written by "
+                "metafit."
+            )
+
+
+def build_module(spec: dict[str, Any], tensors: dict | None = None) -> nn.Module:
     """Rebuild a built-in module (``metafit.*``) from :func:`module_spec`'s output.
+
+    With ``tensors``, the architecture is first built on torch's ``meta`` device (no
+    memory) and its parameter shapes compared with the stored tensors', so that a damaged
+    or crafted header cannot make the loader allocate anything the file does not hold.
 
     Raises
     ------
     ValueError
         For a module outside metafit: the file cannot say how to build it safely, so the
-        estimator must be given ``module=`` of the same architecture.
+        estimator must be given ``module=`` of the same architecture. For arguments out of
+        bounds, or shapes that disagree with the stored tensors.
     """
     path = spec["class"]
     if not path.startswith(_BUILTIN_PREFIX):
@@ -76,9 +101,24 @@ def build_module(spec: dict[str, Any]) -> nn.Module:
         raise ValueError(
             f"the module arguments in the meta-initialization are not a dict: {kwargs!r}"
         )
+    _check_arguments(path, kwargs)
     try:
+        if tensors is not None:
+            with torch.device("meta"):
+                shapes = {k: tuple(v.shape) for k, v in cls(**kwargs).state_dict().items()}
+            stored = {k: tuple(v.shape) for k, v in tensors.items() if not k.startswith("extra.")}
+            if shapes != stored:
+                wrong = sorted(set(shapes) ^ set(stored)) or sorted(
+                    k for k in shapes if shapes[k] != stored[k]
+                )
+                raise ValueError(
+                    f"the saved architecture of {path} ({kwargs}) does not match the stored "
+                    f"tensors (first difference: {wrong[0]!r}); the file is damaged."
+                )
         return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if "does not match the stored" in str(exc):
+            raise
         raise ValueError(f"cannot build {path} from the saved arguments {kwargs}: {exc}") from exc
 
 
@@ -94,6 +134,50 @@ def _fsync_folder(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+_INT_KEYS = {"n_features": 1, "n_outputs": 1, "inner_steps": 0, "meta_inner_steps": 0,
+             "iteration": 0, "meta_iterations": 0}
+
+
+def _check_metadata(path: str, metadata) -> None:
+    """Each metadata value of the types metafit writes; the error names file and key."""
+    if not isinstance(metadata, dict):
+        raise ValueError(f"{path!r}: the metadata is not a mapping; the file is damaged.")
+    for key, minimum in _INT_KEYS.items():
+        value = metadata.get(key)
+        if value is None and key not in _REQUIRED_METADATA:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(
+                f"{path!r}: metadata {key!r} must be an int >= {minimum}, got {value!r}; the "
+                "file is damaged."
+            )
+    rate = metadata.get("inner_lr")
+    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float))):
+        raise ValueError(f"{path!r}: metadata 'inner_lr' must be a number, got {rate!r}.")
+    for key, kind in (("algorithm", str), ("algorithm_options", dict), ("feature_shape", list)):
+        value = metadata.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise ValueError(
+                f"{path!r}: metadata {key!r} must be a {kind.__name__}, got {value!r}."
+            )
+
+
+def _check_tensors(path: str, tensors: dict) -> None:
+    """Floating-point, finite weights only: anything else is not a meta-learned state."""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ValueError(
+                f"{path!r}: tensor {name!r} is {tensor.dtype}, not floating point; metafit "
+                "saves float weights only (the file is damaged or not metafit's)."
+            )
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(
+                f"{path!r}: tensor {name!r} holds NaN or infinite values: this "
+                "initialization is unusable (meta-training diverged before it was saved, or "
+                "the file is damaged); meta-train again."
+            )
 
 
 def is_meta_init_file(path: str | os.PathLike) -> bool:
@@ -251,6 +335,8 @@ class MetaInit:
                 f"{str(path)!r} has an incomplete metafit header (missing "
                 f"{missing or ['spec.class']}); write it again with save_meta_init."
             )
+        _check_metadata(str(path), metadata)
+        _check_tensors(str(path), tensors)
         return cls(tensors, spec, metadata)
 
     def estimator_params(self) -> dict[str, Any]:

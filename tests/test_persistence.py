@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 
 import joblib
 import numpy as np
@@ -261,3 +262,84 @@ def test_save_is_atomic(sine_reg, tmp_path, break_safetensors_save):
 def test_save_before_meta_fit():
     with pytest.raises(NotFittedError, match="call meta_fit first"):
         MetaInitializedRegressor().save_meta_init("x.safetensors")
+
+
+# ------------------------------------------------------------ issue 13: crafted files
+
+
+def _craft(tmp_path, *, spec=None, metadata=None, tensors=None, name="c.safetensors"):
+    import json
+
+    from safetensors.torch import save_file
+
+    from metafit.models import MLP
+
+    net = MLP(1, 1, (4,))
+    spec = spec or {"class": "metafit.models.MLP",
+                    "kwargs": {"n_inputs": 1, "n_outputs": 1, "hidden_sizes": [4],
+                               "activation": "relu"}}
+    meta = {"estimator": "regressor", "algorithm": "maml", "n_features": 1, "n_outputs": 1,
+            "inner_lr": 0.01, "inner_steps": 5, **(metadata or {})}
+    tensors = tensors if tensors is not None else {
+        k: v.detach().clone() for k, v in net.state_dict().items()}
+    path = tmp_path / name
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={
+        "format": "metafit.meta_init", "format_version": "2", "spec": json.dumps(spec),
+        "metadata": json.dumps(meta)})
+    return path
+
+
+def test_a_tiny_header_cannot_ask_for_a_huge_network(tmp_path):
+    import numpy as np
+
+    from metafit import MetaInitializedRegressor
+
+    path = _craft(tmp_path, spec={"class": "metafit.models.MLP", "kwargs": {
+        "n_inputs": 1, "n_outputs": 1, "hidden_sizes": [3_000_000] * 2, "activation": "relu"}})
+    assert path.stat().st_size < 10_000
+    est = MetaInitializedRegressor(meta_init=path, hidden_sizes=(3_000_000, 3_000_000))
+    with pytest.raises(ValueError, match="beyond any network metafit saves"):
+        est.fit(np.zeros((3, 1), np.float32), np.zeros(3, np.float32))
+    # within bounds but not what the tensors hold: refused before anything is allocated
+    path = _craft(tmp_path, name="d.safetensors", spec={"class": "metafit.models.MLP",
+                  "kwargs": {"n_inputs": 1, "n_outputs": 1, "hidden_sizes": [50_000, 50_000],
+                             "activation": "relu"}})
+    est = MetaInitializedRegressor(meta_init=path, hidden_sizes=(50_000, 50_000))
+    with pytest.raises(ValueError, match="does not match the stored tensors"):
+        est.fit(np.zeros((3, 1), np.float32), np.zeros(3, np.float32))
+
+
+@pytest.mark.parametrize("key, value", [
+    ("n_features", "x"), ("n_outputs", 0), ("inner_steps", 2.5), ("inner_lr", "fast"),
+    ("algorithm", ["maml"]), ("algorithm_options", [1]),
+])
+def test_malformed_metadata_names_the_file_and_the_key(tmp_path, key, value):
+    path = _craft(tmp_path, metadata={key: value})
+    with pytest.raises(ValueError, match=re.escape(repr(str(path))) + ".*" + key):
+        MetaInit.load(path)
+
+
+@pytest.mark.parametrize("dtype", ["int64", "bool", "complex64"])
+def test_weights_that_are_not_floating_point_are_refused(tmp_path, dtype):
+    import torch
+
+    from metafit.models import MLP
+
+    tensors = {k: v.detach().clone() for k, v in MLP(1, 1, (4,)).state_dict().items()}
+    tensors["layers.0.bias"] = torch.zeros(4, dtype=getattr(torch, dtype))
+    path = _craft(tmp_path, tensors=tensors)
+    with pytest.raises(ValueError, match=f"layers.0.bias.*{dtype}"):
+        MetaInit.load(path)
+
+
+def test_nan_weights_say_so_instead_of_blaming_inner_lr(tmp_path):
+    import torch
+
+    from metafit.models import MLP
+
+    tensors = {k: v.detach().clone() for k, v in MLP(1, 1, (4,)).state_dict().items()}
+    tensors["layers.1.weight"][0, 0] = float("nan")
+    path = _craft(tmp_path, tensors=tensors)
+    with pytest.raises(ValueError, match="NaN or infinite values.*unusable"):
+        MetaInit.load(path)
+    assert torch.isfinite(torch.zeros(1)).all()

@@ -125,7 +125,7 @@ class LearnerFactory:
         with SeededTorch(0, self.device):
             if self.module is None:
                 self.check_mlp_spec(init)
-                module = build_module(init.spec)
+                module = build_module(init.spec, init.tensors)
             else:
                 module, _ = self.make_module(init.n_features, init.n_outputs)
         meta = init.metadata
