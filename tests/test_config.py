@@ -218,3 +218,14 @@ def test_bad_digits_arguments_fail_on_build(tmp_path):
     config = load_config(_write(tmp_path, "tasks:\n  source: digits\n  n_way: 9\n"))
     with pytest.raises(ConfigError, match="n_way"):
         config.build_tasks()
+
+
+@pytest.mark.parametrize("section, text", [
+    ("sampler", "  sampler: {name: tpe, sed: 0}\n"),
+    ("pruner", "  pruner: {name: median, n_startup: 5}\n"),
+])
+def test_sampler_and_pruner_option_typos_fail_at_load_time(tmp_path, section, text):
+    path = tmp_path / "c.yaml"
+    path.write_text("tasks:\n  source: sinusoid\ntune:\n" + text)
+    with pytest.raises(ConfigError, match=f"tune.{section}"):
+        load_config(path)

@@ -333,6 +333,10 @@ def load_config(path) -> Config:
     config.search_space = _check_space(
         p, data.get("search_space"), config, tune_.get("mode", "adaptation")
     )
+    # Build the sampler and pruner once now: a typo in their options (``sed: 0``) must
+    # fail at load time, not after an hour of meta-training.
+    config.make_sampler()
+    config.make_pruner()
     return config
 
 
