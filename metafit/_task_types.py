@@ -18,6 +18,12 @@ __all__ = ["Task", "TaskBatch", "as_task", "iter_meta_batches"]
 
 
 def _check_part(name: str, X, y) -> tuple[np.ndarray, np.ndarray]:
+    for what, value in (("X", X), ("y", y)):
+        if hasattr(value, "toarray") and hasattr(value, "nnz"):  # scipy.sparse
+            raise TypeError(
+                f"{name}: {what} is a sparse matrix; few-shot tasks are small, pass a dense "
+                f"array ({what}.toarray())."
+            )
     X = np.asarray(X)
     y = np.asarray(y)
     if X.ndim < 2:

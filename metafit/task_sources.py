@@ -95,6 +95,11 @@ class SinusoidTasks(_TaskSource):
         super().__init__(random_state)
         self.k_shot = check_int("k_shot", k_shot)
         self.k_query = check_int("k_query", k_query)
+        if self.k_shot + self.k_query > 10_000_000:
+            raise ValueError(
+                f"k_shot + k_query = {self.k_shot + self.k_query:,} points per task is beyond "
+                "any few-shot task; use at most a few thousand."
+            )
         for name, (lo, hi) in [
             ("amplitude_range", amplitude_range),
             ("phase_range", phase_range),
@@ -242,6 +247,19 @@ class NWayKShotTasks(_TaskSource):
         return Task(Xs, ys, Xq, yq)
 
 
+def _check_group_labels(groups: np.ndarray) -> None:
+    """Every row needs a group: None and NaN labels are refused, naming the first row."""
+    missing = [
+        i for i, g in enumerate(groups.tolist())
+        if g is None or (isinstance(g, float) and g != g)
+    ]
+    if missing:
+        raise ValueError(
+            f"groups has {len(missing)} missing label(s) (None or NaN), the first at row "
+            f"{missing[0]}; every row needs its group: drop those rows or give them a label."
+        )
+
+
 def tasks_from_groups(
     X,
     y,
@@ -292,6 +310,7 @@ def tasks_from_groups(
         raise ValueError(
             f"X, y and groups must have the same length, got {len(X)}, {len(y)}, {len(groups)}."
         )
+    _check_group_labels(groups)
     if isinstance(support_size, bool) or not isinstance(
         support_size, (int, float, np.integer, np.floating)
     ):

@@ -843,3 +843,75 @@ def test_save_errors_name_the_file_not_the_temporary_one(tmp_path):
         est.save_meta_init(target)
     assert str(target) in str(info.value) and ".tmp" not in str(info.value)
     assert sorted(os.listdir(tmp_path)) == ["plain"]
+
+
+# ------------------------------------------------------ issue 13: internal errors made clear
+
+
+@pytest.mark.parametrize("params, error, match", [
+    ({"device": "cuda"}, ValueError, "no usable CUDA device"),
+    ({"device": "cuda:7"}, ValueError, "CUDA"),
+    ({"device": "meta"}, ValueError, "cannot hold the network"),
+    ({"hidden_sizes": None}, ValueError, "hidden_sizes must be a tuple"),
+    ({"hidden_sizes": 2.5}, ValueError, "hidden_sizes must be a tuple"),
+    ({"hidden_sizes": (10**9, 10**9)}, ValueError, "could not be allocated"),
+    ({"hidden_sizes": (50_000, 50_000)}, ValueError, "could not be allocated"),
+    ({"algorithm": ["maml"]}, ValueError, "algorithm must be one of"),
+    ({"random_state": 2**64}, ValueError, r"random_state must be an int in \[0, 2\*\*63\)"),
+    ({"random_state": -1}, ValueError, r"random_state must be an int"),
+])
+def test_parameters_that_crashed_inside_now_say_what_to_fix(params, error, match):
+    import torch
+
+    from metafit import MetaInitializedRegressor, SinusoidTasks
+
+    if params.get("device", "").startswith("cuda") and torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    est = MetaInitializedRegressor(meta_iterations=2, **params)
+    with pytest.raises(error, match=match):
+        est.meta_fit(SinusoidTasks(k_shot=5, random_state=0))
+    with pytest.raises(error, match=match):
+        est.fit(np.zeros((4, 1), np.float32), np.zeros(4, np.float32))
+
+
+def test_the_default_mlp_refuses_3d_x_with_a_fix():
+    from metafit import MetaInitializedRegressor
+
+    est = MetaInitializedRegressor(random_state=0)
+    with pytest.raises(ValueError, match="default MLP takes 2-D X.*reshape"):
+        est.fit(np.zeros((4, 2, 3), np.float32), np.zeros(4, np.float32))
+    assert not hasattr(est, "n_features_in_")
+
+
+def test_sparse_matrices_are_refused_clearly():
+    import scipy.sparse as sp
+
+    from metafit import MetaInitializedRegressor, Task
+
+    X = sp.random(6, 3, density=0.5, format="csr", random_state=0)
+    with pytest.raises(TypeError, match=r"sparse matrix.*toarray"):
+        Task(X, np.zeros(6), X, np.zeros(6))
+    with pytest.raises(TypeError, match="[Ss]parse"):
+        MetaInitializedRegressor().fit(X, np.zeros(6))
+
+
+@pytest.mark.parametrize("bad", [None, float("nan")])
+def test_missing_group_labels_are_refused(bad):
+    from metafit import tasks_from_groups
+
+    groups = np.array(["a", "a", "a", bad, "b", "b", "b", "b"], dtype=object)
+    X, y = np.zeros((8, 1)), np.zeros(8)
+    with pytest.raises(ValueError, match=r"missing label.*row 3"):
+        tasks_from_groups(X, y, groups, support_size=1)
+
+
+def test_absurd_task_sizes_are_one_line_errors(tmp_path):
+    from metafit import SinusoidTasks
+    from metafit.config import ConfigError, load_config
+
+    with pytest.raises(ValueError, match="beyond any few-shot task"):
+        SinusoidTasks(k_shot=2_000_000_000)
+    path = tmp_path / "c.yaml"
+    path.write_text("tasks:\n  source: sinusoid\n  k_shot: 2000000000\n")
+    with pytest.raises(ConfigError, match=r"tasks.k_shot must be <= 100,000"):
+        load_config(path)

@@ -290,21 +290,25 @@ def _craft(tmp_path, *, spec=None, metadata=None, tensors=None, name="c.safetens
 
 
 def test_a_tiny_header_cannot_ask_for_a_huge_network(tmp_path):
-    import numpy as np
-
-    from metafit import MetaInitializedRegressor
+    from metafit.persistence import build_module
 
     path = _craft(tmp_path, spec={"class": "metafit.models.MLP", "kwargs": {
         "n_inputs": 1, "n_outputs": 1, "hidden_sizes": [3_000_000] * 2, "activation": "relu"}})
     assert path.stat().st_size < 10_000
-    est = MetaInitializedRegressor(meta_init=path, hidden_sizes=(3_000_000, 3_000_000))
+    init = MetaInit.load(path)
     with pytest.raises(ValueError, match="beyond any network metafit saves"):
-        est.fit(np.zeros((3, 1), np.float32), np.zeros(3, np.float32))
+        build_module(init.spec, init.tensors)
     # within bounds but not what the tensors hold: refused before anything is allocated
     path = _craft(tmp_path, name="d.safetensors", spec={"class": "metafit.models.MLP",
-                  "kwargs": {"n_inputs": 1, "n_outputs": 1, "hidden_sizes": [50_000, 50_000],
+                  "kwargs": {"n_inputs": 1, "n_outputs": 1, "hidden_sizes": [20_000, 20_000],
                              "activation": "relu"}})
-    est = MetaInitializedRegressor(meta_init=path, hidden_sizes=(50_000, 50_000))
+    init = MetaInit.load(path)
+    with pytest.raises(ValueError, match="does not match the stored tensors"):
+        build_module(init.spec, init.tensors)
+    # and through an estimator with the same architecture
+    from metafit import MetaInitializedRegressor
+
+    est = MetaInitializedRegressor(meta_init=path, hidden_sizes=(20_000, 20_000))
     with pytest.raises(ValueError, match="does not match the stored tensors"):
         est.fit(np.zeros((3, 1), np.float32), np.zeros(3, np.float32))
 

@@ -88,6 +88,9 @@ _PRUNERS = {
     "none": "NopPruner",
 }
 _SECTIONS = ("tasks", "estimator", "tune", "search_space")
+#: The largest k_shot, k_query, n_way a config may ask for: few-shot tasks are small, and
+#: a typo like 2000000000 must be a one-line error, not a numpy allocation failure.
+_MAX_TASK_SIZE = 100_000
 
 
 def _typename(v) -> str:
@@ -361,6 +364,12 @@ def _check_tasks(p: str, tasks: dict) -> dict:
     for key in ("validation_tasks", "test_tasks"):
         if tasks.get(key, 0) > 1000:
             raise ConfigError(f"{p}: tasks.{key} must be <= 1000, got {tasks[key]}")
+    for key in ("k_shot", "k_query", "n_way", "min_query"):
+        if tasks.get(key, 0) > _MAX_TASK_SIZE:
+            raise ConfigError(
+                f"{p}: tasks.{key} must be <= {_MAX_TASK_SIZE:,} (a few-shot task), got "
+                f"{tasks[key]:,}"
+            )
     return tasks
 
 

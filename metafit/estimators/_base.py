@@ -35,7 +35,7 @@ from metafit.estimators._learners import LearnerFactory
 from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done
 from metafit.estimators._params import check_params
 from metafit.estimators._targets import TargetKind
-from metafit.models import is_stateless
+from metafit.models import MLP, is_stateless
 from metafit.persistence import MetaInit
 from metafit.training import DivergenceError, InterruptedTrainingWarning
 
@@ -454,6 +454,14 @@ default="maml"
             target = self._target.encode(y, fast)
             factory = self._factory()
             init = self._fit_init(factory)
+            mlp = f"{MLP.__module__}.{MLP.__qualname__}"
+            if self.module is None and X.ndim != 2 and (init is None or init.spec.get(
+                    "class") == mlp):
+                raise ValueError(
+                    f"X has shape {X.shape}, but the default MLP takes 2-D X (n_samples, "
+                    "n_features): flatten it with X.reshape(len(X), -1), or pass module= a "
+                    "network for this shape (metafit.models.Conv4 for images)."
+                )
             if init is not None and init.n_features != X[0].size:
                 raise ValueError(
                     f"X has {X[0].size} feature(s), but the meta-learned initialization "

@@ -26,7 +26,12 @@ def seed_from(random_state) -> int:
     """An int seed from ``random_state`` without touching any global RNG."""
     if random_state is None:
         return int(np.random.default_rng().integers(2**31 - 1))
-    if isinstance(random_state, numbers.Integral):
+    if isinstance(random_state, numbers.Integral) and not isinstance(random_state, bool):
+        if not 0 <= int(random_state) < 2**63:
+            raise ValueError(
+                f"random_state must be an int in [0, 2**63), got {random_state}; any seed "
+                "in that range is as good, e.g. random_state=0."
+            )
         return int(random_state)
     if isinstance(random_state, np.random.RandomState):
         # Copy so that the caller's generator is not advanced by a seed draw.

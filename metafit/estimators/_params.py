@@ -117,6 +117,12 @@ def _check_algorithm(name, value) -> None:
     )
 
 
+#: Widths beyond which a hidden layer cannot be allocated on any machine metafit targets
+#: (a 10^5 x 10^5 float32 layer is 40 GB): refused with a message, not an allocator error.
+_MAX_WIDTH = 100_000
+_MAX_LAYER_WEIGHTS = 500_000_000
+
+
 def _check_sizes(name, value) -> None:
     sizes = (value,) if isinstance(value, numbers.Integral) else value
     ok = isinstance(sizes, (tuple, list)) and all(
@@ -124,6 +130,15 @@ def _check_sizes(name, value) -> None:
     )
     if not ok:
         raise ValueError(f"{name} must be a tuple of positive ints, got {value!r}.")
+    sizes = [int(h) for h in sizes]
+    if any(h > _MAX_WIDTH for h in sizes) or any(
+        a * b > _MAX_LAYER_WEIGHTS for a, b in zip(sizes, sizes[1:])
+    ):
+        raise ValueError(
+            f"{name}={value!r} asks for layers of more than {_MAX_LAYER_WEIGHTS:,} weights "
+            f"(or wider than {_MAX_WIDTH:,}); the network could not be allocated. Few-shot "
+            "networks are small: try (40, 40) or (128, 128)."
+        )
 
 
 def _check_module(name, value) -> None:
@@ -136,9 +151,31 @@ def _check_module(name, value) -> None:
 
 def _check_device(name, value) -> None:
     try:
-        torch.device(value)
+        device = torch.device(value)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"{name} {value!r} is not a torch device: {exc}") from exc
+    if device.type == "cpu":
+        return
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{name}={value!r} but this torch has no usable CUDA device (a CPU build, or "
+                "no GPU visible); use device='cpu'."
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{name}={value!r} but only {torch.cuda.device_count()} CUDA device(s) are "
+                "visible; use an index below that."
+            )
+        return
+    if device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"{name}={value!r} but MPS is not available here; use 'cpu'.")
+        return
+    raise ValueError(
+        f"{name}={value!r}: metafit trains on 'cpu', 'cuda' or 'mps'; a {device.type!r} "
+        "device cannot hold the network's weights for training."
+    )
 
 
 def _check_path(name, value) -> None:
