@@ -302,3 +302,22 @@ def test_sigterm_fails_the_running_trial_and_exits_with_a_message(tmp_path):
     states = [t.state for t in study.trials]
     assert TrialState.RUNNING not in states
     assert states.count(TrialState.COMPLETE) >= 3
+
+
+def test_tune_uses_the_configs_meta_init_and_refuses_a_missing_one(tiny, capsys):
+    assert _run(capsys, "meta-fit", tiny, "-o", "init.safetensors")[0] == 0
+    text = tiny.read_text().replace("    verbose: 0\n",
+                                    "    verbose: 0\n    meta_init: init.safetensors\n")
+    with_init = tiny.parent / "with_init.yaml"
+    with_init.write_text(text)
+    code, out, err = _run(capsys, "tune", with_init)
+    assert code == 0, err
+    assert "meta-training the initialization" not in out  # the file is adapted from
+    missing = tiny.parent / "missing.yaml"
+    missing.write_text(text.replace("init.safetensors", "nowhere.safetensors"))
+    _error(capsys, "tune", missing)
+
+
+def test_sqlite_url_options_are_not_silently_ignored(tiny, capsys):
+    _error(capsys, "tune", tiny, "--storage", "sqlite:///s.db?mode=bogus")
+    assert not Path("s.db").exists()

@@ -229,3 +229,15 @@ def test_sampler_and_pruner_option_typos_fail_at_load_time(tmp_path, section, te
     path.write_text("tasks:\n  source: sinusoid\ntune:\n" + text)
     with pytest.raises(ConfigError, match=f"tune.{section}"):
         load_config(path)
+
+
+def test_paths_in_a_config_are_relative_to_its_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    path = folder / "c.yaml"
+    path.write_text("tasks:\n  source: sinusoid\nestimator:\n  params:\n"
+                    "    checkpoint_path: ck.safetensors\n    meta_init: init.safetensors\n")
+    monkeypatch.chdir(tmp_path)
+    est = load_config(path).build_estimator()
+    assert est.checkpoint_path == str(folder / "ck.safetensors")
+    assert est.meta_init == str(folder / "init.safetensors")

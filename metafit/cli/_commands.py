@@ -168,12 +168,13 @@ class TuneCommand(Command):
         timeout = resolve(args.timeout, t.get("timeout"))
         if n_trials is None and timeout is None:
             n_trials = 20
-        _existing_file("--init", args.init)
+        init = resolve(args.init, config.meta_init)
+        _existing_file("--init" if args.init else "estimator.params.meta_init", init)
         splits = config.build_tasks()
-        est = config.build_estimator(meta_init=args.init, **_verbose(config, args))
+        est = config.build_estimator(meta_init=init, **_verbose(config, args))
         if "on_interrupt" in est.get_params():
             est.set_params(on_interrupt="raise")  # Ctrl-C ends the command
-        if mode == "adaptation" and args.init is None:
+        if mode == "adaptation" and init is None:
             self._meta_fit(est, splits)
         self._announce(study_name, mode, n_trials, timeout, len(splits.validation),
                        getattr(args, "log_level_value", 30))

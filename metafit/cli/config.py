@@ -166,6 +166,12 @@ class Config:
         """"regressor" or "classifier"."""
         return self.estimator.get("type") or _SOURCE_DEFAULT_TYPE[self.tasks["source"]]
 
+    @property
+    def meta_init(self) -> Path | None:
+        """``estimator.params.meta_init`` resolved against the config's folder, or None."""
+        value = self.estimator.get("params", {}).get("meta_init")
+        return None if value is None else self.resolve(value)
+
     def build_estimator(self, meta_init=None, **overrides):
         """A new estimator from the ``estimator`` section.
 
@@ -184,6 +190,10 @@ class Config:
             else MetaInitializedRegressor
         )
         params = dict(self.estimator.get("params", {}))
+        # Paths in a config are relative to the config file's folder, as everywhere in it.
+        for key in ("checkpoint_path", "meta_init"):
+            if isinstance(params.get(key), str):
+                params[key] = str(self.resolve(params[key]))
         model = self.estimator.get("model", "mlp")
         if model != "mlp":
             from metafit import models

@@ -132,6 +132,11 @@ def _normalize_url(url: str):
         # SQLAlchemy 2.0 maps the bare scheme to psycopg2, 2.1 to psycopg 3; pin psycopg 3,
         # the driver of metafit[postgres].
         parsed = parsed.set(drivername="postgresql+psycopg")
+    if backend == "sqlite" and parsed.query:
+        raise ValueError(
+            f"storage {url!r}: options after '?' ({', '.join(sorted(parsed.query))}) are "
+            "not used by metafit's SQLite storage and would be silently ignored; remove them."
+        )
     if backend == "sqlite":
         db = parsed.database
         if not db or db == ":memory:":
