@@ -915,3 +915,46 @@ def test_absurd_task_sizes_are_one_line_errors(tmp_path):
     path.write_text("tasks:\n  source: sinusoid\n  k_shot: 2000000000\n")
     with pytest.raises(ConfigError, match=r"tasks.k_shot must be <= 100,000"):
         load_config(path)
+
+
+# ------------------------------------------------ issue 13: classification labels checked
+
+
+def _clf_task(y_s, y_q):
+    from metafit import Task
+
+    rng = np.random.default_rng(0)
+    return Task(rng.normal(size=(len(y_s), 2)), np.asarray(y_s), rng.normal(size=(len(y_q), 2)),
+                np.asarray(y_q))
+
+
+def test_class_indices_far_beyond_the_classes_are_refused():
+    from metafit import MetaInitializedClassifier
+
+    est = MetaInitializedClassifier(meta_iterations=2, meta_batch_size=2, random_state=0)
+    with pytest.raises(ValueError, match="head would get 1,000,001 outputs"):
+        est.meta_fit([_clf_task([0, 1000000, 0, 1000000], [0, 1000000])] * 2)
+    assert not hasattr(est, "meta_init_")
+
+
+@pytest.mark.parametrize("y_s, y_q, match", [
+    ([1, 1, 1, 1], [1, 1], "single class"),
+    ([0, 1, 0, 1], [0, 2], "never shows"),
+])
+def test_classification_tasks_that_teach_little_say_so(y_s, y_q, match):
+    from metafit import MetaInitializedClassifier
+
+    est = MetaInitializedClassifier(meta_iterations=2, meta_batch_size=2, random_state=0,
+                                    verbose=0)
+    with pytest.warns(UserWarning, match=match):
+        est.meta_fit([_clf_task(y_s, y_q), _clf_task([0, 1, 0, 1], [0, 1])])
+
+
+def test_missing_labels_in_fit_are_not_a_class():
+    from metafit import MetaInitializedClassifier
+
+    X = np.zeros((4, 2), np.float32)
+    with pytest.raises(ValueError, match="missing labels"):
+        MetaInitializedClassifier().fit(X, np.array(["a", None, "b", "a"], dtype=object))
+    with pytest.raises(ValueError):
+        MetaInitializedClassifier().fit(X, np.array([0.0, np.nan, 1.0, 0.0]))

@@ -9,6 +9,7 @@ never reads the subclass's attributes.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -112,6 +113,11 @@ class RegressionTarget(TargetKind):
         return NeuralNetRegressor, {"criterion": nn.MSELoss}
 
 
+#: A head may have more outputs than the classes of the first meta-batch (later tasks may
+#: use more), but not absurdly many: labels {0, 1000000} are a labelling mistake.
+_MAX_SPARE_OUTPUTS = 64
+
+
 class ClassificationTarget(TargetKind):
     """Class labels of any kind, mapped onto the head's first outputs; cross-entropy."""
 
@@ -129,10 +135,35 @@ class ClassificationTarget(TargetKind):
                     f"(got dtype {y.dtype}, shape {y.shape}); NWayKShotTasks remaps labels "
                     "for you."
                 )
+        support = np.unique(task.y_support)
+        if len(support) < 2:
+            warnings.warn(
+                "a classification task's support set has a single class: adapting to it "
+                "teaches nothing about telling classes apart, and fit on one class is an "
+                "error. Build tasks with at least 2 classes in each support set.",
+                UserWarning,
+                stacklevel=6,
+            )
+        elif np.setdiff1d(task.y_query, support).size:
+            warnings.warn(
+                "a task's query set has classes its support set never shows; the adapted "
+                "head cannot have learned them, and they only add loss. NWayKShotTasks "
+                "builds tasks without this.",
+                UserWarning,
+                stacklevel=6,
+            )
         return task
 
     def meta_outputs(self, tasks):
-        return int(max(max(t.y_support.max(), t.y_query.max()) for t in tasks)) + 1
+        top = int(max(max(t.y_support.max(), t.y_query.max()) for t in tasks))
+        distinct = len(np.unique(np.concatenate([t.y_support for t in tasks])))
+        if top + 1 > max(_MAX_SPARE_OUTPUTS, 8 * distinct):
+            raise ValueError(
+                f"the tasks use class index {top} but only {distinct} distinct classes: the "
+                f"head would get {top + 1:,} outputs. Class indices must be 0..n_way-1 "
+                "within each task; remap the labels (NWayKShotTasks does)."
+            )
+        return top + 1
 
     def check_task(self, task, n_outputs):
         top = int(max(task.y_support.max(), task.y_query.max()))
@@ -146,6 +177,13 @@ class ClassificationTarget(TargetKind):
         if fast:
             classes, codes = np.unique(y, return_inverse=True)
         else:
+            if np.asarray(y).dtype == object and any(
+                v is None or (isinstance(v, float) and v != v) for v in np.asarray(y).ravel()
+            ):
+                raise ValueError(
+                    "y contains missing labels (None or NaN); they would become a class of "
+                    "their own. Drop those rows or label them."
+                )
             check_classification_targets(y)
             encoder = LabelEncoder().fit(y)
             classes, codes = encoder.classes_, encoder.transform(y)
