@@ -496,3 +496,25 @@ def test_evaluate_in_a_hand_written_objective_never_ends_the_study(meta_fitted, 
 
     study.optimize(objective, n_trials=2)
     assert [t.state for t in study.trials] == [TrialState.FAIL, TrialState.COMPLETE]
+
+
+def test_an_interrupt_between_trials_is_deferred_to_the_next_trial(meta_fitted, val_tasks):
+    """Raised while Optuna creates or records a trial, an interrupt could leave that trial
+    RUNNING forever; deferred, it fails the next trial inside its objective instead."""
+    from metafit.tuning import _objectives
+
+    class Stop(KeyboardInterrupt):
+        pass
+
+    def request_after_first(study, trial):
+        if trial.number == 0:
+            assert _objectives.request_interrupt(Stop)  # not inside an objective: deferred
+
+    study = optuna.create_study()
+    with pytest.raises(Stop):
+        tune(meta_fitted, validation_tasks=val_tasks, n_trials=5, study=study,
+             evaluate_defaults=False, callbacks=[request_after_first])
+    states = [t.state for t in study.trials]
+    assert states[0] == TrialState.COMPLETE and states[1:] == [TrialState.FAIL]
+    assert _objectives.INTERRUPTS.pending is None and _objectives.INTERRUPTS.tuning == 0
+    assert not _objectives.request_interrupt(Stop)  # outside tune: the caller raises

@@ -75,7 +75,12 @@ _terminated = False
 def _on_sigterm(signum, frame):
     global _terminated
     _terminated = True  # meta_fit re-raises a plain KeyboardInterrupt after keeping state
-    raise Terminated
+    from metafit.tuning._objectives import request_interrupt
+
+    # Between two trials of a study, raising now could leave the trial Optuna just
+    # created RUNNING forever: the next trial's objective raises instead.
+    if not request_interrupt(Terminated):
+        raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:

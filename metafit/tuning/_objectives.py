@@ -243,13 +243,51 @@ def _meta_fit(est, tasks, validation) -> None:
         est.meta_fit(tasks)
 
 
+class _InterruptGuard:
+    """Where an interrupt may land during :func:`metafit.tune`, so that no trial is left
+    RUNNING: inside an objective, Optuna fails the trial and re-raises; between trials
+    (``study.ask`` and storage writes) an interrupt is deferred to the start of the next
+    objective (see :func:`request_interrupt`), which then fails that trial cleanly."""
+
+    def __init__(self):
+        self.tuning = 0
+        self.inside = 0
+        self.pending: type[BaseException] | None = None
+
+    def __call__(self, objective):
+        def guarded(trial):
+            self.inside += 1
+            try:
+                if self.pending is not None:
+                    pending, self.pending = self.pending, None
+                    raise pending
+                return objective(trial)
+            finally:
+                self.inside -= 1
+
+        return guarded
+
+
+INTERRUPTS = _InterruptGuard()
+
+
+def request_interrupt(exc_type: type[BaseException]) -> bool:
+    """Interrupt the running study safely: raise ``exc_type`` now if an objective is
+    running (return False: the caller raises), else defer it to the next objective's
+    start (return True). Outside :func:`metafit.tune` nothing is deferred."""
+    if INTERRUPTS.tuning and not INTERRUPTS.inside:
+        INTERRUPTS.pending = exc_type
+        return True
+    return False
+
+
 def _adaptation_objective(estimator, space, validation):
     def objective(trial: optuna.Trial) -> float:
         params = _suggest_all(trial, space)
         est = clone(estimator).set_params(**to_estimator_params(params, estimator))
         return _score_trial(trial, est, validation, "", params)
 
-    return objective
+    return INTERRUPTS(objective)
 
 
 def _meta_objective(estimator, space, tasks, validation):
@@ -282,7 +320,7 @@ def _meta_objective(estimator, space, tasks, validation):
         trial.set_user_attr(_ATTR + "meta_iterations", len(est.meta_history_))
         return value
 
-    return objective
+    return INTERRUPTS(objective)
 
 
 def make_objective(estimator, validation_tasks, tasks=None, *, mode="adaptation",

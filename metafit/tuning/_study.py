@@ -30,6 +30,7 @@ from sklearn.base import clone, is_classifier
 from metafit._checks import check_int, is_number, layer_widths
 from metafit.tuning._objectives import (
     _ATTR,
+    INTERRUPTS,
     _adaptation_objective,
     _check_disjoint,
     _check_reiterable,
@@ -161,16 +162,23 @@ def tune(
         objective = _adaptation_objective(estimator, space, validation)
     else:
         objective = _meta_objective(estimator, space, tasks, validation)
-    study.optimize(
-        objective,
-        n_trials=n_trials,
-        timeout=timeout,
-        n_jobs=n_jobs,
-        callbacks=callbacks,
-        catch=catch,
-        show_progress_bar=show_progress_bar,
-        gc_after_trial=gc_after_trial,
-    )
+    INTERRUPTS.tuning += 1
+    try:
+        study.optimize(
+            objective,
+            n_trials=n_trials,
+            timeout=timeout,
+            n_jobs=n_jobs,
+            callbacks=callbacks,
+            catch=catch,
+            show_progress_bar=show_progress_bar,
+            gc_after_trial=gc_after_trial,
+        )
+    finally:
+        INTERRUPTS.tuning -= 1
+        pending, INTERRUPTS.pending = INTERRUPTS.pending, None
+    if pending is not None:  # arrived after the last trial: nothing left RUNNING
+        raise pending
     return study
 
 
