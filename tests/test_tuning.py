@@ -511,6 +511,8 @@ def test_an_interrupt_between_trials_is_deferred_to_the_next_trial(meta_fitted, 
             assert _objectives.request_interrupt(Stop)  # not inside an objective: deferred
 
     study = optuna.create_study()
+    for _ in range(2):
+        study.enqueue_trial({"inner_lr": 0.01, "inner_steps": 3})  # converging trials
     with pytest.raises(Stop):
         tune(meta_fitted, validation_tasks=val_tasks, n_trials=5, study=study,
              evaluate_defaults=False, callbacks=[request_after_first])
