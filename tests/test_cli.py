@@ -321,3 +321,30 @@ def test_tune_uses_the_configs_meta_init_and_refuses_a_missing_one(tiny, capsys)
 def test_sqlite_url_options_are_not_silently_ignored(tiny, capsys):
     _error(capsys, "tune", tiny, "--storage", "sqlite:///s.db?mode=bogus")
     assert not Path("s.db").exists()
+
+
+def test_sigterm_during_meta_fit_saves_the_state_and_exits_143(tmp_path):
+    import signal
+    import time
+
+    from metafit import MetaInit
+
+    config = tmp_path / "c.yaml"
+    config.write_text(TINY.replace("meta_iterations: 5", "meta_iterations: 1000000"))
+    out = tmp_path / "init.safetensors"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "metafit", "meta-fit", str(config), "-o", str(out)],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and b"meta-training" not in proc.stdout.peek(64):
+            time.sleep(0.2)
+        time.sleep(2.0)  # some iterations
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, err.decode()[-2000:]
+    assert MetaInit.load(out).metadata["iteration"] > 0

@@ -101,10 +101,15 @@ def main(argv: list[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        return _dispatch(args)
+        code = _dispatch(args)
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+    if _terminated and code == 0:
+        # meta-fit keeps and saves the best state on SIGTERM, then ends here, not with 0
+        print("metafit: terminated (SIGTERM) after saving what was done", file=sys.stderr)
+        return 143
+    return code
 
 
 def _dispatch(args) -> int:
