@@ -19,12 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metafit._inner_types import PreparedGradFn
+from metafit._inner_types import Params, PreparedGradFn
 from metafit.losses import cross_entropy_loss, mse_loss
 
 __all__ = ["MLPPath", "MLPGradient", "PreparedGrad"]
 
-Params = dict[str, Tensor]
 
 _ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": torch.relu,

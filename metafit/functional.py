@@ -331,10 +331,8 @@ def inner_loop(
     try:
         mode.set(grad_mode)
         step_grads, factor = _gradient_source(
-            forward, loss_fn, X, y, layout, grad_fn, track_graph, grad_mode, step_forward
+            forward, loss_fn, current, X, y, layout, grad_fn, track_graph, grad_mode, step_forward
         )
-        if layout.prepared:
-            step_grads, factor = step_grads(current)
         _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_graph, on_step)
     finally:
         mode.restore()
@@ -402,20 +400,18 @@ class _Layout:
         return _batched(current, self.unbatched, self.n_tasks)
 
 
-def _gradient_source(forward, loss_fn, X, y, layout, grad_fn, track_graph, grad_mode, step_fwd):
+def _gradient_source(
+    forward, loss_fn, current, X, y, layout, grad_fn, track_graph, grad_mode, step_fwd
+):
     """Where a step's gradients come from: ``(step_grads, factor)`` such that
     ``factor * step_grads(current)`` are the gradients (``step_grads(current, scale)``
-    also multiplies the output gradient by ``scale``, where supported). For a
-    :class:`PreparedGradFn` it returns a function of ``current`` that prepares the loop."""
+    also multiplies the output gradient by ``scale``, where supported). A
+    :class:`PreparedGradFn` is prepared here, once for the loop, from its first state."""
     names = layout.names
     if grad_fn is None:
         return _AutogradStep(forward, loss_fn, X, y, names, track_graph, grad_mode, step_fwd), 1.0
     if layout.prepared:
-
-        def prepare(current):
-            return grad_fn.prepare(current, X, y, names, single=layout.single)
-
-        return prepare, None
+        return grad_fn.prepare(current, X, y, names, single=layout.single)
 
     def step_grads(p, scale=None):
         g = grad_fn(p, X, y, names, scale)

@@ -124,6 +124,11 @@ class MetaLearner:
             return self.forward
         return lambda params, X: self._step_forward(params, X, step)
 
+    def forward_after(self, steps: int):
+        """The forward for the query after ``steps`` inner steps: the last step's (MAML++'s
+        per-step BatchNorm), or the plain one when no step ran."""
+        return self.forward_at(max(int(steps) - 1, 0))
+
     def adapted_names(self) -> list[str] | None:
         """Names of the parameters the inner loop adapts (None: all), computed once."""
         if self._adapted is None or self._adapted[0] is not self.algorithm:
@@ -239,7 +244,7 @@ class MetaLearner:
         """Mean query loss after adaptation, over ``tasks`` (no meta-gradient)."""
         total, loss = 0, 0.0
         steps = self.inner_steps if steps is None else int(steps)
-        forward = self.forward_at(max(steps - 1, 0))
+        forward = self.forward_after(steps)
         for batch in self.batches(tasks):
             phi = self.adapt(batch.X_support, batch.y_support, steps=steps, track_graph=False)
             with torch.no_grad():

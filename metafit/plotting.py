@@ -462,12 +462,11 @@ def _optuna_backends(skipped: list[str]):
 
 def _value_axis(study, done) -> tuple[str, bool]:
     """The metric's name and whether its axis should be logarithmic."""
+    from metafit.tuning import metric_name
+
     names = getattr(study, "metric_names", None)
     metric = study.user_attrs.get("metafit_metric")
-    label = names[0] if names and names[0] else (
-        "query accuracy" if metric == "accuracy" else "query MSE" if metric == "mse"
-        else "objective value"
-    )
+    label = names[0] if names and names[0] else metric_name(metric)
     values = np.array([t.value for t in done], dtype=float)
     values = values[np.isfinite(values)]
     log = bool(len(values) and values.min() > 0 and values.max() / values.min() > 100)

@@ -20,13 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from metafit import _torch_compat as compat
+from metafit._inner_types import Params
 
 if TYPE_CHECKING:
     from metafit._task_types import TaskBatch
 
 __all__ = ["AdaptationContext", "MetaAlgorithm", "GradientMetaAlgorithm", "LeanAdam"]
 
-Params = dict[str, Tensor]
 BatchedForward = Callable[..., Tensor]
 
 
@@ -54,6 +54,8 @@ class AdaptationContext(Protocol):
     def forward(self, params: Mapping[str, Tensor], X: Tensor) -> Tensor: ...
 
     def forward_at(self, step: int) -> BatchedForward: ...
+
+    def forward_after(self, steps: int) -> BatchedForward: ...
 
     def adapt(
         self,

@@ -192,7 +192,7 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
         steps = int(ctx.inner_steps)
         weights = self.step_weights(steps, ctx.iteration, ctx.total_iterations)
         total = sum(b.n_tasks for b in batches)
-        query_forward = ctx.forward_at(max(steps - 1, 0))  # the last step's BatchNorm set
+        query_forward = ctx.forward_after(steps)  # the last step's BatchNorm set
         loss = 0.0
         reported = 0.0
         for batch in batches:

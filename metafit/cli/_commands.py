@@ -44,7 +44,9 @@ def _load(path):
 
 
 def _metric(estimator_type: str) -> str:
-    return "query accuracy" if estimator_type == "classifier" else "query MSE"
+    from metafit.tuning import metric_name
+
+    return metric_name("accuracy" if estimator_type == "classifier" else "mse")
 
 
 def _fmt(v) -> str:
@@ -55,11 +57,10 @@ def _params_line(params: dict) -> str:
     return ", ".join(f"{k}={_fmt(v)}" for k, v in params.items())
 
 
-def _verbose(config, args=None) -> dict:
+def _estimator_overrides(config, args) -> dict:
     """Overrides of the config's estimator parameters: the thread count of ``--threads`` /
     ``$METAFIT_THREADS`` when one was given (otherwise the estimator picks the fastest for
-    its network). Progress bars follow the estimator's default unless the config decides:
-    drawn on a terminal, never into a redirected log."""
+    its network)."""
     params = config.estimator.get("params", {})
     out = {}
     threads = explicit_threads(getattr(args, "threads", None))
@@ -73,14 +74,14 @@ def _summary(est, tasks) -> str:
     of the mean and named, instead of aborting the whole table)."""
     import numpy as np
 
-    from metafit.tuning import task_scores
+    from metafit.tuning import score_spread, task_scores
 
     scores, _ = task_scores(est, tasks, stop_at_nan=False)
     finite = scores[np.isfinite(scores)]
     if not len(finite):
         return f"diverged on all {len(scores)} tasks (lower inner_lr or inner_steps)"
-    sem = finite.std(ddof=1) / math.sqrt(len(finite)) if len(finite) > 1 else 0.0
-    text = f"{_fmt(float(finite.mean()))} ± {sem:.2g} (standard error)"
+    mean, sem = score_spread(finite)
+    text = f"{_fmt(mean)} ± {sem:.2g} (standard error)"
     if len(finite) < len(scores):
         text += f"; diverged on {len(scores) - len(finite)} of {len(scores)} tasks, left out"
     return text
@@ -110,7 +111,7 @@ class MetaFitCommand(Command):
         if not out.parent.is_dir():
             raise UsageError(f"--output: directory {out.parent} does not exist")
         splits = config.build_tasks()
-        est = config.build_estimator(**_verbose(config, args))
+        est = config.build_estimator(**_estimator_overrides(config, args))
         n = est.get_params()["meta_iterations"]
         rank0 = is_main_process()  # under torchrun, rank 0 alone reports and writes the file
         if rank0:
@@ -171,7 +172,7 @@ class TuneCommand(Command):
         init = resolve(args.init, config.meta_init)
         _existing_file("--init" if args.init else "estimator.params.meta_init", init)
         splits = config.build_tasks()
-        est = config.build_estimator(meta_init=init, **_verbose(config, args))
+        est = config.build_estimator(meta_init=init, **_estimator_overrides(config, args))
         if "on_interrupt" in est.get_params():
             est.set_params(on_interrupt="raise")  # Ctrl-C ends the command
         if mode == "adaptation" and init is None:

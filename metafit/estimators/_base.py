@@ -31,7 +31,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 from metafit import _torch_compat as compat
 from metafit._threads import threads_for, torch_threads
 from metafit.estimators._inputs import SeededTorch, fast_X, fast_xy, seed_from, unchanged_on_error
-from metafit.estimators._learners import LearnerFactory
+from metafit.estimators._learners import LearnerFactory, learner_factory
 from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done
 from metafit.estimators._params import check_params
 from metafit.estimators._targets import TargetKind
@@ -296,7 +296,6 @@ default="maml"
         tags.non_deterministic = self.random_state is None
         return tags
 
-
     # ------------------------------------------------------------------ composed parts
 
     def _check_params(self) -> None:
@@ -304,7 +303,7 @@ default="maml"
         check_params(self)
 
     def _factory(self) -> LearnerFactory:
-        return LearnerFactory.of(self, self._target)
+        return learner_factory(self)
 
     # ------------------------------------------------------------------ meta-training
 
@@ -561,8 +560,7 @@ default="maml"
     def _raw_predict(self, X: np.ndarray) -> torch.Tensor:
         learner = self._learner
         Xt, _ = learner.as_tensors(X)
-        # per-step BatchNorm (MAML++): the last step's set
-        last_step = max(int(self.inner_steps) - 1, 0) if learner.step_dependent else None
+        last_step = max(int(self.inner_steps) - 1, 0)  # MAML++'s per-step BatchNorm set
         if is_stateless(learner.module):  # no dropout or batch statistics: no mode switch
             return learner.predict(self.adapted_params_, Xt.unsqueeze(0), step=last_step)[0]
         # Predict in eval mode, so that dropout is off and predictions are deterministic.

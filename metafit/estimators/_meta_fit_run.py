@@ -194,7 +194,7 @@ class MetaFitRun:
             learner.init_optimizer(est.meta_lr, est.meta_iterations)
             if resume is not None:
                 self._restore(learner, resume)
-            self._metadata = self._describe(learner, n_features, module_spec(learner.module,
+            self._artifact = self._describe(learner, n_features, module_spec(learner.module,
                                                                              kwargs))
             callbacks, best, stopper = self._callbacks(resume, val)
             with torch_threads(threads_for(learner.module, est.n_threads)):
@@ -256,9 +256,13 @@ class MetaFitRun:
         }
         return metadata, spec
 
+    def _learner_meta_init(self, learner, iteration: int) -> MetaInit:
+        """The artifact of ``learner``'s current state (what checkpoints write)."""
+        return self.make_meta_init(learner.state_tensors(), iteration)
+
     def make_meta_init(self, tensors, iteration: int, **extra) -> MetaInit:
         """The artifact of ``tensors`` after ``iteration`` meta-iterations."""
-        metadata, spec = self._metadata
+        metadata, spec = self._artifact
         meta = {**metadata, "meta_iterations": int(iteration), "iteration": int(iteration)}
         return MetaInit(tensors, spec, {**meta, **extra})
 
@@ -284,7 +288,7 @@ class MetaFitRun:
                 Checkpoint(
                     est.checkpoint_path,
                     int(est.checkpoint_interval),
-                    lambda learner, it: self.make_meta_init(learner.state_tensors(), it),
+                    self._learner_meta_init,
                 )
             )
         if est.verbose is None or est.verbose:
@@ -305,7 +309,7 @@ class MetaFitRun:
                 name = f"{name}_{seen[name]}"
             named.append((name, copy.deepcopy(cb)))
         context = MetaFitContext(
-            make_meta_init=lambda learner, it: self.make_meta_init(learner.state_tensors(), it),
+            make_meta_init=self._learner_meta_init,
             has_validation=has_validation,
             estimator=type(self.est).__name__,
         )

@@ -54,11 +54,9 @@ class Param:
 
 
 def _checker(rule: Param):
-    """The check function of ``rule`` (made once per rule: fit validates every parameter
-    on every call, a few microseconds of a sub-millisecond fit)."""
-    cached = _CHECKERS.get(rule)
-    if cached is not None:
-        return cached
+    """The check function of ``rule``. :func:`check_params` makes them once (``_COMPILED``):
+    fit validates every parameter on every call, a few microseconds of a sub-millisecond
+    fit."""
     allow = (None,) if rule.nullable else ()
     if rule.kind == "int":
         minimum = int(rule.minimum or 0)
@@ -101,11 +99,7 @@ def _checker(rule: Param):
                 return
             special(name, value)
 
-    _CHECKERS[rule] = check
     return check
-
-
-_CHECKERS: dict = {}
 
 
 def _check_algorithm(name, value) -> None:

@@ -14,6 +14,8 @@ from metafit.tuning._objectives import (
     META_RUNGS,
     evaluate,
     make_objective,
+    metric_name,
+    score_spread,
     task_scores,
     trivial_mse,
 )
@@ -35,7 +37,9 @@ __all__ = [
     "evaluate",
     "make_objective",
     "make_storage",
+    "metric_name",
     "parse_search_space",
+    "score_spread",
     "task_scores",
     "trivial_mse",
     "to_estimator_params",

@@ -9,6 +9,7 @@ reason in ``user_attrs["metafit_diverged"]``; any other error fails the trial.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import math
@@ -20,6 +21,7 @@ import optuna
 from sklearn.base import clone, is_classifier
 
 from metafit._task_types import as_task
+from metafit.training import DivergenceError
 from metafit.tuning.search_space import (
     _check_mode,
     _suggest_all,
@@ -80,8 +82,6 @@ def evaluate(estimator, tasks: Iterable) -> float:
         predictions, or ``fit``'s DivergenceError), never an exception for that: for a
         study, prefer :func:`make_objective`, which prunes such trials with the reason.
     """
-    from metafit.training import DivergenceError
-
     try:
         scores, _ = task_scores(estimator, tasks)
     except DivergenceError:
@@ -109,8 +109,6 @@ def task_scores(estimator, tasks: Iterable, *, stop_at_nan: bool = True):
         When ``fit`` itself detects divergence (unless ``stop_at_nan`` is False, which
         records NaN for that task and goes on).
     """
-    from metafit.training import DivergenceError
-
     tasks = _materialize(tasks, "tasks")
     scores, seconds = [], []
     for task in tasks:
@@ -142,28 +140,52 @@ def trivial_mse(tasks) -> float:
     return float(np.mean(errs))
 
 
-def _score_trial(trial, est, validation, where: str, params) -> float:
-    """Score ``est`` for ``trial``: prune on divergence (an error, NaN, or a finite loss
-    beyond :data:`BLOWUP_FACTOR` times the trivial one); record the spread and times."""
+def metric_name(metric: str | None) -> str:
+    """The objective's name from ``study.user_attrs["metafit_metric"]`` ("mse" or
+    "accuracy"): what the command line prints and the plots put on their axes."""
+    return {"accuracy": "query accuracy", "mse": "query MSE"}.get(metric, "objective value")
+
+
+def score_spread(scores: np.ndarray) -> tuple[float, float]:
+    """Mean and standard error of per-task scores (0 for a single task)."""
+    sem = float(scores.std(ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else 0.0
+    return float(scores.mean()), sem
+
+
+@contextlib.contextmanager
+def _pruned_on_divergence(trial, where: str):
+    """Turn a divergence (by type, :func:`_is_divergence`) into a pruned trial."""
     try:
-        scores, seconds = task_scores(est, validation)
+        yield
     except Exception as exc:
         if _is_divergence(exc):
             _prune_diverged(trial, f"{type(exc).__name__}{where}: {exc}")
         raise
+
+
+def _blowup_bound(estimator, validation) -> float:
+    """The query MSE beyond which a regressor trial has diverged (inf for classifiers,
+    whose accuracy is bounded); computed once per objective."""
+    if is_classifier(estimator):
+        return math.inf
+    return BLOWUP_FACTOR * trivial_mse(validation)
+
+
+def _score_trial(trial, est, validation, where: str, params, bound: float) -> float:
+    """Score ``est`` for ``trial``: prune on divergence (an error, NaN, or a finite loss
+    beyond ``bound``); record the spread and times."""
+    with _pruned_on_divergence(trial, where):
+        scores, seconds = task_scores(est, validation)
     if np.isnan(scores).any():
         _prune_diverged(trial, f"non-finite query predictions{where} with {_describe(params)}")
-    value = float(np.mean(scores))
-    if not is_classifier(est):
-        bound = BLOWUP_FACTOR * trivial_mse(validation)
-        if value > bound:
-            _prune_diverged(
-                trial,
-                f"query MSE {value:.4g}{where} is over {BLOWUP_FACTOR:g} times that of "
-                f"predicting each task's support mean ({bound / BLOWUP_FACTOR:.4g}) with "
-                f"{_describe(params)}",
-            )
-    sem = float(scores.std(ddof=1) / math.sqrt(len(scores))) if len(scores) > 1 else 0.0
+    value, sem = score_spread(scores)
+    if value > bound:
+        _prune_diverged(
+            trial,
+            f"query MSE {value:.4g}{where} is over {BLOWUP_FACTOR:g} times that of "
+            f"predicting each task's support mean ({bound / BLOWUP_FACTOR:.4g}) with "
+            f"{_describe(params)}",
+        )
     trial.set_user_attr(_ATTR + "score_std", float(scores.std()))
     trial.set_user_attr(_ATTR + "score_sem", sem)
     trial.set_user_attr(_ATTR + "fit_seconds", float(seconds.mean()))
@@ -282,15 +304,19 @@ def request_interrupt(exc_type: type[BaseException]) -> bool:
 
 
 def _adaptation_objective(estimator, space, validation):
+    bound = _blowup_bound(estimator, validation)
+
     def objective(trial: optuna.Trial) -> float:
         params = _suggest_all(trial, space)
         est = clone(estimator).set_params(**to_estimator_params(params, estimator))
-        return _score_trial(trial, est, validation, "", params)
+        return _score_trial(trial, est, validation, "", params, bound)
 
     return INTERRUPTS(objective)
 
 
 def _meta_objective(estimator, space, tasks, validation):
+    bound = _blowup_bound(estimator, validation)
+
     def objective(trial: optuna.Trial) -> float:
         params = _suggest_all(trial, space)
         est = _fresh(estimator, params)
@@ -304,13 +330,9 @@ def _meta_objective(estimator, space, tasks, validation):
             # style), so the last rung is exactly the run tuned_estimator reproduces.
             est.set_params(meta_iterations=budget)
             where = f" after {budget} meta-iterations"
-            try:
+            with _pruned_on_divergence(trial, where):
                 _meta_fit(est, tasks, validation)
-            except Exception as exc:
-                if _is_divergence(exc):
-                    _prune_diverged(trial, f"{type(exc).__name__}{where}: {exc}")
-                raise
-            value = _score_trial(trial, est, validation, where, params)
+            value = _score_trial(trial, est, validation, where, params, bound)
             steps = len(est.meta_history_)
             trial.report(value, steps)
             if budget != rungs[-1] and trial.should_prune():

@@ -40,6 +40,7 @@ from metafit.tuning._objectives import (
     _meta_fit,
     _meta_objective,
     evaluate,
+    metric_name,
 )
 from metafit.tuning.search_space import (
     ADAPTATION_PARAMS,
@@ -75,7 +76,7 @@ def _init_fingerprint(estimator) -> str | None:
     return h.hexdigest()[:16]
 
 
-# Long function: 96 lines, of which 55 are the numpydoc of the Optuna options it passes on;
+# Long function: 97 lines, of which 55 are the numpydoc of the Optuna options it passes on;
 # the body is a sequence of calls to the helpers below.
 def tune(
     estimator,
@@ -162,24 +163,31 @@ def tune(
         objective = _adaptation_objective(estimator, space, validation)
     else:
         objective = _meta_objective(estimator, space, tasks, validation)
+    _optimize(
+        study,
+        objective,
+        n_trials=n_trials,
+        timeout=timeout,
+        n_jobs=n_jobs,
+        callbacks=callbacks,
+        catch=catch,
+        show_progress_bar=show_progress_bar,
+        gc_after_trial=gc_after_trial,
+    )
+    return study
+
+
+def _optimize(study, objective, **kwargs) -> None:
+    """``study.optimize`` with interrupts that leave no trial RUNNING (see
+    :class:`metafit.tuning._objectives._InterruptGuard`)."""
     INTERRUPTS.tuning += 1
     try:
-        study.optimize(
-            objective,
-            n_trials=n_trials,
-            timeout=timeout,
-            n_jobs=n_jobs,
-            callbacks=callbacks,
-            catch=catch,
-            show_progress_bar=show_progress_bar,
-            gc_after_trial=gc_after_trial,
-        )
+        study.optimize(objective, **kwargs)
     finally:
         INTERRUPTS.tuning -= 1
         pending, INTERRUPTS.pending = INTERRUPTS.pending, None
     if pending is not None:  # arrived after the last trial: nothing left RUNNING
         raise pending
-    return study
 
 
 def _ensure_meta_init(estimator, tasks, mode: str) -> None:
@@ -245,18 +253,18 @@ def _record_study(study, estimator, mode: str, direction: str) -> None:
     fingerprint = _init_fingerprint(estimator) if mode == "adaptation" else None
     attrs = study.user_attrs
     if _ATTR + "mode" not in attrs:
+        metric = "accuracy" if direction == "maximize" else "mse"
         study.set_user_attr(_ATTR + "mode", mode)
-        study.set_user_attr(_ATTR + "metric", "accuracy" if direction == "maximize" else "mse")
+        study.set_user_attr(_ATTR + "metric", metric)
         study.set_user_attr(_ATTR + "estimator", type(estimator).__name__)
         if fingerprint:
             study.set_user_attr(_ATTR + "init", fingerprint)
             source = estimator.get_params().get("meta_init")
             if isinstance(source, str) or hasattr(source, "__fspath__"):
                 study.set_user_attr(_ATTR + "init_file", str(source))
-        name = "query accuracy" if direction == "maximize" else "query MSE"
         with warnings.catch_warnings():  # experimental in Optuna 4
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([name])
+            study.set_metric_names([metric_name(metric)])
     elif fingerprint and attrs.get(_ATTR + "init") not in (None, fingerprint):
         _log.warning(
             "study %r was started from another meta-learned initialization; trials of this "
