@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import os
 import threading
-from contextlib import contextmanager
+import weakref
+from contextlib import contextmanager, nullcontext
 
 import torch
 from torch import nn
@@ -41,9 +42,16 @@ def threads_for(module: nn.Module | None, n_threads: int | None) -> int:
     process may use (Conv4 and other convolutional nets)."""
     if n_threads is not None:
         return int(n_threads)
-    if module is not None and any(isinstance(m, _CONVOLUTIONS) for m in module.modules()):
-        return _cores()
-    return 1
+    if module is None:
+        return 1
+    convolutional = _CONVOLUTIONAL.get(module)
+    if convolutional is None:  # walked once per network: fit calls this every time
+        convolutional = any(isinstance(m, _CONVOLUTIONS) for m in module.modules())
+        _CONVOLUTIONAL[module] = convolutional
+    return _cores() if convolutional else 1
+
+
+_CONVOLUTIONAL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _CONVOLUTIONS = (
@@ -51,10 +59,16 @@ _CONVOLUTIONS = (
 )
 
 
-@contextmanager
 def torch_threads(n: int):
-    """Run the block with ``torch.set_num_threads(n)``; restore the caller's count after
-    (see the module docstring for concurrent callers)."""
+    """A context that runs its block with ``torch.set_num_threads(n)`` and restores the
+    caller's count after (see the module docstring for concurrent callers)."""
+    if not _active and torch.get_num_threads() == n:
+        return nullcontext()  # nothing to set or restore: the common case of every fit
+    return _set_threads(n)
+
+
+@contextmanager
+def _set_threads(n: int):
     global _active, _saved
     with _lock:
         if _active == 0:

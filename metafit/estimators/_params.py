@@ -9,6 +9,7 @@ holds the estimators' docstrings to it, so that the four cannot drift apart.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import numbers
@@ -118,6 +119,25 @@ _MAX_LAYER_WEIGHTS = 500_000_000
 
 
 def _check_sizes(name, value) -> None:
+    try:
+        if type(value) is tuple and _sizes_known_good(value):
+            return
+    except TypeError:  # unhashable entries: the full check says what is wrong
+        pass
+    _check_sizes_fully(name, value)
+
+
+@functools.lru_cache(maxsize=64)
+def _sizes_known_good(sizes: tuple) -> bool:
+    """Whether a hidden_sizes tuple passes (remembered: fit checks it on every call)."""
+    try:
+        _check_sizes_fully("hidden_sizes", sizes)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_sizes_fully(name, value) -> None:
     sizes = (value,) if isinstance(value, numbers.Integral) else value
     ok = isinstance(sizes, (tuple, list)) and all(
         isinstance(h, numbers.Integral) and not isinstance(h, bool) and h > 0 for h in sizes
@@ -144,6 +164,8 @@ def _check_module(name, value) -> None:
 
 
 def _check_device(name, value) -> None:
+    if value == "cpu":  # the common case, in every fit
+        return
     try:
         device = torch.device(value)
     except (RuntimeError, TypeError) as exc:
