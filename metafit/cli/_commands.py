@@ -338,12 +338,7 @@ def _parse_value(text: str):
 
 
 def _open_existing_storage(url: str):
-    """A storage for commands that only read: a local file must exist already."""
-    from metafit.tuning.storage import journal_path
-
-    local = url[len("sqlite:///"):] if url.startswith("sqlite:///") else journal_path(url)
-    if local and not Path(local).expanduser().is_file():
-        raise UsageError(f"storage {url}: file {local} does not exist (no study was run there)")
+    """A storage for commands that only read (a missing file or schema is an error)."""
     return _open_storage(url, read_only=True)
 
 

@@ -187,14 +187,14 @@ class LearnerFactory:
         if init is not None:
             return (id(init), feature_shape, self.init_key())
         seed = int(self.random_state) if isinstance(self.random_state, numbers.Integral) else None
-        return (None, feature_shape, n_outputs, self.init_key(), float(self.inner_lr),
-                int(self.inner_steps), seed)
+        algorithm = self.algorithm if isinstance(self.algorithm, str) else repr(self.algorithm)
+        return (None, feature_shape, n_outputs, self.init_key(), algorithm,
+                float(self.inner_lr), int(self.inner_steps), seed)
 
     def init_key(self) -> tuple:
         """What a learner built from an initialization reads of the parameters (the
         algorithm, its options, rates and steps come from the initialization)."""
         return (
-            self.algorithm if isinstance(self.algorithm, str) else repr(self.algorithm),
             self.forward,
             str(self.device),
             repr(layer_widths(self.hidden_sizes)) if self.module is None else None,

@@ -75,6 +75,8 @@ def make_storage(
         raise ValueError("grace_period needs heartbeat_interval as well.")
 
     journal = journal_path(storage)
+    if read_only and journal:
+        _check_exists(storage, journal)
     if journal is not None:
         if heartbeat_interval is not None:
             raise ValueError(
@@ -162,7 +164,9 @@ def _rdb_storage(url, heartbeat_interval, grace_period, max_retry, read_only=Fal
         # Many workers on one file: wait for a lock instead of failing at once, and let
         # readers go on while one worker writes (WAL, a property of the file).
         kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-        if not read_only:
+        if read_only:
+            _check_exists(url, parsed.database)
+        else:
             _sqlite_wal(parsed.database)
     if read_only:
         kwargs["skip_table_creation"] = True
@@ -198,6 +202,14 @@ def _rdb_storage(url, heartbeat_interval, grace_period, max_retry, read_only=Fal
         raise ValueError(
             f"cannot open storage {shown}: {first[0] if first else type(exc).__name__}"
         ) from None
+
+
+def _check_exists(storage: str, path: str) -> None:
+    """A reader's local storage file must exist: opening it would create an empty one."""
+    if not Path(path).expanduser().is_file():
+        raise ValueError(
+            f"storage {storage}: file {path} does not exist (no study was run there)"
+        )
 
 
 def _sqlite_wal(database: str) -> None:
