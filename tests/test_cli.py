@@ -348,3 +348,30 @@ def test_sigterm_during_meta_fit_saves_the_state_and_exits_143(tmp_path):
             proc.kill()
     assert proc.returncode == 143, err.decode()[-2000:]
     assert MetaInit.load(out).metadata["iteration"] > 0
+
+
+def _heartbeat_rows(db: Path) -> int:
+    import sqlite3
+
+    with sqlite3.connect(db) as con:
+        return con.execute("SELECT COUNT(*) FROM trial_heartbeats").fetchone()[0]
+
+
+def test_tune_turns_heartbeats_on_for_database_storages_unless_told_not_to(tiny, capsys):
+    """A killed worker's trial must not stay RUNNING forever by default: on a database
+    storage every trial of ``metafit tune`` writes heartbeats unless ``--heartbeat 0``."""
+    assert _run(capsys, "tune", tiny, "--n-trials", 2)[0] == 0
+    assert _heartbeat_rows(tiny.parent / "metafit.db") == 2
+    off = tiny.parent / "off.db"
+    assert _run(capsys, "tune", tiny, "--n-trials", 2, "--heartbeat", 0,
+                "--storage", f"sqlite:///{off}")[0] == 0
+    assert _heartbeat_rows(off) == 0
+    assert "--grace-period needs heartbeats" in _error(
+        capsys, "tune", tiny, "--heartbeat", 0, "--grace-period", 5
+    )
+    config = tiny.read_text().replace("n_trials: 3", "n_trials: 1\n  heartbeat_interval: 0")
+    (tiny.parent / "quiet.yaml").write_text(config)
+    quiet = tiny.parent / "quiet.db"
+    assert _run(capsys, "tune", tiny.parent / "quiet.yaml",
+                "--storage", f"sqlite:///{quiet}")[0] == 0
+    assert _heartbeat_rows(quiet) == 0

@@ -17,6 +17,7 @@ from pathlib import Path
 from metafit.cli._base import (
     Command,
     explicit_threads,
+    non_negative_int,
     positive_float,
     positive_int,
     quiet_interrupt_tracebacks,
@@ -130,6 +131,29 @@ class MetaFitCommand(Command):
         return 0
 
 
+#: seconds between heartbeats of a running trial on a database storage: a worker killed by
+#: kill -9 or a lost machine leaves its trial RUNNING, and the next worker fails and retries
+#: it once it has been silent for twice this long. One short write a minute per worker.
+DEFAULT_HEARTBEAT = 60
+
+
+def _heartbeat(args, tune_section: dict, url: str) -> dict:
+    """Heartbeat options for ``make_storage``: on by default for database storages
+    (SQLite, PostgreSQL), off for journal files (Optuna has no heartbeats there) and when
+    the flag or the config says 0."""
+    from metafit.tuning.storage import is_database_url
+
+    interval = resolve(args.heartbeat, tune_section.get("heartbeat_interval"))
+    grace = resolve(args.grace_period, tune_section.get("grace_period"))
+    if interval is None and is_database_url(url):
+        interval = DEFAULT_HEARTBEAT
+    if interval == 0:
+        if grace is not None:
+            raise UsageError("--grace-period needs heartbeats; drop it or set --heartbeat S.")
+        interval = None
+    return {"heartbeat_interval": interval, "grace_period": grace}
+
+
 class TuneCommand(Command):
     """Tune hyperparameters in a study that many workers may share."""
 
@@ -146,9 +170,10 @@ class TuneCommand(Command):
                             "meta-training one (adaptation mode; share it between workers)")
         parser.add_argument("--seed", type=int, help="sampler seed (give each worker its own)")
         parser.add_argument("--n-jobs", type=positive_int, help="threads of this worker")
-        parser.add_argument("--heartbeat", type=positive_int, metavar="SECONDS",
+        parser.add_argument("--heartbeat", type=non_negative_int, metavar="SECONDS",
                             help="heartbeat interval: stale trials of killed workers are failed "
-                            "and retried (database storages)")
+                            f"and retried (database storages; default {DEFAULT_HEARTBEAT}, "
+                            "0 turns heartbeats off)")
         parser.add_argument("--grace-period", type=positive_int, metavar="SECONDS",
                             help="silence after which a trial is stale (default 2x heartbeat)")
 
@@ -158,12 +183,8 @@ class TuneCommand(Command):
         config = _load(args.config)
         t = config.tune
         mode = resolve(args.mode, t.get("mode"), "adaptation")
-        storage = _open_storage(
-            storage_url(args, config),
-            heartbeat_interval=resolve(args.heartbeat, t.get("heartbeat_interval")),
-            grace_period=resolve(args.grace_period, t.get("grace_period")),
-            max_retry=t.get("max_retry", 3),
-        )
+        url = storage_url(args, config)
+        storage = _open_storage(url, max_retry=t.get("max_retry", 3), **_heartbeat(args, t, url))
         study_name = resolve(args.study_name, t.get("study_name"), Path(args.config).stem)
         n_trials = resolve(args.n_trials, t.get("n_trials"))
         timeout = resolve(args.timeout, t.get("timeout"))

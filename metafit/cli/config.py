@@ -405,8 +405,11 @@ def _check_tune(p: str, tune_: dict) -> dict:
     if tune_.get("mode", "adaptation") not in ("adaptation", "meta"):
         raise ConfigError(f"{p}: tune.mode must be 'adaptation' or 'meta', got {tune_['mode']!r}")
     for key in ("n_trials", "n_jobs", "heartbeat_interval", "grace_period"):
-        if key in tune_ and tune_[key] is not None and tune_[key] < 1 and tune_[key] != -1:
-            raise ConfigError(f"{p}: tune.{key} must be >= 1, got {tune_[key]}")
+        value = tune_.get(key)
+        allowed = {"n_jobs": -1, "heartbeat_interval": 0}.get(key)  # all cores; heartbeats off
+        if value is not None and value < 1 and value != allowed:
+            low = ">= 1" if allowed is None else f">= 1 (or {allowed})"
+            raise ConfigError(f"{p}: tune.{key} must be {low}, got {value}")
     if tune_.get("timeout") is not None and tune_["timeout"] <= 0:
         raise ConfigError(f"{p}: tune.timeout must be > 0 seconds, got {tune_['timeout']}")
     for key, table in (("sampler", _SAMPLERS), ("pruner", _PRUNERS)):

@@ -17,7 +17,7 @@ import optuna
 
 from metafit._checks import check_int
 
-__all__ = ["journal_path", "make_storage"]
+__all__ = ["is_database_url", "journal_path", "make_storage"]
 
 
 def make_storage(
@@ -92,6 +92,13 @@ def make_storage(
 
         return JournalStorage(JournalFileBackend(str(Path(journal).expanduser())))
     return _rdb_storage(storage, heartbeat_interval, grace_period, max_retry, read_only)
+
+
+def is_database_url(storage) -> bool:
+    """Whether ``storage`` is a URL of Optuna's RDB storage (SQLite, PostgreSQL, MySQL)."""
+    return (
+        isinstance(storage, str) and "://" in storage and journal_path(storage.strip()) is None
+    )
 
 
 def journal_path(storage: str) -> str | None:
