@@ -17,13 +17,25 @@ import torch
 __all__ = ["Task", "TaskBatch", "as_task", "iter_meta_batches"]
 
 
-def _check_part(name: str, X, y) -> tuple[np.ndarray, np.ndarray]:
-    for what, value in (("X", X), ("y", y)):
-        if hasattr(value, "toarray") and hasattr(value, "nnz"):  # scipy.sparse
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def refuse_sparse(where: str, **arrays) -> None:
+    """Raise a TypeError naming the array if one of ``arrays`` is a scipy.sparse matrix.
+
+    ``np.asarray`` would wrap a sparse matrix in a 0-d object array and the error would
+    come later as "got shape ()".
+    """
+    for what, value in arrays.items():
+        if hasattr(value, "toarray") and hasattr(value, "nnz"):
             raise TypeError(
-                f"{name}: {what} is a sparse matrix; few-shot tasks are small, pass a dense "
+                f"{where}: {what} is a sparse matrix; few-shot tasks are small, pass a dense "
                 f"array ({what}.toarray())."
             )
+
+
+def _check_part(name: str, X, y) -> tuple[np.ndarray, np.ndarray]:
+    refuse_sparse(name, X=X, y=y)
     X = np.asarray(X)
     y = np.asarray(y)
     if X.ndim < 2:
@@ -43,6 +55,15 @@ def _check_part(name: str, X, y) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"{name}: X contains NaN or infinity; clean or impute it first.")
     if np.issubdtype(y.dtype, np.number) and not np.all(np.isfinite(y)):
         raise ValueError(f"{name}: y contains NaN or infinity; clean or impute it first.")
+    for what, value in (("X", X), ("y", y)):
+        if value.dtype.kind == "f" and value.dtype.itemsize > 4:
+            largest = float(np.max(np.abs(value)))
+            if largest > _FLOAT32_MAX:
+                raise ValueError(
+                    f"{name}: {what} reaches {largest:.3g}, beyond float32's range "
+                    f"({_FLOAT32_MAX:.3g}), in which metafit computes; rescale it (e.g. "
+                    "StandardScaler, or a change of units)."
+                )
     return X, y
 
 

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from metafit._atomic import atomic_path
 
 __all__ = ["MetaInit", "FORMAT_VERSION", "build_module", "is_meta_init_file", "module_spec"]
 
@@ -120,20 +121,6 @@ def build_module(spec: dict[str, Any], tensors: dict | None = None) -> nn.Module
         if "does not match the stored" in str(exc):
             raise
         raise ValueError(f"cannot build {path} from the saved arguments {kwargs}: {exc}") from exc
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 _INT_KEYS = {"n_features": 1, "n_outputs": 1, "inner_steps": 0, "meta_inner_steps": 0,
@@ -265,27 +252,14 @@ class MetaInit:
             "metadata": json.dumps(_jsonable(self.metadata)),
         }
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
-        tmp = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            os.close(fd)
-            save_file(tensors, tmp, metadata=header)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_folder(path.parent)
+            with atomic_path(path) as tmp:
+                save_file(tensors, str(tmp), metadata=header)
         except OSError as exc:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
             raise OSError(
                 exc.errno, f"cannot write the meta-initialization to {str(path)!r}: "
                 f"{exc.strerror or exc}"
             ) from None
-        except BaseException:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
-            raise
         return path
 
     @classmethod

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from metafit._atomic import atomic_path
 from metafit._checks import check_int
 from metafit._task_types import Task, as_task
 from metafit.estimators._learners import learner_factory
@@ -491,8 +492,11 @@ def _write_png(ovm, func, name, study, out, axis):
             if log:
                 panel.set_yscale("log")
     path = out / f"{name}.png"
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:  # an interrupted report leaves no half-drawn file
+            fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 
@@ -504,5 +508,6 @@ def _write_html(ovp, func, name, study, out, axis):
     path = out / f"{name}.html"
     # plotly.min.js is written once beside the pages, which then work offline (a CDN
     # link leaves them blank there).
-    figure.write_html(str(path), include_plotlyjs="directory")
+    with atomic_path(path) as tmp:
+        figure.write_html(str(tmp), include_plotlyjs="directory")
     return path

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from metafit._checks import check_int
-from metafit._task_types import Task, TaskBatch
+from metafit._task_types import Task, TaskBatch, refuse_sparse
 
 __all__ = ["NWayKShotTasks", "SinusoidTasks", "tasks_from_groups"]
 
@@ -301,6 +301,7 @@ def tasks_from_groups(
     ValueError
         If the arrays disagree in length, or no group is large enough.
     """
+    refuse_sparse("tasks_from_groups", X=X, y=y, groups=groups)
     X = np.asarray(X)
     y = np.asarray(y)
     groups = np.asarray(groups)

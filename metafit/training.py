@@ -15,6 +15,7 @@ The loop itself guarantees two things whatever happens inside an iteration:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -23,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from metafit import _torch_compat as compat
@@ -306,6 +308,30 @@ def _norm(tensors: dict[str, torch.Tensor]) -> float:
     return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors.values()))
 
 
+#: Standardized data stay within a few units; a divergence on data beyond this is blamed on
+#: their scale rather than on a learning rate.
+_LARGE_DATA = 100.0
+
+
+def data_scale(**arrays) -> tuple[float, str] | None:
+    """``(largest |value|, name)`` of the first of ``arrays`` (name: list of arrays) whose
+    values exceed ``_LARGE_DATA``, else None. Only called once something diverged."""
+    for what, values in arrays.items():
+        values = [np.asarray(v) for v in values]
+        values = [v for v in values if np.issubdtype(v.dtype, np.number) and v.size]
+        largest = max((float(np.max(np.abs(v))) for v in values), default=0.0)
+        if largest > _LARGE_DATA:
+            return largest, what
+    return None
+
+
+def _data_scale(batch: Sequence[Task]) -> tuple[float, str] | None:
+    return data_scale(
+        y=[a for t in batch for a in (t.y_support, t.y_query)],
+        X=[a for t in batch for a in (t.X_support, t.X_query)],
+    )
+
+
 def _divergence_message(
     learner: MetaLearner,
     batch: Sequence[Task] | None,
@@ -321,6 +347,17 @@ def _divergence_message(
     loop when the loss is finite before adaptation and not after it.
     """
     meta_lr, inner_lr = _lr_of(learner), learner.inner_lr
+    scale = _data_scale(batch) if batch else None
+    if scale is not None:
+        largest, where = scale
+        return (
+            f"meta-training diverged at iteration {iteration}: the {what} is NaN or "
+            f"infinite, most likely because of the data's scale: {where} of this "
+            f"meta-batch reaches {largest:.3g}, and gradient steps on data this large "
+            "explode. Standardize the features and targets (e.g. StandardScaler, "
+            "TransformedTargetRegressor) rather than lowering the learning rates. The "
+            f"meta-parameters were restored to the last finite state (iteration {restored})."
+        )
     suspect = "meta_lr"
     before = after = float("nan")
     if batch:
@@ -451,6 +488,15 @@ def meta_train(
         loop.restore_after_interrupt()
         if not catch_interrupt:
             raise
+    except DivergenceError:
+        raise
+    except Exception as exc:
+        # A task that fails validation late (another feature count at iteration 15), or any
+        # other error: the completed iterations are kept, as after an interrupt.
+        loop.restore_after_interrupt(interrupted=False)
+        with contextlib.suppress(AttributeError):  # exceptions with __slots__
+            exc.result = result
+        raise
     finally:
         for cb in callbacks:
             cb.on_train_end(learner, result.history)
@@ -523,10 +569,15 @@ class _Loop:
         result, learner = self.result, self.learner
         result.last_state.restore(learner)
         if self.previous_state is not None and not _adapts_finitely(learner, batch):
-            # The last step already ruined the initialization: go one step back.
+            # The last step may already have ruined the initialization: go one step back,
+            # unless the state before it fails on this batch too (then the batch is at
+            # fault, and the last step was a good one).
             self.previous_state.restore(learner)
-            result.last_state = self.previous_state
-            result.history.pop()
+            if _adapts_finitely(learner, batch):
+                result.last_state = self.previous_state
+                result.history.pop()
+            else:
+                result.last_state.restore(learner)
         message = _divergence_message(
             learner, batch, iteration, what, self.first_state, result.last_iteration
         )
@@ -535,7 +586,7 @@ class _Loop:
         error.result = result
         raise error
 
-    def restore_after_interrupt(self) -> None:
+    def restore_after_interrupt(self, interrupted: bool = True) -> None:
         # The interrupt may have landed anywhere, even inside an optimizer step, or
         # between taking the snapshot of an iteration and recording it.
         result = self.result
@@ -543,5 +594,5 @@ class _Loop:
         if result.last_state.iteration != recorded and self.previous_state is not None:
             result.last_state = self.previous_state
         result.last_state.restore(self.learner)
-        result.interrupted = True
-        logger.info("meta-training interrupted; restored iteration %d", result.last_iteration)
+        result.interrupted = interrupted
+        logger.info("meta-training stopped; restored iteration %d", result.last_iteration)

@@ -7,6 +7,7 @@ appears in the working folder. Numeric parameters are also probed with hypothesi
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from metafit import (
     Task,
     tasks_from_groups,
 )
+from metafit.training import DivergenceError, InterruptedTrainingWarning
 
 RNG = np.random.default_rng(0)
 X4, Y4 = RNG.normal(size=(4, 1)), RNG.normal(size=4)
@@ -534,19 +536,6 @@ CASES = [
         "integer class indices",
     ),
     Case(
-        "meta_fit-classifier-n_way-mismatch",
-        fresh_meta_fit(
-            [
-                Task(X4, np.array([0, 1, 0, 1]), X4, np.array([0, 1, 0, 1])),
-                Task(X4, np.array([0, 1, 0, 1]), X4, np.array([0, 1, 0, 1])),
-                Task(X4, np.array([0, 1, 2, 3]), X4, np.array([0, 1, 2, 3])),
-            ],
-            MetaInitializedClassifier,
-        ),
-        ValueError,
-        "same n_way",
-    ),
-    Case(
         "meta_fit-regressor-output-mismatch",
         fresh_meta_fit([Task(X4, Y4, X4, Y4), Task(X4, np.zeros((4, 2)), X4, np.zeros((4, 2)))]),
         ValueError,
@@ -893,6 +882,121 @@ def test_sparse_matrices_are_refused_clearly():
         Task(X, np.zeros(6), X, np.zeros(6))
     with pytest.raises(TypeError, match="[Ss]parse"):
         MetaInitializedRegressor().fit(X, np.zeros(6))
+
+
+def test_sparse_matrices_are_refused_in_every_entry_point():
+    """Siblings of the Task case: ``np.asarray`` wraps a sparse matrix in a 0-d object
+    array, so each entry point that takes arrays names the sparse one itself."""
+    import scipy.sparse as sp
+
+    from metafit.tuning import evaluate
+
+    X = sp.random(12, 3, density=0.5, format="csr", random_state=0)
+    dense_X, groups = np.zeros((12, 3)), np.repeat([0, 1], 6)
+    column = sp.csr_matrix(np.ones((12, 1)))
+    with pytest.raises(TypeError, match=r"tasks_from_groups: X is a sparse matrix"):
+        tasks_from_groups(X, np.zeros(12), groups, support_size=3)
+    with pytest.raises(TypeError, match=r"tasks_from_groups: y is a sparse matrix"):
+        tasks_from_groups(dense_X, column, groups, support_size=3)
+    with pytest.raises(TypeError, match=r"fit: y is a sparse matrix"):
+        MetaInitializedRegressor().fit(dense_X, column)
+    with pytest.raises(TypeError, match="[Ss]parse"):
+        MetaInitializedClassifier().fit(X, groups)
+    est = MetaInitializedRegressor(meta_iterations=2, meta_batch_size=2, random_state=0)
+    sparse_task = (sp.csr_matrix(np.ones((4, 1))), np.ones(4), np.ones((4, 1)), np.ones(4))
+    with pytest.raises(TypeError, match="support set: X is a sparse matrix"):
+        est.meta_fit(REG_TASKS, validation_tasks=[sparse_task])
+    est.meta_fit(REG_TASKS).fit(X4, Y4)
+    for call in (est.predict, lambda a: est.score(a, np.ones(4))):
+        with pytest.raises(TypeError, match="[Ss]parse"):
+            call(sp.csr_matrix(np.ones((4, 1))))
+    with pytest.raises(TypeError, match="sparse matrix"):
+        evaluate(est, [sparse_task])
+
+
+def test_values_beyond_float32_and_overflowing_targets_blame_the_data():
+    """1e39 is finite in float64 but infinite in float32, where metafit computes; targets
+    of 1e30 overflow the squared error. Both are data errors, not learning-rate advice."""
+    ones = np.ones((4, 1))
+    with pytest.raises(ValueError, match=r"support set: X reaches 1e\+39, beyond float32"):
+        Task(np.full((4, 1), 1e39), np.ones(4), ones, np.ones(4))
+    with pytest.raises(ValueError, match=r"query set: y reaches 1e\+39, beyond float32"):
+        Task(ones, np.ones(4), ones, np.full(4, 1e39))
+    big_y = Task(ones, np.full(4, 1e30), ones, np.full(4, 1e30))
+    est = MetaInitializedRegressor(meta_iterations=3, meta_batch_size=2, random_state=0)
+    with pytest.raises(ValueError, match=r"targets reach 1e\+30.*no learning rate.*Rescale y"):
+        est.meta_fit([REG_TASKS[0], big_y])  # one meta-batch: refused before any work
+    assert not hasattr(est, "meta_init_")
+    est.meta_fit(REG_TASKS)
+    with pytest.raises(ValueError, match=r"fit: the targets reach 1e\+30.*Rescale y"):
+        est.fit(X4, np.full(4, 1e30))
+    with pytest.raises(ValueError, match="float32"):
+        est.fit(np.full((4, 1), 1e39), Y4)
+
+
+def test_a_divergence_caused_by_the_data_keeps_the_good_iteration_and_blames_the_data():
+    """Task 6 has targets of 1e9: the state after iteration 5 fails on it, and so does the
+    state before; the batch is at fault, so iteration 5 is kept and the data are named."""
+    tasks = SinusoidTasks(k_shot=5, random_state=0).sample(12)
+    ones = np.ones((5, 1))
+    tasks[5] = Task(ones, np.full(5, 1e9), ones, np.full(5, 1e9))
+    est = MetaInitializedRegressor(meta_iterations=10, meta_batch_size=1, random_state=0)
+    with pytest.raises(DivergenceError, match=r"data's scale: y of this meta-batch reaches "
+                       r"1e\+09.*Standardize.*\(iteration 5\)") as info:
+        est.meta_fit(tasks)
+    assert "lower meta_lr" not in str(info.value) and "lower inner_lr" not in str(info.value)
+    assert est.meta_init_.metadata["iteration"] == 5
+    est.fit(X4, Y4)
+    with pytest.raises(DivergenceError, match=r"data's scale: y reaches 1e\+09"):
+        est.fit(X4, np.full(4, 1e9))
+
+
+def test_a_late_bad_task_keeps_the_completed_iterations(tmp_path, monkeypatch, capsys):
+    """Another feature count at iteration 7 of 10: the error is raised, but the six
+    completed iterations stay in the estimator (and the CLI writes them)."""
+    tasks = SinusoidTasks(k_shot=5, random_state=0).sample(12)
+    tasks[6] = Task(np.zeros((5, 2)), np.zeros(5), np.zeros((5, 2)), np.zeros(5))
+    est = MetaInitializedRegressor(meta_iterations=10, meta_batch_size=1, random_state=0)
+    with pytest.warns(InterruptedTrainingWarning, match="after 6 meta-iterations by an error"):
+        with pytest.raises(ValueError, match="feature shape"):
+            est.meta_fit(tasks)
+    assert est.meta_init_.metadata["iteration"] == 6 and len(est.meta_history_) == 6
+    est.fit(X4, Y4)
+    est.set_params(warm_start=True).meta_fit(tasks[7:] + tasks[:5])
+    assert est.meta_init_.metadata["iteration"] == 10
+    # The classifier's sibling: a later task with more classes than the head has.
+    two, four = np.array([0, 1, 0, 1]), np.array([0, 1, 2, 3])
+    clf = MetaInitializedClassifier(**QUICK)
+    with pytest.warns(InterruptedTrainingWarning, match="after 1 meta-iterations"):
+        with pytest.raises(ValueError, match="same n_way"):
+            clf.meta_fit([Task(X4, two, X4, two)] * 2 + [Task(X4, four, X4, four)])
+    assert clf.meta_init_.metadata["iteration"] == 1
+    clf.fit(X4, two)
+
+    from metafit.cli import config as config_module
+    from metafit.cli import main
+
+    real = config_module.Config.build_tasks
+
+    def with_a_bad_task(self):
+        splits = real(self)
+        good = iter(splits.train)
+        bad = Task(np.zeros((5, 2)), np.zeros(5), np.zeros((5, 2)), np.zeros(5))
+        splits.train = itertools.chain(itertools.islice(good, 12), [bad], good)
+        return splits
+
+    monkeypatch.setattr(config_module.Config, "build_tasks", with_a_bad_task)
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "tasks: {source: sinusoid, k_shot: 5, k_query: 5, validation_tasks: 3, "
+        "test_tasks: 3}\nestimator:\n  params: {hidden_sizes: [8], meta_batch_size: 4, "
+        "meta_iterations: 6, random_state: 0, verbose: 0}\n"
+    )
+    out = tmp_path / "init.safetensors"
+    assert main(["meta-fit", str(config), "-o", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "saved the state after iteration 3" in err and "feature shape" in err
+    assert MetaInit.load(out).metadata["iteration"] == 3
 
 
 @pytest.mark.parametrize("bad", [None, float("nan")])

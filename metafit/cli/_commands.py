@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -118,7 +119,17 @@ class MetaFitCommand(Command):
         if rank0:
             print(f"meta-training {type(est).__name__} ({est.algorithm}) for {n} iterations ...")
         start = time.perf_counter()
-        est.meta_fit(splits.train, splits.validation)
+        try:
+            est.meta_fit(splits.train, splits.validation)
+        except Exception:
+            # A late error (a divergence, a bad task at iteration 15) leaves the completed
+            # iterations in the estimator: write them before reporting the error.
+            if rank0 and hasattr(est, "meta_init_"):
+                est.save_meta_init(out)
+                done = est.meta_init_.metadata["iteration"]
+                print(f"stopped by an error; saved the state after iteration {done} to {out}",
+                      file=sys.stderr)
+            raise
         took = time.perf_counter() - start
         if not rank0:
             return 0

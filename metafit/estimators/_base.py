@@ -29,6 +29,7 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from metafit import _torch_compat as compat
+from metafit._task_types import refuse_sparse
 from metafit._threads import threads_for, torch_threads
 from metafit.estimators._inputs import SeededTorch, fast_X, fast_xy, seed_from, unchanged_on_error
 from metafit.estimators._learners import LearnerFactory, learner_factory
@@ -37,7 +38,7 @@ from metafit.estimators._params import check_params
 from metafit.estimators._targets import TargetKind
 from metafit.models import MLP, is_stateless
 from metafit.persistence import MetaInit
-from metafit.training import DivergenceError, InterruptedTrainingWarning
+from metafit.training import DivergenceError, InterruptedTrainingWarning, data_scale
 
 __all__ = ["MetaInitializedEstimator", "NoMetaInitWarning"]
 
@@ -358,9 +359,11 @@ default="maml"
             return self
         try:
             outcome = run.run(stream, val, resume)
-        except DivergenceError as exc:
+        except Exception as exc:
             if getattr(exc, "outcome", None) is not None:
                 self._store(exc.outcome)
+                if not isinstance(exc, DivergenceError):  # its message says so already
+                    self._warn_stopped_by_error(exc, exc.outcome.last_iteration)
             raise
         self._store(outcome)
         self.callbacks_ = run.user_callbacks
@@ -377,6 +380,17 @@ default="maml"
         self._warm_state_ = outcome.warm
         for attr in ("adapted_params_", "_learner", "_learner_key", "n_features_in_"):
             self.__dict__.pop(attr, None)
+
+    def _warn_stopped_by_error(self, exc: BaseException, last_iteration: int) -> None:
+        warnings.warn(
+            f"meta_fit stopped after {last_iteration} meta-iterations by an error "
+            f"({type(exc).__name__}, raised next); the estimator keeps the initialization "
+            f"of the last completed iteration ({self.meta_init_.metadata['iteration']}) and "
+            "is ready for fit. Fix the cause and call meta_fit again with warm_start=True "
+            "to continue.",
+            InterruptedTrainingWarning,
+            stacklevel=3,
+        )
 
     def _warn_interrupted(self, last_iteration: int) -> None:
         meta = self.meta_init_.metadata
@@ -486,6 +500,7 @@ default="maml"
             self.n_features_in_ = fast[0].shape[1]
             self.__dict__.pop("feature_names_in_", None)
             return fast[0], fast[1], True
+        refuse_sparse("fit", y=y)  # X: validate_data says so itself
         X, y = validate_data(
             self, X, y, dtype=np.float32, allow_nd=True, **self._target.fit_checks
         )
@@ -523,10 +538,10 @@ default="maml"
             params = learner.adapt(
                 Xt, yt, steps=self.inner_steps, inner_lr=self.inner_lr, track_graph=False
             )
-        self._check_adapted(params)
+        self._check_adapted(params, X, y)
         self.adapted_params_ = params
 
-    def _check_adapted(self, params) -> None:
+    def _check_adapted(self, params, X, y) -> None:
         """Raise DivergenceError if adaptation made a parameter NaN, infinite or huge.
 
         One fused norm per tensor and one sync; no forward pass, so no random numbers
@@ -539,10 +554,19 @@ default="maml"
         if finite:
             return
         lr = float(self.inner_lr)
+        scale = data_scale(y=[y] if self._target.regression else [], X=[X])
+        if scale is not None:
+            advice = (
+                f"most likely because of the data's scale: {scale[1]} reaches "
+                f"{scale[0]:.3g}; standardize it as in meta-training (e.g. StandardScaler, "
+                "TransformedTargetRegressor) rather than lowering inner_lr"
+            )
+        else:
+            advice = f"lower inner_lr (e.g. to {lr / 10:g}) or inner_steps"
         raise DivergenceError(
             f"fit diverged: {self.inner_steps} inner steps at inner_lr={lr:g} made the "
-            f"parameters NaN or infinite; lower inner_lr (e.g. to {lr / 10:g}) or "
-            "inner_steps. The estimator was left as it was before this fit."
+            f"parameters NaN or infinite; {advice}. The estimator was left as it was before "
+            "this fit."
         )
 
     # ------------------------------------------------------------------ prediction

@@ -88,6 +88,15 @@ def unchanged_on_error(estimator):
         raise
 
 
+def _as_float32(a: np.ndarray) -> np.ndarray:
+    """``a`` as float32; values beyond its range become inf quietly (the caller's finite
+    check then sends them to ``validate_data``, which names the problem)."""
+    if a.dtype == np.float32:
+        return a
+    with np.errstate(over="ignore"):
+        return a.astype(np.float32)
+
+
 def fast_xy(X, y, *, regression: bool):
     """``(X, y)`` ready for the engine when they are plain, clean numpy arrays, else None.
 
@@ -105,12 +114,12 @@ def fast_xy(X, y, *, regression: bool):
     if regression:
         if y.dtype.kind != "f" or y.ndim not in (1, 2) or y.size == 0:
             return None
-        y = y.astype(np.float32)
+        y = _as_float32(y)
         if not np.isfinite(y).all():
             return None
     elif y.ndim != 1 or y.dtype.kind not in "iu":
         return None
-    X = X.astype(np.float32, copy=False)
+    X = _as_float32(X)
     if not np.isfinite(X).all():
         return None
     return X, y
@@ -130,7 +139,7 @@ def fast_X(X, n_features: int):
         and X.shape[0] > 0
         and X.shape[1] == n_features
     ):
-        X = X.astype(np.float32, copy=False)
+        X = _as_float32(X)
         if np.isfinite(X).all():
             return X
     return None

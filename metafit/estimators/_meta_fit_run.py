@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from metafit._memory import available_memory, check_inner_graph_memory, inner_graph_bytes
 from metafit._task_types import Task, iter_meta_batches
 from metafit._threads import threads_for, torch_threads
 from metafit.callbacks import (
@@ -35,7 +36,13 @@ from metafit.distributed import distributed_training
 from metafit.estimators._inputs import SeededTorch, seed_from
 from metafit.estimators._learners import LearnerFactory
 from metafit.persistence import MetaInit, module_spec
-from metafit.training import DivergenceError, MetaHistory, TrainingState, meta_train
+from metafit.training import (
+    DivergenceError,
+    MetaHistory,
+    TrainingResult,
+    TrainingState,
+    meta_train,
+)
 
 __all__ = ["MetaFitOutcome", "MetaFitRun", "WarmStart"]
 
@@ -119,6 +126,7 @@ class MetaFitRun:
         if first is None:
             raise ValueError("tasks is empty: meta_fit needs at least one task.")
         first = [self.target.prepare_task(t) for t in first]
+        self._first = first
         self.feature_shape = first[0].feature_shape
         self.n_outputs = self.target.meta_outputs(first)
         val = None
@@ -192,17 +200,35 @@ class MetaFitRun:
         with parallel, SeededTorch(seed_from(est.random_state), est.device):
             learner, kwargs = self.factory.for_training(n_features, self.n_outputs, meta_steps)
             learner.init_optimizer(est.meta_lr, est.meta_iterations)
+            if not learner.algorithm.first_order and meta_steps > 0:
+                self._check_memory(learner, meta_steps)
             if resume is not None:
                 self._restore(learner, resume)
             self._artifact = self._describe(learner, n_features, module_spec(learner.module,
                                                                              kwargs))
             callbacks, best, stopper = self._callbacks(resume, val)
             with torch_threads(threads_for(learner.module, est.n_threads)):
-                result = self._train(learner, parallel, stream, val, resume, callbacks, stopper)
+                result = self._train(
+                    learner, parallel, stream, val, resume, callbacks, best, stopper
+                )
         use_best = result.interrupted or est.patience is not None
         return self._outcome(result, resume, best, stopper, use_best)
 
-    def _train(self, learner, parallel, stream, val, resume, callbacks, stopper):
+    def _check_memory(self, learner, steps: int) -> None:
+        """Refuse (or warn about) a second-order run whose graph cannot fit in memory."""
+        first = self._first
+        module = learner.module
+        needed = inner_graph_bytes(
+            module, self.feature_shape,
+            n_support=max(t.n_support for t in first), n_query=max(t.n_query for t in first),
+            n_tasks=len(first), steps=steps,
+            adapted_names=learner.algorithm.adapted_names(learner),
+        )
+        device = next(module.parameters(), torch.empty(0)).device
+        check_inner_graph_memory(needed, available_memory(device), steps=steps,
+                                 n_tasks=len(first), algorithm=learner.algorithm.name)
+
+    def _train(self, learner, parallel, stream, val, resume, callbacks, best, stopper):
         est = self.est
         try:
             return meta_train(
@@ -219,10 +245,16 @@ class MetaFitRun:
                 start_time=0.0 if resume is None else resume.time,
                 catch_interrupt=True,
             )
-        except DivergenceError as exc:
-            # Keep what was learned up to the last finite iteration, then report.
-            if exc.result is not None and exc.result.history:
-                exc.outcome = self._outcome(exc.result, resume, None, stopper, False)
+        except Exception as exc:
+            # Keep what was learned up to the last finite (or completed) iteration, then
+            # report: a divergence, a task that fails validation late, any other error.
+            result = getattr(exc, "result", None)
+            if isinstance(result, TrainingResult) and result.history:
+                diverged = isinstance(exc, DivergenceError)  # the last finite state, always
+                exc.outcome = self._outcome(
+                    result, resume, None if diverged else best, stopper,
+                    not diverged and est.patience is not None,
+                )
             raise
 
     @staticmethod

@@ -75,6 +75,23 @@ class TargetKind:
         raise NotImplementedError
 
 
+#: Targets beyond this overflow the squared error in float32 (3.4e38) for any prediction:
+#: the loss is infinite before the first step, whatever the learning rates.
+_MAX_TARGET = 1e18
+
+
+def check_target_scale(where: str, *targets: np.ndarray) -> None:
+    """Raise a ValueError about the data's scale if a target is too large for float32 MSE."""
+    largest = max(float(np.max(np.abs(y))) if y.size else 0.0 for y in targets)
+    if largest > _MAX_TARGET:
+        raise ValueError(
+            f"{where}: the targets reach {largest:.3g}; their squared error overflows "
+            "float32, so no learning rate can help. Rescale y (e.g. "
+            "sklearn.compose.TransformedTargetRegressor with a StandardScaler, or a change "
+            "of units)."
+        )
+
+
 class RegressionTarget(TargetKind):
     """Real targets, 1-D or 2-D (several outputs); MSE."""
 
@@ -94,8 +111,10 @@ class RegressionTarget(TargetKind):
                 f"a task has {got} numeric target column(s) (dtype {task.y_support.dtype}); "
                 f"the first task had {n_outputs}. All tasks must share their targets."
             )
+        check_target_scale("a meta-training task", task.y_support, task.y_query)
 
     def encode(self, y, fast):
+        check_target_scale("fit", y)
         y = np.asarray(y, dtype=np.float32)
         n_outputs = 1 if y.ndim == 1 else int(y.shape[1])
         return EncodedTarget(y, n_outputs, {"_y_ndim": y.ndim})
