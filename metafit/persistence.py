@@ -149,6 +149,13 @@ def _check_metadata(path: str, metadata) -> None:
             raise ValueError(
                 f"{path!r}: metadata {key!r} must be a {kind.__name__}, got {value!r}."
             )
+    if "standardization" in metadata:
+        from metafit.grouped import Standardization
+
+        try:
+            Standardization.from_metadata(metadata["standardization"], metadata["n_features"])
+        except ValueError as exc:
+            raise ValueError(f"{path!r}: metadata {exc}; the file is damaged.") from None
 
 
 def _check_tensors(path: str, tensors: dict) -> None:

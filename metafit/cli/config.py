@@ -66,6 +66,7 @@ _ESTIMATOR_KEYS = {"type": _STR, "model": _STR, "module_params": "a mapping", "p
 _KIND_TYPES = {
     "int": _INT, "real": _NUMBER, "choice": _STR, "bool": _BOOL, "sizes": _LIST_INT,
     "path": _STR, "seed": _INT, "device": _STR, "algorithm": _STR, "verbose": _INT,
+    "range": _LIST_INT, "fraction": _NUMBER,
 }
 _PARAM_TYPES = {
     name: _KIND_TYPES.get(rule.kind, _ANY) for name, rule in PARAMETERS.items()

@@ -20,7 +20,6 @@ import contextlib
 import copy
 import os
 import warnings
-from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from metafit.estimators._inputs import SeededTorch, fast_X, fast_xy, seed_from, 
 from metafit.estimators._learners import LearnerFactory, learner_factory
 from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done
 from metafit.estimators._params import check_params
+from metafit.estimators._table_mode import meta_fit_inputs, standardization_of
 from metafit.estimators._targets import TargetKind
 from metafit.models import MLP, is_stateless
 from metafit.persistence import MetaInit
@@ -151,6 +151,15 @@ default="maml"
         convolutions (the built-in MLP: its kernels are too short to share, and extra
         threads stall on a busy machine), every core for convolutional ones (Conv4);
         see ``benchmarks/threads.py``.
+    support_range : tuple of (int, int), default=(2, 10)
+        Table mode (``meta_fit(X, y, groups=...)``): the smallest and largest number of
+        support rows of an episode; every meta-batch draws its size anew, so that one
+        initialization serves any few-shot ``fit``.
+    validation_fraction : float or None, default=0.2
+        Table mode: the fraction of groups held out of meta-training (whole groups, as
+        new groups arrive). Their episodes are the validation tasks: the initialization
+        with the lowest validation loss is kept, and ``patience`` may stop early. 0 or
+        None holds nothing out.
     **kwargs
         ``module__<name>`` constructor arguments of a module class.
 
@@ -205,6 +214,8 @@ default="maml"
         on_interrupt="warn",
         callbacks=None,
         n_threads=None,
+        support_range=(2, 10),
+        validation_fraction=0.2,
         **kwargs,
     ):
         self.module = module
@@ -232,6 +243,8 @@ default="maml"
         self.on_interrupt = on_interrupt
         self.callbacks = callbacks
         self.n_threads = n_threads
+        self.support_range = support_range
+        self.validation_fraction = validation_fraction
         # Stored unvalidated (sklearn rule: __init__ only stores); any name other than
         # module__<name> is rejected by fit/meta_fit, not here.
         self._extra_params = tuple(k for k in kwargs if not k.startswith("module__"))
@@ -308,18 +321,40 @@ default="maml"
 
     # ------------------------------------------------------------------ meta-training
 
-    def meta_fit(self, tasks: Iterable, validation_tasks: Iterable | None = None):
-        """Meta-learn the initialization from a stream of tasks.
+    # Long function: 93 lines, of which 58 are the numpydoc of its two input modes; the body
+    # resolves the inputs, the warm start and the outcome, each delegated.
+    def meta_fit(self, X, y=None, groups=None, *, validation_tasks=None):
+        """Meta-learn the initialization from a stream of tasks, or from a grouped table.
+
+        Two input modes:
+
+        * **tasks**: ``meta_fit(tasks, validation_tasks=None)``, with the validation tasks
+          as the second argument or by keyword;
+        * **table**: ``meta_fit(X, y, groups=groups)``, one row per observation and a
+          group label per row (a school, store, patient). Every meta-batch draws new
+          episodes from the groups (``support_range`` support rows, the others' rows as
+          query); ``validation_fraction`` of the groups are held out as validation
+          tasks, and the initialization with the lowest validation loss is kept. X and
+          y are standardized with the meta-training rows' statistics, which are saved
+          with the initialization: ``fit`` and ``predict`` work in the table's units.
+          Regression only.
 
         Parameters
         ----------
-        tasks : iterable of Task or 4-tuples
-            Finite or endless (e.g. :class:`metafit.tasks.SinusoidTasks`); consumed
-            ``meta_batch_size`` tasks at a time for ``meta_iterations`` meta-updates.
+        X : iterable of Task or 4-tuples, or array-like of shape (n_samples, n_features)
+            Tasks: finite or endless (e.g. :class:`metafit.tasks.SinusoidTasks`),
+            consumed ``meta_batch_size`` at a time for ``meta_iterations`` meta-updates.
+            Table: the features (an array or a numeric DataFrame).
+        y : array-like of shape (n_samples,) or iterable of Task, optional
+            Table: the targets. Tasks: the validation tasks (``validation_tasks``).
+        groups : array-like of shape (n_samples,), optional
+            Table: the group label of each row, any hashable values. Given, it selects
+            table mode.
         validation_tasks : iterable of Task, optional
             Held-out tasks (at most the first 100 are used) whose post-adaptation query
             loss is recorded every ``validation_interval`` iterations; needed by
-            ``patience``, and used to pick the state kept after an interrupt.
+            ``patience``, and used to pick the state kept after an interrupt. In table
+            mode they replace the held-out groups (in the table's units).
 
         Returns
         -------
@@ -343,7 +378,16 @@ default="maml"
             Only with ``on_interrupt="raise"``, after the state was kept.
         """
         self._check_params()
-        run = MetaFitRun(self, self._target)
+        previous = None
+        if self.warm_start and groups is not None:
+            previous = standardization_of(
+                self.meta_init_ if hasattr(self, "meta_init_") else self._fit_init()
+            )
+        tasks, validation_tasks, standardization = meta_fit_inputs(
+            self, X, y, groups, validation_tasks, regression=self._target.regression,
+            previous=previous,
+        )
+        run = MetaFitRun(self, self._target, standardization)
         stream, val = run.read_tasks(tasks, validation_tasks)
         resume = None
         if self.warm_start:
@@ -457,6 +501,15 @@ default="maml"
             (factory or self._factory()).check_kind(init)
         return init
 
+    def _scaling_for(self, init: MetaInit | None):
+        """The standardization saved with ``init`` (table mode), parsed once per init."""
+        cached = self.__dict__.get("_scaling_of")
+        if cached is not None and cached[0] is init:
+            return cached[1]
+        scaling = standardization_of(init)
+        self._scaling_of = (init, scaling)
+        return scaling
+
     # ------------------------------------------------------------------ adaptation
 
     def _fit(self, X, y):
@@ -482,6 +535,12 @@ default="maml"
                     "meta-training."
                 )
             self._target.check_init(init, target)
+            scaling = self._scaling_for(init)
+            if scaling is not None:  # table mode: the network works in standardized units
+                X = scaling.transform_X(X.reshape(len(X), -1)).reshape(X.shape)
+                if self._target.regression:
+                    target.y = scaling.transform_y(target.y)
+            self._scaling = scaling
             self.__dict__.update(target.fitted)
             self._fit_outputs = target.n_outputs
             self._adapt(X, target.y, init, factory)
@@ -574,12 +633,15 @@ default="maml"
     def _check_X_predict(self, X) -> np.ndarray:
         """Validated float32 X for prediction (fast path: ``_inputs.fast_X``)."""
         check_is_fitted(self)
-        if "feature_names_in_" not in self.__dict__:
-            fast = fast_X(X, self.n_features_in_)
-            if fast is not None:
-                return fast
-        X = validate_data(self, X, dtype=np.float32, reset=False, allow_nd=True)
-        return X if X.flags.writeable else X.copy()
+        checked = None if "feature_names_in_" in self.__dict__ else fast_X(X, self.n_features_in_)
+        if checked is None:
+            checked = validate_data(self, X, dtype=np.float32, reset=False, allow_nd=True)
+            checked = checked if checked.flags.writeable else checked.copy()
+        X = checked
+        scaling = self.__dict__.get("_scaling")
+        if scaling is not None:
+            X = scaling.transform_X(X.reshape(len(X), -1)).reshape(X.shape)
+        return X
 
     def _raw_predict(self, X: np.ndarray) -> torch.Tensor:
         learner = self._learner

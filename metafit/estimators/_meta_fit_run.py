@@ -104,13 +104,16 @@ class MetaFitRun:
         Its parameters are read, never assigned (the shell hands over its fitted state
         explicitly, in :meth:`warm_start_point`).
     target : TargetKind
+    standardization : metafit.grouped.Standardization, optional
+        Table mode: saved with the initialization; the best validation state is kept.
     """
 
-    def __init__(self, est, target):
+    def __init__(self, est, target, standardization=None):
         self.est = est
         self.target = target
         self.factory = LearnerFactory.of(est, target)
         self.user_callbacks: list[tuple[str, object]] = []
+        self.standardization = standardization
 
     # ------------------------------------------------------------------ before training
 
@@ -211,7 +214,9 @@ class MetaFitRun:
                 result = self._train(
                     learner, parallel, stream, val, resume, callbacks, best, stopper
                 )
-        use_best = result.interrupted or est.patience is not None
+        use_best = (
+            result.interrupted or est.patience is not None or self.standardization is not None
+        )
         return self._outcome(result, resume, best, stopper, use_best)
 
     def _check_memory(self, learner, steps: int) -> None:
@@ -286,6 +291,8 @@ class MetaFitRun:
             "loss": self.target.loss,
             "versions": _versions(),
         }
+        if self.standardization is not None:
+            metadata["standardization"] = self.standardization.to_metadata()
         return metadata, spec
 
     def _learner_meta_init(self, learner, iteration: int) -> MetaInit:

@@ -36,7 +36,7 @@ class Param:
     Attributes
     ----------
     kind : {"int", "real", "choice", "bool", "sizes", "module", "path", "seed", "device",
-        "algorithm", "any"}
+        "algorithm", "range", "fraction", "any"}
         What values are: ``int`` and ``real`` with ``minimum`` (``strict``: above it),
         ``choice`` one of ``choices``, and the special kinds checked by their own rule.
     nullable : bool
@@ -232,6 +232,31 @@ def _check_seed(name, value) -> None:
     seed_from(value)
 
 
+def _check_range(name, value) -> None:
+    ok = (
+        isinstance(value, (tuple, list)) and len(value) == 2
+        and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)
+    )
+    if not ok or not 1 <= value[0] <= value[1] <= _MAX_SUPPORT:
+        raise ValueError(
+            f"{name} must be a pair of ints (smallest, largest) with 1 <= smallest <= "
+            f"largest <= {_MAX_SUPPORT:,}, e.g. (2, 10); got {value!r}."
+        )
+
+
+#: support rows per episode; a few-shot episode of more than this is not few-shot
+_MAX_SUPPORT = 10_000
+
+
+def _check_fraction(name, value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise ValueError(
+            f"{name} must be a number in [0, 1) (0 or None: hold nothing out), got {value!r}."
+        )
+
+
 def _no_check(name, value) -> None:
     """``meta_init`` is checked when it is read (a file's contents, a MetaInit's shape)."""
 
@@ -245,6 +270,8 @@ _SPECIAL = {
     "verbose": _check_verbose,
     "seed": _check_seed,
     "callbacks": _check_callbacks,
+    "range": _check_range,
+    "fraction": _check_fraction,
     "any": _no_check,
 }
 
@@ -275,6 +302,8 @@ PARAMETERS: dict[str, Param] = {
     "on_interrupt": Param("choice", choices=("warn", "raise")),
     "callbacks": Param("callbacks", nullable=True),
     "n_threads": Param("int", minimum=1, nullable=True),
+    "support_range": Param("range"),
+    "validation_fraction": Param("fraction", nullable=True),
 }
 
 

@@ -63,7 +63,9 @@ class MetaInitializedRegressor(RegressorMixin, MetaInitializedEstimator):
         ndarray of shape (n_samples,) or (n_samples, n_outputs)
         """
         out = self._raw_predict(self._check_X_predict(X)).cpu().numpy()
-        return out[:, 0].astype(np.float64) if self._y_ndim == 1 else out.astype(np.float64)
+        out = out[:, 0].astype(np.float64) if self._y_ndim == 1 else out.astype(np.float64)
+        scaling = self.__dict__.get("_scaling")
+        return out if scaling is None else scaling.inverse_y(out)
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

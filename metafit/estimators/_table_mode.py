@@ -1,0 +1,144 @@
+"""Table mode of ``meta_fit``: from ``(X, y, groups)`` to the tasks the engine trains on.
+
+The estimator shell calls :func:`table_tasks` when ``meta_fit`` gets ``groups=``. It splits
+whole groups into meta-training and validation (``validation_fraction``), learns the
+standardization from the meta-training rows, and returns an endless stream of episodes
+(:class:`metafit.grouped.GroupEpisodes`, resampled every meta-batch) with fixed
+validation episodes, all in standardized units. The standardization goes into the
+meta-learned initialization, so that ``fit`` and ``predict`` take and return the table's
+own units.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from metafit._task_types import Task, iter_meta_batches
+from metafit.estimators._inputs import seed_from
+from metafit.grouped import (
+    GroupEpisodes,
+    Standardization,
+    check_table,
+    default_query_size,
+    split_groups,
+    validation_episodes,
+    warn_skipped,
+)
+
+__all__ = [
+    "TableTasks",
+    "meta_fit_inputs",
+    "standardization_of",
+    "standardize_tasks",
+    "table_tasks",
+]
+
+
+@dataclass(frozen=True)
+class TableTasks:
+    """What table mode hands to the usual ``meta_fit`` path."""
+
+    episodes: GroupEpisodes
+    validation: list | None
+    standardization: Standardization
+    n_train_groups: int
+    n_validation_groups: int
+
+
+def meta_fit_inputs(est, X, y, groups, validation_tasks, *, regression: bool, previous=None):
+    """``(tasks, validation tasks, standardization or None)`` of ``meta_fit``'s two modes.
+
+    Without ``groups``, ``X`` holds the tasks and ``y`` the validation tasks (the
+    positional form ``meta_fit(tasks, validation_tasks)``). With ``groups``, the table is
+    split, standardized and sampled (:func:`table_tasks`; ``previous`` is the
+    standardization of a warm start), and user-given validation tasks are standardized.
+    """
+    if groups is None:
+        if y is not None and validation_tasks is not None:
+            raise TypeError(
+                "meta_fit(tasks, validation_tasks) got validation tasks twice (second "
+                "argument and keyword); for a table, pass groups=."
+            )
+        return X, (y if validation_tasks is None else validation_tasks), None
+    table = table_tasks(est, X, y, groups, regression=regression, scaling=previous)
+    scaling = table.standardization
+    if validation_tasks is None:
+        return table.episodes, table.validation, scaling
+    return table.episodes, standardize_tasks(validation_tasks, scaling), scaling
+
+
+def standardization_of(init) -> Standardization | None:
+    """The standardization saved with a meta-learned initialization, if any."""
+    if init is None or "standardization" not in init.metadata:
+        return None
+    return Standardization.from_metadata(init.metadata["standardization"], init.n_features)
+
+
+def standardize_tasks(tasks, scaling: Standardization) -> list[Task]:
+    """User-given validation tasks of table mode, in the standardized units."""
+    out = []
+    for t in iter_meta_batches(tasks, 10**9):
+        for task in t:
+            out.append(Task(
+                scaling.transform_X(task.X_support), scaling.transform_y(task.y_support),
+                scaling.transform_X(task.X_query), scaling.transform_y(task.y_query),
+            ))
+    return out
+
+
+def table_tasks(est, X, y, groups, *, regression: bool, scaling=None) -> TableTasks:
+    """Split, standardize and sample the table ``(X, y, groups)`` for ``est.meta_fit``.
+
+    ``scaling`` (warm start) is the standardization of the initialization to continue;
+    otherwise it is learned from the meta-training rows.
+
+    Raises
+    ------
+    ValueError
+        For a malformed table (lengths, missing group labels, non-numeric or non-finite
+        values), or when no group is large enough for an episode.
+    NotImplementedError
+        For a classifier: table mode is for regression targets in this version.
+    """
+    if not regression:
+        raise NotImplementedError(
+            "meta_fit(X, y, groups=...) is for regression in this version; for "
+            "classification build tasks with metafit.tasks.tasks_from_groups or "
+            "NWayKShotTasks and call meta_fit(tasks)."
+        )
+    if y is None:
+        raise TypeError("meta_fit(X, y, groups=groups) needs y, the target of each row.")
+    X, y, groups = check_table(X, y, groups)
+    if not np.issubdtype(y.dtype, np.number):
+        raise ValueError(f"meta_fit: y must be numeric for a regressor, got dtype {y.dtype}.")
+    rng = np.random.default_rng(seed_from(est.random_state))
+    train, val = split_groups(groups, est.validation_fraction, rng)
+    if scaling is None:
+        scaling = Standardization.fit(X[train], y[train])
+    elif len(scaling.x_mean) != X.shape[1]:
+        raise ValueError(
+            f"warm_start=True continues an initialization for {len(scaling.x_mean)} "
+            f"features, but X has {X.shape[1]}; pass the same columns or set "
+            "warm_start=False."
+        )
+    Xs, ys = scaling.transform_X(X), scaling.transform_y(y.astype(np.float64))
+    lo, hi = est.support_range
+    sizes = np.unique(groups[train], return_counts=True)[1]
+    episodes = GroupEpisodes(
+        Xs[train], ys[train], groups[train],
+        support_range=(lo, hi),
+        query_size=default_query_size(sizes[sizes > lo], lo) if (sizes > lo).any() else 1,
+        batch_size=est.meta_batch_size,
+        random_state=rng,
+    )
+    warn_skipped(episodes.n_skipped_, len(sizes), lo)
+    validation = None
+    if val.any():
+        k = (lo + hi + 1) // 2  # the middle of the range, the usual few-shot size
+        validation = validation_episodes(Xs[val], ys[val], groups[val], support_size=k,
+                                         rng=rng) or None
+    return TableTasks(
+        episodes, validation, scaling, len(sizes), len(np.unique(groups[val]))
+    )

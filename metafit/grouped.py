@@ -1,0 +1,282 @@
+"""Grouped tables as meta-learning data: episodes drawn anew from the groups, the split of
+groups into meta-training and validation, and the standardization learned from the
+meta-training rows.
+
+This is the data side of table mode, ``meta_fit(X, y, groups=groups)``: numpy only, no
+torch, no estimator. :class:`GroupEpisodes` never runs out (every meta-batch draws new
+support and query rows), and the tasks of one meta-batch share their shapes, so that the
+engine adapts them in one vectorized call however ragged the groups are.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from metafit._task_types import Task, refuse_sparse
+
+__all__ = ["GroupEpisodes", "Standardization", "check_table", "split_groups"]
+
+
+def check_table(X, y, groups, where: str = "meta_fit") -> tuple[np.ndarray, np.ndarray,
+                                                                np.ndarray]:
+    """``X`` (2-D float64), ``y`` and ``groups`` as arrays of one length, or a clear error."""
+    refuse_sparse(where, X=X, y=y, groups=groups)
+    if hasattr(X, "select_dtypes") and len(X.select_dtypes(exclude="number").columns):
+        bad = list(X.select_dtypes(exclude="number").columns)[:3]
+        raise ValueError(
+            f"{where}: X has non-numeric columns {bad}; encode them first (e.g. "
+            "sklearn.preprocessing.OneHotEncoder, or pandas.get_dummies)."
+        )
+    X = np.asarray(X, dtype=np.float64) if not isinstance(X, np.ndarray) else X
+    y, groups = np.asarray(y), np.asarray(groups)
+    if X.ndim != 2:
+        raise ValueError(
+            f"{where}: X must be 2-D (n_samples, n_features), got shape {X.shape}; reshape "
+            "a single feature with X.reshape(-1, 1)."
+        )
+    if not (len(X) == len(y) == len(groups)):
+        raise ValueError(
+            f"{where}: X, y and groups must have the same length, got {len(X)}, {len(y)} "
+            f"and {len(groups)}."
+        )
+    if groups.ndim != 1:
+        raise ValueError(f"{where}: groups must be 1-D, one label per row; got {groups.shape}.")
+    missing = [i for i, g in enumerate(groups.tolist())
+               if g is None or (isinstance(g, float) and g != g)]
+    if missing:
+        raise ValueError(
+            f"{where}: groups has {len(missing)} missing label(s) (None or NaN), the first at "
+            f"row {missing[0]}; every row needs its group: drop those rows or give them a label."
+        )
+    X = X.astype(np.float64, copy=False)
+    if not np.isfinite(X).all():
+        raise ValueError(f"{where}: X contains NaN or infinity; clean or impute it first.")
+    if np.issubdtype(y.dtype, np.number) and not np.isfinite(y).all():
+        raise ValueError(f"{where}: y contains NaN or infinity; clean or impute it first.")
+    return X, y, groups
+
+
+def split_groups(
+    groups: np.ndarray, validation_fraction: float | None, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row masks of the meta-training and validation groups (whole groups, never rows).
+
+    At least one group is held out when the fraction asks for any, and at least two stay
+    for training; with fewer than 3 groups nothing is held out.
+    """
+    labels = np.unique(groups)
+    n_val = 0
+    if validation_fraction and len(labels) >= 3:
+        n_val = min(max(1, round(validation_fraction * len(labels))), len(labels) - 2)
+    held_out = rng.permutation(len(labels))[:n_val]
+    val = np.isin(groups, labels[held_out])
+    return ~val, val
+
+
+@dataclass(frozen=True)
+class Standardization:
+    """Means and scales of the features and (for regression) the target, learned from the
+    meta-training rows; applied before the network and undone on its outputs.
+
+    Constant columns get scale 1 (they are only centred). Saved in the meta-learned
+    initialization's metadata (:meth:`to_metadata`), so that ``fit`` and ``predict``
+    apply the same transformation wherever the initialization goes.
+    """
+
+    x_mean: np.ndarray
+    x_scale: np.ndarray
+    y_mean: np.ndarray | None = None
+    y_scale: np.ndarray | None = None
+
+    @classmethod
+    def fit(cls, X: np.ndarray, y: np.ndarray | None = None) -> Standardization:
+        """Statistics of ``X`` (and ``y`` when given: regression)."""
+        x_mean, x_scale = _mean_scale(np.asarray(X, np.float64))
+        if y is None:
+            return cls(x_mean, x_scale)
+        y_mean, y_scale = _mean_scale(np.asarray(y, np.float64).reshape(len(y), -1))
+        return cls(x_mean, x_scale, y_mean, y_scale)
+
+    def transform_X(self, X: np.ndarray) -> np.ndarray:
+        """Standardized float32 features."""
+        return ((X - self.x_mean) / self.x_scale).astype(np.float32)
+
+    def transform_y(self, y: np.ndarray) -> np.ndarray:
+        """Standardized float32 targets (unchanged without target statistics)."""
+        if self.y_mean is None:
+            return y
+        mean, scale = (self.y_mean[0], self.y_scale[0]) if y.ndim == 1 else (
+            self.y_mean, self.y_scale)
+        return ((y - mean) / scale).astype(np.float32)
+
+    def inverse_y(self, pred: np.ndarray) -> np.ndarray:
+        """Predictions back in the target's units; ``pred`` is (n,) or (n, n_outputs)."""
+        if self.y_mean is None:
+            return pred
+        if pred.ndim == 1:
+            return pred * self.y_scale[0] + self.y_mean[0]
+        return pred * self.y_scale + self.y_mean
+
+    def inverse_std(self, std: np.ndarray) -> np.ndarray:
+        """Predictive standard deviations back in the target's units."""
+        if self.y_scale is None:
+            return std
+        return std * (self.y_scale[0] if std.ndim == 1 else self.y_scale)
+
+    def to_metadata(self) -> dict:
+        """A JSON-able dict for ``MetaInit.metadata["standardization"]``."""
+        out = {"x_mean": self.x_mean.tolist(), "x_scale": self.x_scale.tolist()}
+        if self.y_mean is not None:
+            out.update(y_mean=self.y_mean.tolist(), y_scale=self.y_scale.tolist())
+        return out
+
+    @classmethod
+    def from_metadata(cls, value, n_features: int | None = None) -> Standardization:
+        """Rebuild from :meth:`to_metadata`'s dict; a ValueError says what is malformed."""
+        if not isinstance(value, dict) or not {"x_mean", "x_scale"} <= set(value):
+            raise ValueError("'standardization' must be a mapping with x_mean and x_scale")
+        arrays = {}
+        for key in ("x_mean", "x_scale", "y_mean", "y_scale"):
+            if key not in value:
+                continue
+            try:
+                a = np.asarray(value[key], dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ValueError(f"standardization.{key} must be a list of numbers") from None
+            if a.ndim != 1 or not np.isfinite(a).all():
+                raise ValueError(f"standardization.{key} must be a 1-D list of finite numbers")
+            if key.endswith("scale") and not (a > 0).all():
+                raise ValueError(f"standardization.{key} must be > 0")
+            arrays[key] = a
+        if arrays["x_mean"].shape != arrays["x_scale"].shape or (
+            n_features is not None and len(arrays["x_mean"]) != n_features
+        ):
+            raise ValueError(
+                f"standardization has {len(arrays['x_mean'])} feature means and "
+                f"{len(arrays['x_scale'])} scales for {n_features} features"
+            )
+        if ("y_mean" in arrays) != ("y_scale" in arrays) or (
+            "y_mean" in arrays and arrays["y_mean"].shape != arrays["y_scale"].shape
+        ):
+            raise ValueError("standardization needs y_mean and y_scale together, of one length")
+        return cls(**arrays)
+
+
+def _mean_scale(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = a.mean(axis=0)
+    scale = a.std(axis=0)
+    scale[~(scale > 1e-12 * np.maximum(np.abs(mean), 1.0))] = 1.0  # constant columns
+    return mean, scale
+
+
+class GroupEpisodes:
+    """An endless stream of few-shot episodes drawn from the groups of a table.
+
+    Every block of ``batch_size`` episodes (one meta-batch) draws one support size ``k``
+    from ``support_range``, then ``batch_size`` groups with more than ``k`` rows (without
+    replacement while there are enough), and for each a random support set of ``k`` rows
+    and a query set of ``query_size`` rows from the others (with replacement from a group
+    too small to give them all, which keeps the query loss an unbiased estimate of the
+    group's). The tasks of a block share their shapes: the engine adapts them together.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+    y : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+    groups : ndarray of shape (n_samples,)
+    support_range : (int, int)
+        Smallest and largest support size, both included.
+    query_size : int
+        Query rows per episode.
+    batch_size : int
+        Episodes per block (the estimator's ``meta_batch_size``).
+    random_state : numpy Generator
+
+    Attributes
+    ----------
+    n_groups_ : int
+        Groups that can give an episode of the smallest support size.
+    n_skipped_ : int
+        Groups too small for any episode (one row or fewer than ``support_range[0] + 1``).
+    """
+
+    def __init__(self, X, y, groups, *, support_range, query_size, batch_size, random_state):
+        lo, hi = support_range
+        self.X, self.y = X, y
+        self.support_range = (int(lo), int(hi))
+        self.query_size = int(query_size)
+        self.batch_size = int(batch_size)
+        self.rng = random_state
+        labels, inverse = np.unique(groups, return_inverse=True)
+        rows = [np.flatnonzero(inverse == i) for i in range(len(labels))]
+        self.rows = [r for r in rows if len(r) >= lo + 1]
+        self.sizes = np.array([len(r) for r in self.rows])
+        self.n_groups_ = len(self.rows)
+        self.n_skipped_ = len(rows) - len(self.rows)
+        if not self.rows:
+            raise ValueError(
+                f"no group has more than {lo} rows, the smallest support size: every "
+                f"episode needs {lo} support rows and at least one query row. Lower "
+                "support_range or collect more rows per group."
+            )
+
+    def __iter__(self) -> Iterator[Task]:
+        while True:
+            yield from self.block()
+
+    def block(self) -> list[Task]:
+        """One meta-batch of episodes with equal shapes."""
+        lo, hi = self.support_range
+        k = int(self.rng.integers(lo, hi + 1))
+        eligible = np.flatnonzero(self.sizes >= k + 1)
+        if len(eligible) == 0:  # k above every group: the largest k some group allows
+            k = int(self.sizes.max()) - 1
+            eligible = np.flatnonzero(self.sizes >= k + 1)
+        chosen = self.rng.choice(
+            eligible, self.batch_size, replace=len(eligible) < self.batch_size
+        )
+        tasks = []
+        for g in chosen:
+            rows = self.rng.permutation(self.rows[g])
+            support, rest = rows[:k], rows[k:]
+            replace = len(rest) < self.query_size
+            query = self.rng.choice(rest, self.query_size, replace=replace)
+            tasks.append(Task(self.X[support], self.y[support], self.X[query], self.y[query]))
+        return tasks
+
+
+def validation_episodes(X, y, groups, *, support_size: int, rng) -> list[Task]:
+    """One fixed episode per validation group: ``support_size`` rows (fewer for a small
+    group, which keeps at least one query row), the others as query."""
+    tasks = []
+    for g in np.unique(groups):
+        rows = rng.permutation(np.flatnonzero(groups == g))
+        if len(rows) < 2:
+            continue
+        k = min(support_size, len(rows) - 1)
+        tasks.append(Task(X[rows[:k]], y[rows[:k]], X[rows[k:]], y[rows[k:]]))
+    return tasks
+
+
+def warn_skipped(n_skipped: int, n_groups: int, smallest: int) -> None:
+    """Say how many groups were too small for an episode (they are left out)."""
+    if n_skipped:
+        warnings.warn(
+            f"{n_skipped} of {n_groups} meta-training groups have {smallest} rows or fewer, "
+            f"too few for an episode (support_range starts at {smallest}, plus one query "
+            "row); they are left out of meta-training.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
+def default_query_size(sizes: np.ndarray, smallest_support: int) -> int:
+    """Query rows per episode: what a median group leaves after the smallest support, at
+    most 20 (more adds little to the estimate of the loss, and costs every meta-step)."""
+    rest = np.median(sizes) - smallest_support
+    return int(min(20, max(1, math.floor(rest))))

@@ -1,0 +1,233 @@
+"""Tests of grouped tables as data (``metafit.grouped``) and of table mode,
+``meta_fit(X, y, groups=...)`` (``metafit.estimators._table_mode``)."""
+
+from __future__ import annotations
+
+import pickle
+import warnings
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+
+from metafit import MetaInit, MetaInitializedClassifier, MetaInitializedRegressor
+from metafit.grouped import GroupEpisodes, Standardization, split_groups
+
+QUICK = dict(meta_iterations=30, meta_batch_size=4, hidden_sizes=(16,), random_state=0,
+             verbose=0)
+
+
+def grouped_table(n_groups=20, sizes=(6, 30), n_features=3, seed=0, scale=100.0):
+    """A table whose groups differ by a level and a slope, in large raw units."""
+    rng = np.random.default_rng(seed)
+    X, y, groups = [], [], []
+    for g in range(n_groups):
+        n = int(rng.integers(*sizes))
+        Xg = rng.normal(5.0, 3.0, size=(n, n_features))
+        level, slope = rng.normal(0, 2), 1 + rng.normal(0, 0.5)
+        X.append(Xg)
+        y.append(scale * (level + slope * Xg[:, 0] - Xg[:, 1] + 0.1 * rng.normal(size=n)))
+        groups += [f"g{g}"] * n
+    return np.vstack(X), np.concatenate(y), np.array(groups)
+
+
+# ---------------------------------------------------------------- the data side
+
+
+def test_episodes_are_resampled_share_shapes_per_block_and_cover_the_range():
+    X, y, groups = grouped_table()
+    rng = np.random.default_rng(0)
+    episodes = GroupEpisodes(X, y, groups, support_range=(2, 6), query_size=5, batch_size=4,
+                             random_state=rng)
+    blocks = [episodes.block() for _ in range(60)]
+    ks = set()
+    for block in blocks:
+        assert len(block) == 4
+        shapes = {(t.X_support.shape, t.X_query.shape) for t in block}
+        assert len(shapes) == 1  # one vectorized batch, however ragged the groups
+        ks.add(block[0].n_support)
+        assert block[0].n_query == 5
+    assert ks == {2, 3, 4, 5, 6}
+    first, again = blocks[0][0], blocks[1][0]
+    assert not np.array_equal(first.X_support, again.X_support)  # drawn anew
+    # Support and query rows of an episode come from one group and never overlap.
+    row_of = {tuple(r): i for i, r in enumerate(X)}
+    for task in blocks[0]:
+        s = {row_of[tuple(r)] for r in task.X_support}
+        q = {row_of[tuple(r)] for r in task.X_query}
+        assert not s & q and len({groups[i] for i in s | q}) == 1
+
+
+def test_tiny_groups_are_skipped_and_counted():
+    X, y, groups = grouped_table(n_groups=6, sizes=(8, 9))
+    groups = groups.copy()
+    groups[:2] = "tiny"  # a group of 2 rows: no episode with 2 support rows + 1 query
+    groups[2] = "single"
+    episodes = GroupEpisodes(X, y, groups, support_range=(2, 4), query_size=3, batch_size=2,
+                             random_state=np.random.default_rng(0))
+    assert episodes.n_skipped_ == 2 and episodes.n_groups_ == 6
+    with pytest.raises(ValueError, match="no group has more than 50 rows"):
+        GroupEpisodes(X, y, groups, support_range=(50, 60), query_size=3, batch_size=2,
+                      random_state=np.random.default_rng(0))
+
+
+def test_groups_are_split_whole():
+    groups = np.repeat(np.arange(10), 5)
+    train, val = split_groups(groups, 0.2, np.random.default_rng(0))
+    assert len(np.unique(groups[val])) == 2
+    assert not set(groups[train]) & set(groups[val])
+    assert not split_groups(np.repeat([0, 1], 3), 0.5, np.random.default_rng(0))[1].any()
+    assert not split_groups(groups, None, np.random.default_rng(0))[1].any()
+
+
+def test_standardization_round_trips_and_survives_its_metadata():
+    rng = np.random.default_rng(0)
+    X = rng.normal(10, 5, size=(50, 3))
+    X[:, 2] = 7.0  # a constant column is only centred
+    y = rng.normal(-3, 20, size=50)
+    s = Standardization.fit(X, y)
+    Z = s.transform_X(X)
+    np.testing.assert_allclose(Z[:, :2].mean(0), 0, atol=1e-5)
+    np.testing.assert_allclose(Z[:, :2].std(0), 1, rtol=1e-5)
+    assert np.all(Z[:, 2] == 0) and s.x_scale[2] == 1
+    np.testing.assert_allclose(s.inverse_y(s.transform_y(y)), y, rtol=1e-5)
+    back = Standardization.from_metadata(s.to_metadata(), 3)
+    np.testing.assert_array_equal(back.x_mean, s.x_mean)
+    for bad, match in [
+        ({"x_mean": [0.0]}, "x_mean and x_scale"),
+        ({"x_mean": [0.0], "x_scale": [0.0]}, "must be > 0"),
+        ({"x_mean": ["a"], "x_scale": [1.0]}, "list of numbers"),
+        ({"x_mean": [0.0, 1.0], "x_scale": [1.0, 1.0]}, "for 3 features"),
+        ({"x_mean": [0, 0, 0], "x_scale": [1, 1, 1], "y_mean": [0.0]}, "together"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            Standardization.from_metadata(bad, 3)
+
+
+# ---------------------------------------------------------------- table mode
+
+
+def _largest(groups):
+    labels, counts = np.unique(groups, return_counts=True)
+    return labels[np.argmax(counts)]
+
+
+@pytest.fixture(scope="module")
+def table_est():
+    X, y, groups = grouped_table()
+    est = MetaInitializedRegressor(**{**QUICK, "meta_iterations": 200})
+    return est.meta_fit(X, y, groups=groups), (X, y, groups)
+
+
+def test_table_mode_trains_in_standard_units_and_predicts_in_the_tables(table_est):
+    est, (X, y, groups) = table_est
+    meta = est.meta_init_.metadata
+    assert "standardization" in meta and "best_iteration" in meta  # held-out groups
+    assert len(est.meta_history_) == 200  # an endless stream: never runs out
+    m = groups == _largest(groups)
+    est.fit(X[m][:5], y[m][:5])
+    pred = est.predict(X[m][5:])
+    # In the table's units (hundreds), not in standardized ones.
+    assert abs(pred.mean() - y[m][5:].mean()) < 3 * y.std()
+    assert pred.std() > 0.1 * y.std()
+    # Better than the group's own query mean, which no model without the rows can know.
+    baseline = np.mean((y[m][5:] - y[m][5:].mean()) ** 2)
+    assert np.mean((pred - y[m][5:]) ** 2) < baseline
+
+
+def test_the_standardization_travels_with_clone_pickle_and_save(table_est, tmp_path):
+    est, (X, y, groups) = table_est
+    m = groups == _largest(groups)
+    ref = clone(est).fit(X[m][:5], y[m][:5]).predict(X[m][5:])
+    copies = [
+        clone(est).fit(X[m][:5], y[m][:5]),
+        pickle.loads(pickle.dumps(clone(est).fit(X[m][:5], y[m][:5]))),
+    ]
+    path = tmp_path / "init.safetensors"
+    est.save_meta_init(path)
+    assert "standardization" in MetaInit.load(path).metadata
+    loaded = MetaInitializedRegressor(meta_init=path, hidden_sizes=(16,))
+    copies.append(loaded.fit(X[m][:5], y[m][:5]))
+    for c in copies:
+        np.testing.assert_allclose(c.predict(X[m][5:]), ref, rtol=1e-4, atol=1e-3)
+
+
+def test_a_damaged_standardization_in_a_file_is_named(table_est, tmp_path):
+    est, _ = table_est
+    init = est.meta_init_
+    meta = dict(init.metadata, standardization={"x_mean": [0.0], "x_scale": [1.0]})
+    path = MetaInit(init.tensors, init.spec, meta).save(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match=r"bad.safetensors.*standardization.*damaged"):
+        MetaInit.load(path)
+
+
+def test_table_mode_takes_dataframes_any_labels_and_warns_about_tiny_groups():
+    pd = pytest.importorskip("pandas")
+    X, y, groups = grouped_table(n_groups=8)
+    frame = pd.DataFrame(X, columns=["a", "b", "c"])
+    labels = np.array([int(g[1:]) * 1000 for g in groups])  # any hashable labels
+    labels[:1] = -1  # a one-row group
+    est = MetaInitializedRegressor(**QUICK, validation_fraction=0)
+    with pytest.warns(UserWarning, match="1 of 9 meta-training groups"):
+        est.meta_fit(frame, pd.Series(y), groups=pd.Series(labels))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "NumPy array is not writable" from torch
+        est.fit(frame.iloc[:5], pd.Series(y[:5]))
+        assert est.predict(frame.iloc[5:10]).shape == (5,)
+
+
+def test_warm_start_in_table_mode_keeps_the_first_standardization():
+    X, y, groups = grouped_table()
+    est = MetaInitializedRegressor(**{**QUICK, "meta_iterations": 10}).meta_fit(
+        X, y, groups=groups)
+    first = est.meta_init_.metadata["standardization"]
+    est.set_params(warm_start=True, meta_iterations=20).meta_fit(X * 2, y, groups=groups)
+    assert est.meta_init_.metadata["standardization"] == first
+    assert len(est.meta_history_) == 20
+    with pytest.raises(ValueError, match="3 features, but X has 2"):
+        est.set_params(meta_iterations=30).meta_fit(X[:, :2], y, groups=groups)
+
+
+@pytest.mark.parametrize("bad, error, match", [
+    (dict(y=None), TypeError, "needs y"),
+    (dict(groups=np.array([None] * 10)), ValueError, "missing label"),
+    (dict(groups=np.zeros(3)), ValueError, "same length"),
+    (dict(X=np.full((10, 2), np.nan)), ValueError, "NaN"),
+    (dict(y=np.array(list("abcdefghij"))), ValueError, "numeric"),
+])
+def test_bad_tables_are_refused_before_any_work(bad, error, match):
+    args = dict(X=np.ones((10, 2)), y=np.arange(10.0), groups=np.repeat([0, 1], 5))
+    args.update(bad)
+    est = MetaInitializedRegressor(**QUICK)
+    with pytest.raises(error, match=match):
+        est.meta_fit(args["X"], args["y"], groups=args["groups"])
+    assert not hasattr(est, "meta_init_")
+
+
+def test_table_mode_parameters_are_checked():
+    X, y, groups = grouped_table(n_groups=5)
+    for params, match in [
+        ({"support_range": (5, 2)}, "support_range"),
+        ({"support_range": 3}, "support_range"),
+        ({"validation_fraction": 1.0}, "validation_fraction"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            MetaInitializedRegressor(**QUICK, **params).meta_fit(X, y, groups=groups)
+
+
+def test_the_classifier_says_table_mode_is_for_regression():
+    with pytest.raises(NotImplementedError, match="regression"):
+        MetaInitializedClassifier(**QUICK).meta_fit(
+            np.ones((10, 2)), np.repeat([0, 1], 5), groups=np.repeat([0, 1], 5))
+
+
+def test_task_mode_still_takes_validation_tasks_as_the_second_argument():
+    from metafit import SinusoidTasks
+
+    tasks = SinusoidTasks(k_shot=5, random_state=0)
+    val = SinusoidTasks(k_shot=5, random_state=1).sample(3)
+    est = MetaInitializedRegressor(**QUICK).meta_fit(tasks, val)
+    assert est.meta_history_[-1]["validation_loss"] is not None
+    assert "standardization" not in est.meta_init_.metadata
+    with pytest.raises(TypeError, match="twice"):
+        est.meta_fit(tasks, val, validation_tasks=val)
