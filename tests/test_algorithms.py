@@ -189,12 +189,31 @@ def test_reptile_keeps_no_graph():
     assert all(v.grad_fn is None and not v.requires_grad for v in phi.values())
 
 
+def test_joint_pretraining_is_the_gradient_of_the_pooled_loss():
+    """Per task, the mean over its support and query rows; tasks weigh equally. Ragged
+    meta-batches (several shape groups) give the same gradient as the per-task loop."""
+    learner = make_learner("joint", 3)
+    tasks = ragged_tasks()
+    net = learner.module
+    theta = dict(net.named_parameters())
+    losses = []
+    for t in tasks:
+        X = torch.as_tensor(np.vstack([t.X_support, t.X_query]), dtype=torch.float64)
+        y = torch.as_tensor(np.concatenate([t.y_support, t.y_query]), dtype=torch.float64)
+        losses.append(((functional_call(net, theta, (X,))[:, 0] - y) ** 2).mean())
+    want = torch.autograd.grad(torch.stack(losses).mean(), list(theta.values()))
+    loss, grads = learner.algorithm.meta_gradients(learner, learner.batches(tasks))
+    torch.testing.assert_close(loss, torch.stack(losses).mean().detach())
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-12)
+
+
 def test_get_algorithm_by_name_and_errors():
     assert {"maml", "fomaml", "reptile", "anil", "metasgd"} <= set(ALGORITHMS)
     assert get_algorithm("MAML").name == "maml"
     inst = get_algorithm("anil")
     assert get_algorithm(inst) is inst
-    with pytest.raises(ValueError, match="choose one of anil, fomaml, maml, "):
+    with pytest.raises(ValueError, match="choose one of anil, fomaml, joint, maml, "):
         get_algorithm("mamll")
     with pytest.raises(NotImplementedError):
         MetaAlgorithm().meta_gradients(None, [])

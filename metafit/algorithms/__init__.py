@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from metafit.algorithms.anil import ANIL
 from metafit.algorithms.base import AdaptationContext, GradientMetaAlgorithm, MetaAlgorithm
+from metafit.algorithms.joint import JointPretraining
 from metafit.algorithms.maml import FOMAML, MAML
 from metafit.algorithms.mamlpp import MAMLPlusPlus
 from metafit.algorithms.metasgd import MetaSGD
@@ -21,6 +22,7 @@ __all__ = [
     "MAML",
     "MAMLPlusPlus",
     "GradientMetaAlgorithm",
+    "JointPretraining",
     "MetaAlgorithm",
     "MetaSGD",
     "Reptile",
@@ -28,7 +30,8 @@ __all__ = [
 ]
 
 ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
-    cls.name: cls for cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus)
+    cls.name: cls
+    for cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, JointPretraining)
 }
 
 
