@@ -209,6 +209,8 @@ class MetaLearner:
         dict of str to Tensor
             Adapted parameters with the task dimension.
         """
+        if self.algorithm.closed_form:  # ALPACA's posterior: no steps, no learning rate
+            return self.algorithm.adapt(self, X, y, track_graph=track_graph)
         # With track_graph=False the loop runs outside autograd and detaches what it
         # returns: the learning rates need no detaching here.
         steps = self.inner_steps if steps is None else int(steps)
@@ -236,19 +238,26 @@ class MetaLearner:
         """Outputs of the network with batched ``params`` on ``X`` (leading task dim).
 
         ``step`` is the inner step whose forward to use when the forward depends on it
-        (MAML++'s per-step BatchNorm: the last step adaptation ran).
+        (MAML++'s per-step BatchNorm: the last step adaptation ran). The algorithm
+        decides (ALPACA predicts with its posterior head).
         """
-        return self.forward_at(step)(params, X)
+        return self.algorithm.predict(self, params, X, step)
+
+    @torch.no_grad()
+    def predict_distribution(self, params: Params, X: Tensor) -> tuple[Tensor, Tensor]:
+        """Predictive mean and variance (Bayesian algorithms); NotImplementedError else."""
+        return self.algorithm.predictive(self, params, X)
 
     def evaluate(self, tasks: Sequence[Task], steps: int | None = None) -> float:
         """Mean query loss after adaptation, over ``tasks`` (no meta-gradient)."""
         total, loss = 0, 0.0
         steps = self.inner_steps if steps is None else int(steps)
-        forward = self.forward_after(steps)
+        last = max(steps - 1, 0)
         for batch in self.batches(tasks):
             phi = self.adapt(batch.X_support, batch.y_support, steps=steps, track_graph=False)
             with torch.no_grad():
-                q = self.loss_fn(forward(phi, batch.X_query), batch.y_query)
+                out = self.algorithm.predict(self, phi, batch.X_query, last)
+                q = self.loss_fn(out, batch.y_query)
             loss += float(q.sum())
             total += batch.n_tasks
         return loss / total

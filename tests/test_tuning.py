@@ -520,3 +520,26 @@ def test_an_interrupt_between_trials_is_deferred_to_the_next_trial(meta_fitted, 
     assert states[0] == TrialState.COMPLETE and states[1:] == [TrialState.FAIL]
     assert _objectives.INTERRUPTS.pending is None and _objectives.INTERRUPTS.tuning == 0
     assert not _objectives.request_interrupt(Stop)  # outside tune: the caller raises
+
+
+def test_the_default_space_tunes_only_what_fit_reads():
+    """Meta-SGD's and MAML++'s fit use learned rates; ALPACA's fit is a closed form."""
+    from metafit import MetaInitializedRegressor, SinusoidTasks
+    from metafit.algorithms import MAMLPlusPlus
+    from metafit.tuning import default_search_space
+
+    def space(**kw):
+        return set(default_search_space(MetaInitializedRegressor(**kw)))
+
+    assert space() == {"inner_lr", "inner_steps"}
+    assert space(algorithm="metasgd") == {"inner_steps"}
+    assert space(algorithm="mamlpp") == {"inner_steps"}
+    assert space(algorithm=MAMLPlusPlus(learn_inner_lr=False)) == {"inner_lr", "inner_steps"}
+    with pytest.raises(ValueError, match="nothing to tune in adaptation mode.*alpaca"):
+        space(algorithm="alpaca")
+    meta = set(default_search_space(MetaInitializedRegressor(algorithm="alpaca"), "meta"))
+    assert "inner_lr" not in meta and "meta_lr" in meta
+    # The initialization's algorithm decides, not the parameter.
+    est = MetaInitializedRegressor(algorithm="metasgd", meta_iterations=2, random_state=0,
+                                   verbose=0).meta_fit(SinusoidTasks(k_shot=4))
+    assert set(default_search_space(est.set_params(algorithm="maml"))) == {"inner_steps"}

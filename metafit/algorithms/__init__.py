@@ -6,6 +6,7 @@ Each algorithm is a small class over the functional core; :func:`get_algorithm` 
 
 from __future__ import annotations
 
+from metafit.algorithms.alpaca import ALPACA
 from metafit.algorithms.anil import ANIL
 from metafit.algorithms.base import AdaptationContext, GradientMetaAlgorithm, MetaAlgorithm
 from metafit.algorithms.joint import JointPretraining
@@ -16,6 +17,7 @@ from metafit.algorithms.reptile import Reptile
 
 __all__ = [
     "ALGORITHMS",
+    "ALPACA",
     "ANIL",
     "AdaptationContext",
     "FOMAML",
@@ -31,7 +33,7 @@ __all__ = [
 
 ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
     cls.name: cls
-    for cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, JointPretraining)
+    for cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, ALPACA, JointPretraining)
 }
 
 

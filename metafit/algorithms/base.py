@@ -146,6 +146,43 @@ class MetaAlgorithm:
     name: ClassVar[str] = ""
     first_order: ClassVar[bool] = False
     default_meta_lr: ClassVar[float] = 1e-3
+    #: adaptation is the algorithm's own :meth:`adapt` (a closed form), not the inner loop
+    closed_form: ClassVar[bool] = False
+
+    @property
+    def uses_inner_lr(self) -> bool:
+        """Whether ``fit`` reads ``inner_lr`` (not with learned rates or a closed form)."""
+        return not self.closed_form
+
+    @property
+    def uses_inner_steps(self) -> bool:
+        """Whether ``fit`` reads ``inner_steps`` (not with a closed form)."""
+        return not self.closed_form
+
+    @property
+    def keeps_inner_graph(self) -> bool:
+        """Whether meta-training keeps every inner step's graph (memory grows with them)."""
+        return not self.first_order and not self.closed_form
+
+    def module_outputs(self, n_outputs: int) -> int:
+        """Outputs of the network for ``n_outputs`` targets (ALPACA's: its features)."""
+        return n_outputs
+
+    def adapt(self, ctx: AdaptationContext, X: Tensor, y: Tensor, *, track_graph: bool = True):
+        """Closed-form adaptation of ``closed_form`` algorithms: the adapted "parameters"
+        that :meth:`predict` reads. Gradient-based algorithms use the inner loop."""
+        raise NotImplementedError
+
+    def predictive(self, ctx: AdaptationContext, adapted, X: Tensor):
+        """Predictive mean and variance, each (T, n), of Bayesian algorithms (ALPACA)."""
+        raise NotImplementedError(
+            f"algorithm {self.name!r} has no predictive distribution; 'alpaca' has one."
+        )
+
+    def predict(self, ctx: AdaptationContext, adapted, X: Tensor, step: int | None = None):
+        """Outputs for ``X`` (leading task dimension) from adapted parameters: the
+        network's forward (of inner step ``step`` where the forward depends on it)."""
+        return ctx.forward_at(step)(adapted, X)
 
     def get_config(self) -> dict[str, Any]:
         """The algorithm's options, JSON-able: ``type(self)(**get_config())`` rebuilds it.

@@ -151,6 +151,10 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
             for name in names
         }
 
+    @property
+    def uses_inner_lr(self) -> bool:
+        return not self.learn_inner_lr  # the learned per-step rates otherwise
+
     def inner_lr(self, ctx, base=None, steps=None):
         """One rate (dict) per inner step; steps past the learned ones reuse the last."""
         learned = max(int(ctx.inner_steps), 1)

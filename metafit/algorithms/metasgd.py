@@ -28,6 +28,10 @@ class MetaSGD(GradientMetaAlgorithm):
             for name, p in ctx.module.named_parameters()
         }
 
+    @property
+    def uses_inner_lr(self) -> bool:
+        return False  # every parameter has its own learned rate
+
     def inner_lr(self, ctx, base=None, steps=None):
         return {name[len(_PREFIX) :]: value for name, value in ctx.extras.items()}
 

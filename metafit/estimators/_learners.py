@@ -104,7 +104,8 @@ class LearnerFactory:
     ) -> tuple[MetaLearner, dict]:
         """A learner to meta-train (call inside the run's seeded block), and the module's
         constructor arguments."""
-        module, kwargs = self.make_module(n_features, n_outputs)
+        outputs = get_algorithm(self.algorithm).module_outputs(n_outputs)
+        module, kwargs = self.make_module(n_features, outputs)
         learner = MetaLearner(
             module,
             loss=self.loss,
@@ -127,7 +128,10 @@ class LearnerFactory:
                 self.check_mlp_spec(init)
                 module = build_module(init.spec, init.tensors)
             else:
-                module, _ = self.make_module(init.n_features, init.n_outputs)
+                algorithm = get_algorithm(init.metadata.get("algorithm", "maml"),
+                                          init.algorithm_options)
+                module, _ = self.make_module(init.n_features,
+                                             algorithm.module_outputs(init.n_outputs))
         meta = init.metadata
         trained_steps = init.trained_inner_steps
         learner = MetaLearner(

@@ -203,7 +203,7 @@ class MetaFitRun:
         with parallel, SeededTorch(seed_from(est.random_state), est.device):
             learner, kwargs = self.factory.for_training(n_features, self.n_outputs, meta_steps)
             learner.init_optimizer(est.meta_lr, est.meta_iterations)
-            if not learner.algorithm.first_order and meta_steps > 0:
+            if learner.algorithm.keeps_inner_graph and meta_steps > 0:
                 self._check_memory(learner, meta_steps)
             if resume is not None:
                 self._restore(learner, resume)

@@ -51,21 +51,47 @@ class MetaInitializedRegressor(RegressorMixin, MetaInitializedEstimator):
         """
         return self._fit(X, y)
 
-    def predict(self, X):
+    def predict(self, X, return_std=False):
         """Predict with the adapted network.
 
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+        return_std : bool, default=False
+            Also return the predictive standard deviation (scikit-learn's
+            ``GaussianProcessRegressor`` convention); needs a Bayesian algorithm,
+            ``algorithm="alpaca"``.
 
         Returns
         -------
-        ndarray of shape (n_samples,) or (n_samples, n_outputs)
+        y_pred : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+        y_std : ndarray of shape (n_samples,)
+            Only with ``return_std=True``; in the units of ``y``.
         """
-        out = self._raw_predict(self._check_X_predict(X)).cpu().numpy()
-        out = out[:, 0].astype(np.float64) if self._y_ndim == 1 else out.astype(np.float64)
+        X = self._check_X_predict(X)
         scaling = self.__dict__.get("_scaling")
+        if return_std:
+            mean, std = self._predict_distribution(X)
+            if scaling is not None:
+                mean, std = scaling.inverse_y(mean), scaling.inverse_std(std)
+            return mean, std
+        out = self._raw_predict(X).cpu().numpy()
+        out = out[:, 0].astype(np.float64) if self._y_ndim == 1 else out.astype(np.float64)
         return out if scaling is None else scaling.inverse_y(out)
+
+    def _predict_distribution(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        learner = self._learner
+        Xt, _ = learner.as_tensors(X)
+        try:
+            mean, var = learner.predict_distribution(self.adapted_params_, Xt.unsqueeze(0))
+        except NotImplementedError:
+            raise ValueError(
+                f"return_std=True needs a predictive distribution: this initialization was "
+                f"meta-trained with algorithm={learner.algorithm.name!r}; meta-train with "
+                "algorithm='alpaca' (a Bayesian last layer) for standard deviations."
+            ) from None
+        mean = mean[0].cpu().numpy().astype(np.float64)
+        return mean, np.sqrt(var[0].cpu().numpy().astype(np.float64))
 
     def __sklearn_tags__(self):
         tags = super().__sklearn_tags__()

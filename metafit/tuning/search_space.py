@@ -57,17 +57,26 @@ def default_search_space(estimator, mode: str = "adaptation") -> dict[str, BaseD
     Returns
     -------
     dict of str to optuna distribution
-        ``inner_lr`` (log scale, 1e-3..1) and ``inner_steps`` (1..20); in ``"meta"`` mode
+        ``inner_lr`` (log scale, 1e-3..1; not where fit uses learned rates: Meta-SGD, MAML++,
+        ALPACA) and ``inner_steps`` (1..20; not for ALPACA); in ``"meta"`` mode
         also ``meta_lr`` (log scale), ``meta_batch_size`` (log scale, 4..32), ``algorithm``
         (the gradient-based ones; Reptile's outer step size lives on another scale, so a
         Reptile estimator keeps its algorithm and gets a meta_lr range of 0.05..1) and, for
         the default MLP, ``hidden_layers`` (1..3) and ``hidden_units`` (16..128, log).
     """
     _check_mode(mode)
-    space: dict[str, BaseDistribution] = {
-        "inner_lr": FloatDistribution(1e-3, 1.0, log=True),
-        "inner_steps": IntDistribution(1, 20),
-    }
+    space: dict[str, BaseDistribution] = {}
+    algorithm = _fit_algorithm(estimator)
+    if algorithm.uses_inner_lr:  # not Meta-SGD's or MAML++'s learned rates, not ALPACA
+        space["inner_lr"] = FloatDistribution(1e-3, 1.0, log=True)
+    if algorithm.uses_inner_steps:
+        space["inner_steps"] = IntDistribution(1, 20)
+    if mode == "adaptation" and not space:
+        raise ValueError(
+            f"nothing to tune in adaptation mode: fit with algorithm {algorithm.name!r} "
+            "reads neither inner_lr nor inner_steps (a closed-form posterior); tune in "
+            "mode='meta', or pass a search_space."
+        )
     if mode == "meta":
         params = estimator.get_params()
         if params.get("algorithm") == "reptile":
@@ -80,6 +89,25 @@ def default_search_space(estimator, mode: str = "adaptation") -> dict[str, BaseD
             space["hidden_layers"] = IntDistribution(1, 3)
             space["hidden_units"] = IntDistribution(16, 128, log=True)
     return space
+
+
+def _fit_algorithm(estimator):
+    """The algorithm whose ``fit`` the study tunes: the initialization's when there is
+    one (``fit`` always adapts as it was meta-trained), else the estimator's."""
+    from metafit.algorithms import get_algorithm
+
+    init = getattr(estimator, "meta_init_", None)
+    if init is None and hasattr(estimator, "_resolve_meta_init"):
+        try:
+            init = estimator._resolve_meta_init()
+        except (OSError, ValueError, TypeError):
+            init = None  # tune reports an unreadable file itself
+    if init is not None:
+        return get_algorithm(init.metadata.get("algorithm", "maml"), init.algorithm_options)
+    try:
+        return get_algorithm(estimator.get_params().get("algorithm", "maml"))
+    except (ValueError, TypeError):
+        return get_algorithm("maml")  # the estimator reports a bad algorithm itself
 
 
 def _encode_choice(name: str, value):

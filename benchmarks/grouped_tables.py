@@ -1,0 +1,243 @@
+"""Real grouped tables: metafit's table mode against the models our users run today.
+
+On the five tables of ``$METAFIT_DATA/grouped`` (default ``../shared/data/grouped`` from
+the project root; see its README): for 3 seeds, the groups are split 60/20/20 into
+meta-training, validation and test groups. Each test group shows k support rows (5 and
+10; 3 and 5 for sleepstudy, whose subjects have 10 rows) and is scored on its other rows:
+mean squared error in units of the meta-training targets' variance (so 1.0 is "predict
+the training mean"). Groups with no row left for the query are skipped. Methods, all
+given the same rows (meta-training + validation groups; the support rows of the new
+group):
+
+* ``metafit``: ``MetaInitializedRegressor(random_state=seed)`` in table mode, its
+  defaults (it holds out its own validation groups), raw units in and out;
+* ``metafit <algorithm>``: the same with another ``algorithm=`` (``--algorithms``);
+* ``joint + fine-tune``: ``algorithm="joint"``, the pooled network fine-tuned per group;
+* ``pooled ridge`` / ``pooled HGB``: one Ridge / HistGradientBoosting on all rows, the
+  new group's support rows included, no adaptation;
+* ``per-group ridge``: a Ridge on the new group's support rows alone, alpha chosen on
+  the validation groups;
+* ``MixedLM intercept`` / ``MixedLM slope``: statsmodels' linear mixed model with a random
+  intercept (and a random slope on the table's usual covariate), fitted on the
+  meta-training and validation rows; a new group is predicted with its BLUP computed
+  from its support rows (statsmodels' ``predict`` ignores random effects).
+
+Usage::
+
+    python benchmarks/grouped_tables.py                      # all tables, ~15 min
+    python benchmarks/grouped_tables.py --tables sleepstudy --seeds 1 --quick
+    python benchmarks/grouped_tables.py --algorithms fomaml anil metasgd
+
+Prints one table per data set and k (mean ± standard error over the test groups of all
+seeds), the wall times of metafit, and a summary against the best anchor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.ensemble import HistGradientBoostingRegressor
+from sklearn.linear_model import Ridge
+
+from metafit import MetaInitializedRegressor
+
+#: the usual random slope of each table (its README)
+SLOPE = {"mathach": "ses", "nlschools": "iq", "radon": "basement", "sleepstudy": "days",
+         "produc": "log_emp"}
+KS = {"sleepstudy": (3, 5)}
+ALPHAS = (0.1, 1.0, 10.0, 100.0)
+
+
+def data_dir(arg: str | None) -> Path:
+    if arg:
+        return Path(arg)
+    if os.environ.get("METAFIT_DATA"):
+        return Path(os.environ["METAFIT_DATA"]) / "grouped"
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "grouped"
+
+
+def load(folder: Path, name: str):
+    df = pd.read_csv(folder / f"{name}.csv")
+    group, target = df.columns[0], df.columns[-1]
+    features = [c for c in df.columns if c not in (group, target)]
+    return df[features].to_numpy(float), df[target].to_numpy(float), df[group].to_numpy(), \
+        features
+
+
+def split(groups, seed):
+    labels = np.unique(groups)
+    rng = np.random.default_rng(seed)
+    labels = labels[rng.permutation(len(labels))]
+    n_tr, n_val = int(0.6 * len(labels)), int(0.2 * len(labels))
+    return labels[:n_tr], labels[n_tr:n_tr + n_val], labels[n_tr + n_val:]
+
+
+def episodes(X, y, groups, labels, k, seed):
+    """Fixed support/query split of each group in ``labels`` (query non-empty)."""
+    out = []
+    for g in labels:
+        rows = np.flatnonzero(groups == g)
+        if len(rows) <= k:
+            continue
+        rows = np.random.default_rng([seed, len(out)]).permutation(rows)
+        out.append((rows[:k], rows[k:]))
+    return out
+
+
+# ---------------------------------------------------------------- anchors
+
+
+def blup_mixedlm(Xz, yz, groups, rows, z_cols):
+    """A fitted linear mixed model's predictor: fixed effects on all features, random
+    effects on ``[1, *z_cols]``; returns predict(support rows, query rows)."""
+    import statsmodels.api as sm
+
+    exog = sm.add_constant(Xz[rows], has_constant="add")
+    exog_re = np.column_stack([np.ones(len(rows)), Xz[rows][:, z_cols]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit = sm.MixedLM(yz[rows], exog, groups[rows], exog_re=exog_re).fit(reml=True)
+    beta = np.asarray(fit.fe_params)
+    G = np.atleast_2d(np.asarray(fit.cov_re))
+    sigma2 = float(fit.scale)
+    G_inv = np.linalg.pinv(G)
+
+    def predict(Xs, ys, Xq):
+        Fs = np.column_stack([np.ones(len(Xs)), Xs])
+        Fq = np.column_stack([np.ones(len(Xq)), Xq])
+        Zs = np.column_stack([np.ones(len(Xs)), Xs[:, z_cols]])
+        Zq = np.column_stack([np.ones(len(Xq)), Xq[:, z_cols]])
+        b = np.linalg.solve(G_inv + Zs.T @ Zs / sigma2, Zs.T @ (ys - Fs @ beta) / sigma2)
+        return Fq @ beta + Zq @ b
+
+    return predict
+
+
+def per_group_ridge(alpha):
+    def predict(Xs, ys, Xq):
+        return Ridge(alpha=alpha).fit(Xs, ys).predict(Xq)
+
+    return predict
+
+
+def score(predict, eps, Xz, yz):
+    """Query MSE of each episode (z units)."""
+    return [float(np.mean((predict(Xz[s], yz[s], Xz[q]) - yz[q]) ** 2)) for s, q in eps]
+
+
+# ---------------------------------------------------------------- one data set
+
+
+def run_table(name, folder, seeds, algorithms, quick):
+    X, y, groups, features = load(folder, name)
+    z_cols = [features.index(SLOPE[name])]
+    results: dict[tuple[int, str], list[float]] = {}
+    times: dict[str, list[float]] = {}
+    for seed in seeds:
+        train, val, test = split(groups, seed)
+        fit_rows = np.flatnonzero(np.isin(groups, np.concatenate([train, val])))
+        tr_rows = np.flatnonzero(np.isin(groups, train))
+        mean, std = X[tr_rows].mean(0), X[tr_rows].std(0)
+        std[std == 0] = 1
+        ym, ys = y[tr_rows].mean(), y[tr_rows].std()
+        Xz, yz = (X - mean) / std, (y - ym) / ys
+        estimators = {}
+        for algo in ["maml", "joint", *algorithms]:
+            kw = {"random_state": seed, "verbose": 0}
+            if algo != "maml":
+                kw["algorithm"] = algo
+            if quick:
+                kw["meta_iterations"] = 50
+            est = MetaInitializedRegressor(**kw)
+            start = time.perf_counter()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                est.meta_fit(X[fit_rows], y[fit_rows], groups=groups[fit_rows])
+            label = {"maml": "metafit", "joint": "joint + fine-tune"}.get(algo, f"metafit {algo}")
+            times.setdefault(f"{label}: meta_fit s", []).append(time.perf_counter() - start)
+            estimators[label] = est
+        mixed = {
+            "MixedLM intercept": blup_mixedlm(Xz, yz, groups, fit_rows, []),
+            "MixedLM slope": blup_mixedlm(Xz, yz, groups, fit_rows, z_cols),
+        }
+        for k in KS.get(name, (5, 10)):
+            eps = episodes(X, y, groups, test, k, seed)
+            val_eps = episodes(X, y, groups, val, k, seed + 100)
+            for label, est in estimators.items():
+                def predict(Xs, ys_, Xq, est=est):
+                    # metafit takes the raw table's units: undo the benchmark's z-scores
+                    est.fit(Xs * std + mean, ys_ * ys + ym)
+                    return (est.predict(Xq * std + mean) - ym) / ys
+                start = time.perf_counter()
+                results.setdefault((k, label), []).extend(score(predict, eps, Xz, yz))
+                times.setdefault(f"{label}: fit+predict ms", []).append(
+                    1000 * (time.perf_counter() - start) / max(len(eps), 1))
+            support = np.concatenate([s for s, _ in eps])
+            rows = np.concatenate([fit_rows, support])
+            for label, model in (("pooled ridge", Ridge()),
+                                 ("pooled HGB", HistGradientBoostingRegressor(random_state=0))):
+                model.fit(Xz[rows], yz[rows])
+                results.setdefault((k, label), []).extend(
+                    score(lambda Xs, ys_, Xq, m=model: m.predict(Xq), eps, Xz, yz))
+            best_alpha = min(ALPHAS, key=lambda a: np.mean(score(per_group_ridge(a), val_eps,
+                                                                 Xz, yz)))
+            results.setdefault((k, "per-group ridge"), []).extend(
+                score(per_group_ridge(best_alpha), eps, Xz, yz))
+            for label, predict in mixed.items():
+                results.setdefault((k, label), []).extend(score(predict, eps, Xz, yz))
+    return results, times
+
+
+def report(name, results, times):
+    anchors = ("pooled ridge", "pooled HGB", "per-group ridge", "MixedLM intercept",
+               "MixedLM slope")
+    summary = []
+    for k in sorted({k for k, _ in results}):
+        print(f"\n{name}, k={k}: query MSE / var(y), mean ± s.e. over "
+              f"{len(results[(k, 'pooled ridge')])} new groups")
+        rows = {label: v for (kk, label), v in results.items() if kk == k}
+        for label, v in sorted(rows.items(), key=lambda kv: np.mean(kv[1])):
+            v = np.asarray(v)
+            print(f"  {label:<22} {v.mean():.4f} ± {v.std(ddof=1) / np.sqrt(len(v)):.4f}")
+        best = min(anchors, key=lambda a: np.mean(rows[a]))
+        ours = np.mean(rows["metafit"])
+        summary.append((name, k, ours, best, np.mean(rows[best])))
+    for key, v in times.items():
+        print(f"  {key:<34} {np.median(v):.2f} (median)")
+    return summary
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="folder of the CSV files (default: see above)")
+    parser.add_argument("--tables", nargs="+", default=list(SLOPE))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--algorithms", nargs="*", default=[],
+                        help="more metafit algorithms to run besides maml and joint")
+    parser.add_argument("--quick", action="store_true", help="50 meta-iterations (smoke)")
+    args = parser.parse_args(argv)
+    folder = data_dir(args.data)
+    if not folder.is_dir():
+        raise SystemExit(f"no data folder {folder}: pass --data or set METAFIT_DATA")
+    summary = []
+    for name in args.tables:
+        results, times = run_table(name, folder, range(args.seeds), args.algorithms,
+                                   args.quick)
+        summary += report(name, results, times)
+    print("\nmetafit's defaults against the best anchor of each data set and k:")
+    ratios = []
+    for name, k, ours, best, theirs in summary:
+        ratios.append(ours / theirs)
+        print(f"  {name:<11} k={k:<3} metafit {ours:.4f}  best anchor {best} {theirs:.4f}  "
+              f"({100 * (ours / theirs - 1):+.1f}%)")
+    print(f"  mean ratio {np.mean(ratios):.4f} ({100 * (np.mean(ratios) - 1):+.1f}%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,184 @@
+"""Tests of ALPACA, the Bayesian last layer (``metafit.algorithms.alpaca``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+
+from metafit import MetaInit, MetaInitializedRegressor, SinusoidTasks
+from metafit.algorithms import ALPACA
+from metafit.learner import MetaLearner
+from metafit.models import MLP
+
+
+def _learner(n_in=3, n_features=4, hidden=(8,), seed=0):
+    torch.manual_seed(seed)
+    net = MLP(n_in, n_features, hidden_sizes=hidden)
+    learner = MetaLearner(net, loss="mse", algorithm=ALPACA(n_features), inner_lr=0.01,
+                          inner_steps=1, dtype=torch.float64)
+    with torch.no_grad():
+        for v in learner.extras.values():
+            v.copy_(0.3 * torch.randn(v.shape, dtype=torch.float64))
+    return learner
+
+
+def test_the_posterior_and_the_predictive_match_numpy_in_float64():
+    learner = _learner()
+    rng = np.random.default_rng(0)
+    Xs, ys = rng.normal(size=(2, 6, 3)), rng.normal(size=(2, 6))
+    Xq = rng.normal(size=(2, 4, 3))
+    t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
+    adapted = learner.adapt(t(Xs), t(ys), track_graph=False)
+    mean, var = learner.predict_distribution(adapted, t(Xq))
+    k0, lam0, noise = (x.detach().numpy() for x in ALPACA.prior(learner))
+    def feats(X):
+        with torch.no_grad():
+            return np.concatenate([learner.module(t(X)).numpy(), np.ones((len(X), 1))], 1)
+
+    for i in range(2):
+        P, Q = feats(Xs[i]), feats(Xq[i])
+        lam_n = P.T @ P + lam0
+        k_n = np.linalg.solve(lam_n, P.T @ ys[i] + lam0 @ k0)
+        np.testing.assert_allclose(adapted["alpaca.k"][i].detach().numpy(), k_n, rtol=1e-9)
+        np.testing.assert_allclose(mean[i].numpy(), Q @ k_n, rtol=1e-9, atol=1e-12)
+        want_var = noise * (1 + np.einsum("nd,de,ne->n", Q, np.linalg.inv(lam_n), Q))
+        np.testing.assert_allclose(var[i].numpy(), want_var, rtol=1e-9)
+    # predict (the estimators' path) is the predictive mean.
+    out = learner.predict(adapted, t(Xq))
+    np.testing.assert_allclose(out[..., 0].numpy(), mean.numpy())
+
+
+def test_with_identity_features_the_posterior_mean_is_the_mixed_models_blup():
+    """y = X beta + X b + e, b ~ N(0, G), e ~ N(0, s2): the BLUP of a new group is
+    X_q (beta + (G^-1 + X_s^T X_s / s2)^-1 X_s^T (y_s - X_s beta) / s2)."""
+    n_in = 2
+    learner = _learner(n_in=n_in, n_features=n_in, hidden=())
+    rng = np.random.default_rng(1)
+    beta = np.array([0.5, -1.0, 2.0])  # two slopes and the intercept (the constant feature)
+    A = rng.normal(size=(3, 3))
+    G = A @ A.T + 0.5 * np.eye(3)
+    s2 = 0.3
+    with torch.no_grad():
+        layer = learner.module.layers[0]
+        layer.weight.copy_(torch.eye(n_in, dtype=torch.float64))
+        layer.bias.zero_()
+        lam0 = s2 * np.linalg.inv(G)  # prior covariance s2 * lam0^-1 = G
+        L = np.linalg.cholesky(lam0 - 1e-5 * np.eye(3))  # the model adds a jitter
+        raw = np.tril(L, -1) + np.diag(np.log(np.diag(L)))
+        learner.extras["alpaca_prior_factor"].copy_(torch.as_tensor(raw))
+        learner.extras["alpaca_prior_mean"].copy_(torch.as_tensor(beta))
+        learner.extras["alpaca_log_noise"].fill_(0.5 * np.log(s2))
+    Xs, Xq = rng.normal(size=(7, n_in)), rng.normal(size=(5, n_in))
+    Zs, Zq = np.c_[Xs, np.ones(7)], np.c_[Xq, np.ones(5)]
+    ys = Zs @ (beta + rng.multivariate_normal(np.zeros(3), G)) + rng.normal(0, s2**0.5, 7)
+    b = np.linalg.solve(np.linalg.inv(G) + Zs.T @ Zs / s2, Zs.T @ (ys - Zs @ beta) / s2)
+    want = Zq @ (beta + b)
+    t = lambda a: torch.as_tensor(a[None], dtype=torch.float64)  # noqa: E731
+    adapted = learner.adapt(t(Xs), t(ys), track_graph=False)
+    got = learner.predict(adapted, t(Xq))[0, :, 0].numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_the_meta_gradient_reaches_the_network_and_the_prior():
+    learner = _learner()
+    tasks = SinusoidTasks(k_shot=5, random_state=0).sample(4)
+    tasks = [type(t)(np.repeat(t.X_support, 3, 1), t.y_support,
+                     np.repeat(t.X_query, 3, 1), t.y_query) for t in tasks]
+    loss, grads = learner.algorithm.meta_gradients(learner, learner.batches(tasks))
+    assert np.isfinite(float(loss))
+    assert all(float(g.abs().max()) > 0 for g in grads)
+    assert len(grads) == len(learner.meta_parameters())
+
+
+@pytest.fixture(scope="module")
+def linear_groups():
+    """Groups of a linear mixed model: random intercept and slope, noise 0.5."""
+    rng = np.random.default_rng(0)
+    X, y, g = [], [], []
+    for i in range(60):
+        n = 25
+        x = rng.normal(size=(n, 2))
+        b0, b1 = rng.normal(0, 1.0), rng.normal(0, 0.7)
+        X.append(x)
+        y.append(1.0 + b0 + (2.0 + b1) * x[:, 0] - 0.5 * x[:, 1] + rng.normal(0, 0.5, n))
+        g += [i] * n
+    return np.vstack(X), np.concatenate(y), np.array(g)
+
+
+@pytest.fixture(scope="module")
+def alpaca_est(linear_groups):
+    X, y, g = linear_groups
+    train = g < 45
+    est = MetaInitializedRegressor(algorithm="alpaca", hidden_sizes=(16,), meta_iterations=400,
+                                   meta_batch_size=8, random_state=0, verbose=0)
+    return est.meta_fit(X[train], y[train], groups=g[train])
+
+
+def test_alpaca_fits_new_groups_and_its_intervals_are_calibrated(alpaca_est, linear_groups):
+    X, y, g = linear_groups
+    inside68, inside95, errors, pooled = [], [], [], []
+    for group in range(45, 60):
+        m = np.flatnonzero(g == group)
+        s, q = m[:8], m[8:]
+        est = clone(alpaca_est).fit(X[s], y[s])
+        mean, std = est.predict(X[q], return_std=True)
+        np.testing.assert_allclose(mean, est.predict(X[q]), rtol=1e-5, atol=1e-6)
+        z = np.abs(y[q] - mean) / std
+        inside68 += list(z < 1.0)
+        inside95 += list(z < 1.96)
+        errors.append(np.mean((y[q] - mean) ** 2))
+        pooled.append(np.mean((y[q] - y[g < 45].mean()) ** 2))
+    assert np.mean(errors) < 0.5 * np.mean(pooled)
+    assert 0.55 < np.mean(inside68) < 0.80
+    assert 0.88 < np.mean(inside95) < 0.99
+
+
+def test_fit_ignores_the_inner_learning_rate_and_steps(alpaca_est, linear_groups):
+    X, y, g = linear_groups
+    m = np.flatnonzero(g == 50)
+    a = clone(alpaca_est).fit(X[m[:6]], y[m[:6]]).predict(X[m[6:]])
+    b = clone(alpaca_est).set_params(inner_lr=0.5, inner_steps=40).fit(
+        X[m[:6]], y[m[:6]]).predict(X[m[6:]])
+    np.testing.assert_allclose(a, b)
+
+
+def test_alpaca_saves_loads_and_pickles_with_its_options(alpaca_est, linear_groups, tmp_path):
+    import pickle
+
+    X, y, g = linear_groups
+    m = np.flatnonzero(g == 52)
+    ref = clone(alpaca_est).fit(X[m[:6]], y[m[:6]]).predict(X[m[6:]], return_std=True)
+    path = tmp_path / "alpaca.safetensors"
+    alpaca_est.save_meta_init(path)
+    init = MetaInit.load(path)
+    assert init.metadata["algorithm"] == "alpaca"
+    assert init.algorithm_options == {"n_features": 32}
+    loaded = MetaInitializedRegressor(meta_init=path, hidden_sizes=(16,)).fit(
+        X[m[:6]], y[m[:6]])
+    again = pickle.loads(pickle.dumps(loaded))
+    for est in (loaded, again):
+        got = est.predict(X[m[6:]], return_std=True)
+        for a, b in zip(got, ref):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_alpaca_in_task_mode_and_its_errors():
+    est = MetaInitializedRegressor(algorithm=ALPACA(n_features=8), hidden_sizes=(16,),
+                                   meta_iterations=20, meta_batch_size=4, random_state=0,
+                                   verbose=0)
+    est.meta_fit(SinusoidTasks(k_shot=5, random_state=0))
+    task = SinusoidTasks(k_shot=5, random_state=1).sample(1)[0]
+    mean, std = est.fit(task.X_support, task.y_support).predict(task.X_query,
+                                                                 return_std=True)
+    assert mean.shape == std.shape == (len(task.X_query),) and (std > 0).all()
+    with pytest.raises(ValueError, match="one target"):
+        MetaInitializedRegressor(algorithm="alpaca", meta_iterations=2).meta_fit(
+            [(np.ones((4, 1)), np.ones((4, 2)), np.ones((4, 1)), np.ones((4, 2)))])
+    with pytest.raises(ValueError, match="n_features"):
+        ALPACA(n_features=0)
+    maml = MetaInitializedRegressor(meta_iterations=2, random_state=0, verbose=0).meta_fit(
+        SinusoidTasks(k_shot=5, random_state=0)).fit(task.X_support, task.y_support)
+    with pytest.raises(ValueError, match="return_std=True needs.*alpaca"):
+        maml.predict(task.X_query, return_std=True)
