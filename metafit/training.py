@@ -372,7 +372,14 @@ def _divergence_message(
         math.isfinite(before) and not math.isfinite(after) and not (stepped and grown)
     ):
         suspect = "inner_lr"
-    if suspect == "inner_lr":
+    if suspect == "inner_lr" and not learner.algorithm.uses_inner_lr:
+        advice = (
+            f"the inner loop diverges with {learner.algorithm.name}'s learned inner rates "
+            f"(inner_lr={inner_lr:g} only starts them): lower meta_lr (now {meta_lr:g}), e.g. "
+            f"to {meta_lr / 10:g}, or set clip_grad_norm (e.g. 1), so that the rates grow "
+            "more slowly"
+        )
+    elif suspect == "inner_lr":
         advice = (
             f"the inner loop diverges: lower inner_lr (now {inner_lr:g}), e.g. to "
             f"{inner_lr / 10:g}, or use fewer inner steps; if that does not help, lower "

@@ -21,7 +21,7 @@ EXAMPLES_DIR = ROOT / "examples"
 #: file -> (extra arguments, substrings the output must contain)
 EXAMPLES = {
     "sinusoid_quickstart.py": ([], ["meta-learned initialization:", "random initialization:"]),
-    "tabular_groups.py": ([], ["one per old store", "ridge per store"]),
+    "tabular_groups.py": ([], ["new groups, 5 rows known", "ridge per group"]),
     "grid_search_pipeline.py": ([], ["best adaptation parameters", "held-out points"]),
     "omniglot.py": ([], ["5-way 1-shot", "test accuracy"]),
     "cli_tuning.sh": ([], ["best parameters", "test query MSE", "optimization_history.png"]),
@@ -30,6 +30,8 @@ EXAMPLES = {
 #: the same file run a second way
 VARIANTS = {
     "omniglot-digits-fallback": ("omniglot.py", ["--data", "/nonexistent"], ["digits 5-way"]),
+    "tabular-synthetic-fallback": ("tabular_groups.py", ["--data", "/nonexistent"],
+                                   ["synthetic table of 160 stores"]),
 }
 
 
