@@ -175,7 +175,7 @@ def run_table(name, folder, seeds, algorithms, quick):
             eps = episodes(X, y, groups, test, k, seed)
             val_eps = episodes(X, y, groups, val, k, seed + 100)
             for label, est in estimators.items():
-                def predict(Xs, ys_, Xq, est=est):
+                def predict(Xs, ys_, Xq, est=est, mean=mean, std=std, ym=ym, ys=ys):
                     # metafit takes the raw table's units: undo the benchmark's z-scores
                     est.fit(Xs * std + mean, ys_ * ys + ym)
                     return (est.predict(Xq * std + mean) - ym) / ys

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from metafit._task_types import Task, refuse_sparse
+from metafit.task_sources import check_group_labels
 
 __all__ = ["GroupEpisodes", "Standardization", "check_table", "split_groups"]
 
@@ -46,13 +47,7 @@ def check_table(X, y, groups, where: str = "meta_fit") -> tuple[np.ndarray, np.n
         )
     if groups.ndim != 1:
         raise ValueError(f"{where}: groups must be 1-D, one label per row; got {groups.shape}.")
-    missing = [i for i, g in enumerate(groups.tolist())
-               if g is None or (isinstance(g, float) and g != g)]
-    if missing:
-        raise ValueError(
-            f"{where}: groups has {len(missing)} missing label(s) (None or NaN), the first at "
-            f"row {missing[0]}; every row needs its group: drop those rows or give them a label."
-        )
+    check_group_labels(groups)
     X = X.astype(np.float64, copy=False)
     if not np.isfinite(X).all():
         raise ValueError(f"{where}: X contains NaN or infinity; clean or impute it first.")

@@ -15,7 +15,7 @@ import torch
 from metafit._checks import check_int
 from metafit._task_types import Task, TaskBatch, refuse_sparse
 
-__all__ = ["NWayKShotTasks", "SinusoidTasks", "tasks_from_groups"]
+__all__ = ["NWayKShotTasks", "SinusoidTasks", "check_group_labels", "tasks_from_groups"]
 
 
 def _rng(random_state) -> np.random.Generator:
@@ -247,7 +247,7 @@ class NWayKShotTasks(_TaskSource):
         return Task(Xs, ys, Xq, yq)
 
 
-def _check_group_labels(groups: np.ndarray) -> None:
+def check_group_labels(groups: np.ndarray) -> None:
     """Every row needs a group: None and NaN labels are refused, naming the first row."""
     missing = [
         i for i, g in enumerate(groups.tolist())
@@ -311,7 +311,7 @@ def tasks_from_groups(
         raise ValueError(
             f"X, y and groups must have the same length, got {len(X)}, {len(y)}, {len(groups)}."
         )
-    _check_group_labels(groups)
+    check_group_labels(groups)
     if isinstance(support_size, bool) or not isinstance(
         support_size, (int, float, np.integer, np.floating)
     ):

@@ -13,10 +13,11 @@ from metafit.learner import MetaLearner
 from metafit.models import MLP
 
 
-def _learner(n_in=3, n_features=4, hidden=(8,), seed=0):
+def _learner(n_in=3, n_features=4, hidden=(8,), seed=0, linear=True):
     torch.manual_seed(seed)
     net = MLP(n_in, n_features, hidden_sizes=hidden)
-    learner = MetaLearner(net, loss="mse", algorithm=ALPACA(n_features), inner_lr=0.01,
+    algorithm = ALPACA(n_features, linear_features=linear)
+    learner = MetaLearner(net, loss="mse", algorithm=algorithm, inner_lr=0.01,
                           inner_steps=1, dtype=torch.float64)
     with torch.no_grad():
         for v in learner.extras.values():
@@ -24,8 +25,10 @@ def _learner(n_in=3, n_features=4, hidden=(8,), seed=0):
     return learner
 
 
-def test_the_posterior_and_the_predictive_match_numpy_in_float64():
-    learner = _learner()
+@pytest.mark.parametrize("linear", [True, False])
+def test_the_posterior_and_the_predictive_match_numpy_in_float64(linear):
+    """Features: the network's outputs, the raw columns (``linear_features``), a 1."""
+    learner = _learner(linear=linear)
     rng = np.random.default_rng(0)
     Xs, ys = rng.normal(size=(2, 6, 3)), rng.normal(size=(2, 6))
     Xq = rng.normal(size=(2, 4, 3))
@@ -35,7 +38,9 @@ def test_the_posterior_and_the_predictive_match_numpy_in_float64():
     k0, lam0, noise = (x.detach().numpy() for x in ALPACA.prior(learner))
     def feats(X):
         with torch.no_grad():
-            return np.concatenate([learner.module(t(X)).numpy(), np.ones((len(X), 1))], 1)
+            raw = [X] if linear else []
+            return np.concatenate([learner.module(t(X)).numpy(), *raw, np.ones((len(X), 1))],
+                                  1)
 
     for i in range(2):
         P, Q = feats(Xs[i]), feats(Xq[i])
@@ -54,7 +59,7 @@ def test_with_identity_features_the_posterior_mean_is_the_mixed_models_blup():
     """y = X beta + X b + e, b ~ N(0, G), e ~ N(0, s2): the BLUP of a new group is
     X_q (beta + (G^-1 + X_s^T X_s / s2)^-1 X_s^T (y_s - X_s beta) / s2)."""
     n_in = 2
-    learner = _learner(n_in=n_in, n_features=n_in, hidden=())
+    learner = _learner(n_in=n_in, n_features=n_in, hidden=(), linear=False)
     rng = np.random.default_rng(1)
     beta = np.array([0.5, -1.0, 2.0])  # two slopes and the intercept (the constant feature)
     A = rng.normal(size=(3, 3))
@@ -154,7 +159,7 @@ def test_alpaca_saves_loads_and_pickles_with_its_options(alpaca_est, linear_grou
     alpaca_est.save_meta_init(path)
     init = MetaInit.load(path)
     assert init.metadata["algorithm"] == "alpaca"
-    assert init.algorithm_options == {"n_features": 32}
+    assert init.algorithm_options == {"n_features": 32, "linear_features": True}
     loaded = MetaInitializedRegressor(meta_init=path, hidden_sizes=(16,)).fit(
         X[m[:6]], y[m[:6]])
     again = pickle.loads(pickle.dumps(loaded))
@@ -182,3 +187,13 @@ def test_alpaca_in_task_mode_and_its_errors():
         SinusoidTasks(k_shot=5, random_state=0)).fit(task.X_support, task.y_support)
     with pytest.raises(ValueError, match="return_std=True needs.*alpaca"):
         maml.predict(task.X_query, return_std=True)
+
+
+def test_raw_columns_join_the_features_of_tables_only():
+    from metafit.models import Conv4
+
+    alpaca = ALPACA(8)
+    assert alpaca.n_inputs_used(MLP(3, 8, hidden_sizes=(16,))) == 3
+    assert alpaca.n_inputs_used(MLP(100, 8, hidden_sizes=(16,))) == 0  # too wide: not a table
+    assert alpaca.n_inputs_used(Conv4(8)) == 0  # images
+    assert ALPACA(8, linear_features=False).n_inputs_used(MLP(3, 8)) == 0

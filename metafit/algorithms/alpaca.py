@@ -32,6 +32,11 @@ __all__ = ["ALPACA"]
 _JITTER = 1e-5
 
 
+def _first_leaf(module: torch.nn.Module):
+    """The first module without children: the layer the input meets first."""
+    return next((m for m in module.modules() if not list(m.children())), None)
+
+
 class ALPACA(MetaAlgorithm):
     """Bayesian last layer with a meta-learned prior; closed-form adaptation.
 
@@ -41,6 +46,11 @@ class ALPACA(MetaAlgorithm):
         Features the network outputs (the estimator builds its module with this many
         outputs); a constant feature is added for the intercept. Regression with one
         target only.
+    linear_features : bool, default=True
+        Also give the head the network's inputs themselves, when the network starts with
+        a linear layer of at most 64 inputs (tables): the head then contains a linear
+        mixed model with random slopes on every column, and the network only adds what
+        it is not.
 
     Notes
     -----
@@ -55,15 +65,25 @@ class ALPACA(MetaAlgorithm):
     #: the noise is still overestimated after 1000 meta-iterations: intervals too wide)
     default_meta_lr = 1e-2
 
-    def __init__(self, n_features: int = 32):
+    def __init__(self, n_features: int = 32, linear_features: bool = True):
         if isinstance(n_features, bool) or not isinstance(n_features, int) or not (
             1 <= n_features <= 4096
         ):
             raise ValueError(f"n_features must be an int in [1, 4096], got {n_features!r}.")
         self.n_features = n_features
+        self.linear_features = bool(linear_features)
 
     def get_config(self):
-        return {"n_features": self.n_features}
+        return {"n_features": self.n_features, "linear_features": self.linear_features}
+
+    def n_inputs_used(self, module) -> int:
+        """How many raw inputs the head sees (0 unless ``linear_features`` applies)."""
+        if not self.linear_features:
+            return 0
+        first = next((m for m in module.modules() if isinstance(m, torch.nn.Linear)), None)
+        if first is None or first is not _first_leaf(module) or first.in_features > 64:
+            return 0
+        return first.in_features
 
     def module_outputs(self, n_outputs: int) -> int:
         if n_outputs != 1:
@@ -74,7 +94,7 @@ class ALPACA(MetaAlgorithm):
         return self.n_features
 
     def extra_parameters(self, ctx):
-        d = self.n_features + 1
+        d = self.n_features + self.n_inputs_used(ctx.module) + 1
         p = next(ctx.module.parameters())
         kw = {"dtype": p.dtype, "device": p.device}
         return {
@@ -98,7 +118,10 @@ class ALPACA(MetaAlgorithm):
     def features(self, ctx, params, X: Tensor) -> Tensor:
         """``phi(X)`` with the constant feature: (T, n, n_features + 1)."""
         out = ctx.forward(params, X)
-        return torch.cat([out, torch.ones_like(out[..., :1])], dim=-1)
+        parts = [out, torch.ones_like(out[..., :1])]
+        if ctx.extras["alpaca_prior_mean"].shape[0] > out.shape[-1] + 1:
+            parts.insert(1, X.reshape(*X.shape[:2], -1).to(out.dtype))
+        return torch.cat(parts, dim=-1)
 
     def posterior(self, ctx, params, X: Tensor, y: Tensor) -> dict[str, Tensor]:
         """The closed-form posterior of each task's head, as adapted "parameters"."""
