@@ -15,7 +15,7 @@ from torch import nn
 
 from metafit._checks import check_int
 
-__all__ = ["MLP", "Conv4", "is_stateless"]
+__all__ = ["MLP", "Conv4", "ContextMLP", "is_stateless"]
 
 _ACTIVATION_NAMES = ("relu", "tanh", "sigmoid", "gelu", "elu")
 
@@ -89,6 +89,47 @@ class MLP(nn.Module):
             if i < len(self.layers) - 1:
                 h = act(h)
         return h
+
+
+class ContextMLP(nn.Module):
+    """An :class:`MLP` whose input is the row and a small context vector: CAVIA's network.
+
+    The ``context`` parameter (zeros at the start) is what CAVIA adapts per task; the
+    MLP's weights are shared and meta-learned.
+
+    Parameters
+    ----------
+    n_inputs, n_outputs, hidden_sizes, activation
+        As for :class:`MLP` (which gets ``n_inputs + context_size`` inputs).
+    context_size : int, default=4
+        Length of the context vector.
+
+    Examples
+    --------
+    >>> net = ContextMLP(2, 1, (16,), context_size=3)
+    >>> net(torch.zeros(5, 2)).shape, net.context.shape
+    (torch.Size([5, 1]), torch.Size([3]))
+    """
+
+    preferred_forward = "vmap"
+
+    def __init__(
+        self,
+        n_inputs: int,
+        n_outputs: int,
+        hidden_sizes: Sequence[int] = (40, 40),
+        activation: str = "relu",
+        context_size: int = 4,
+    ):
+        super().__init__()
+        self.context_size = check_int("context_size", context_size)
+        self.context = nn.Parameter(torch.zeros(self.context_size))
+        self.mlp = MLP(check_int("n_inputs", n_inputs) + self.context_size, n_outputs,
+                       hidden_sizes, activation)
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        h = X.flatten(1) if X.dim() > 2 else X
+        return self.mlp(torch.cat([h, self.context.expand(len(h), -1)], dim=1))
 
 
 # --------------------------------------------------------------------------- Conv4

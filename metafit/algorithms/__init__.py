@@ -9,6 +9,7 @@ from __future__ import annotations
 from metafit.algorithms.alpaca import ALPACA
 from metafit.algorithms.anil import ANIL
 from metafit.algorithms.base import AdaptationContext, GradientMetaAlgorithm, MetaAlgorithm
+from metafit.algorithms.cavia import CAVIA
 from metafit.algorithms.joint import JointPretraining
 from metafit.algorithms.maml import FOMAML, MAML
 from metafit.algorithms.mamlpp import MAMLPlusPlus
@@ -18,6 +19,7 @@ from metafit.algorithms.reptile import Reptile
 __all__ = [
     "ALGORITHMS",
     "ALPACA",
+    "CAVIA",
     "ANIL",
     "AdaptationContext",
     "FOMAML",
@@ -33,7 +35,9 @@ __all__ = [
 
 ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
     cls.name: cls
-    for cls in (MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, ALPACA, JointPretraining)
+    for cls in (
+        MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, ALPACA, CAVIA, JointPretraining
+    )
 }
 
 

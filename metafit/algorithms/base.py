@@ -164,6 +164,12 @@ class MetaAlgorithm:
         """Whether meta-training keeps every inner step's graph (memory grows with them)."""
         return not self.first_order and not self.closed_form
 
+    def default_module(self, n_features: int, n_outputs: int, hidden_sizes, activation):
+        """``(module, constructor kwargs)`` of the network the estimator builds when it is
+        given none, or None for the default :class:`metafit.models.MLP` (CAVIA's has a
+        context input)."""
+        return None
+
     def module_outputs(self, n_outputs: int) -> int:
         """Outputs of the network for ``n_outputs`` targets (ALPACA's: its features)."""
         return n_outputs

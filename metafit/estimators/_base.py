@@ -73,13 +73,15 @@ class MetaInitializedEstimator(BaseEstimator):
     activation : str, default="relu"
         Activation of the default MLP.
     algorithm : {"maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "alpaca", \
-"joint"} or MetaAlgorithm, default="maml"
+"cavia", "joint"} or MetaAlgorithm, default="maml"
         Meta-learning algorithm used by :meth:`meta_fit` (an instance such as
         ``MAMLPlusPlus(learn_inner_lr=False)`` sets its options); it also decides what
         ``fit`` adapts (ANIL: the head only; Meta-SGD and MAML++: with their learned
         rates). ``fit`` always uses the algorithm and options of the initialization.
         ``"alpaca"`` puts a Bayesian linear head with a meta-learned prior on the network
         (closed-form ``fit``, ``predict(X, return_std=True)``; regression, one target).
+        ``"cavia"`` adapts only a context vector fed to the network (its own
+        ``context_lr``; the default network is :class:`metafit.models.ContextMLP`).
         ``"joint"`` is the baseline without meta-learning: one network trained on all
         tasks' rows pooled, which ``fit`` fine-tunes.
     inner_lr : float, default=0.01

@@ -80,6 +80,12 @@ class LearnerFactory:
     def make_module(self, n_features: int, n_outputs: int) -> tuple[nn.Module, dict]:
         """A new network and the constructor arguments that rebuild it."""
         if self.module is None:
+            own = get_algorithm(self.algorithm).default_module(
+                n_features, n_outputs, [int(h) for h in layer_widths(self.hidden_sizes)],
+                self.activation,
+            )
+            if own is not None:  # CAVIA's network with a context input
+                return own
             kwargs = {
                 "n_inputs": int(n_features),
                 "n_outputs": int(n_outputs),
