@@ -20,20 +20,138 @@ import numpy as np
 from metafit._task_types import Task, refuse_sparse
 from metafit.task_sources import check_group_labels
 
-__all__ = ["GroupEpisodes", "Standardization", "check_table", "split_groups"]
+__all__ = [
+    "CategoricalEncoding",
+    "GroupEpisodes",
+    "Standardization",
+    "check_table",
+    "split_groups",
+]
+
+
+#: at most this many categories per column: more is an identifier, not a category
+_MAX_CATEGORIES = 1000
+
+
+@dataclass(frozen=True)
+class CategoricalEncoding:
+    """One-hot columns for a DataFrame's categorical and object columns, learned from the
+    meta-training rows (scikit-learn's ``categorical_features="from_dtype"``).
+
+    Numeric columns pass unchanged; a category unseen in meta-training (a new school's
+    new district) encodes as all zeros. Saved in the meta-learned initialization's
+    metadata, so that ``fit`` and ``predict`` encode a new group's rows the same way.
+    """
+
+    columns: tuple[str, ...]
+    categories: dict  # column -> tuple of category labels (as strings)
+
+    @classmethod
+    def fit(cls, frame) -> CategoricalEncoding | None:
+        """The encoding of ``frame``'s non-numeric columns, or None when all are numeric."""
+        if not hasattr(frame, "select_dtypes"):
+            return None
+        cats = list(frame.select_dtypes(include=["category", "object", "string"]).columns)
+        if not cats:
+            return None
+        found = {}
+        for col in cats:
+            values = frame[col]
+            if values.isna().any():
+                raise ValueError(
+                    f"meta_fit: categorical column {col!r} has missing values; fill them "
+                    "(e.g. with 'missing') first."
+                )
+            labels = sorted({str(v) for v in values})
+            if len(labels) > _MAX_CATEGORIES:
+                raise ValueError(
+                    f"meta_fit: column {col!r} has {len(labels)} distinct values, too many "
+                    "for a category (an identifier?); drop it or encode it yourself."
+                )
+            found[str(col)] = tuple(labels)
+        return cls(tuple(str(c) for c in frame.columns), found)
+
+    @property
+    def n_encoded(self) -> int:
+        """Columns after encoding."""
+        return sum(len(self.categories.get(c, (None,))) for c in self.columns)
+
+    def transform(self, frame, where: str = "fit") -> np.ndarray:
+        """The encoded float64 array of ``frame`` (a DataFrame with the same columns)."""
+        if not hasattr(frame, "columns"):
+            raise TypeError(
+                f"{where}: this initialization was meta-trained on a DataFrame with "
+                f"categorical columns {sorted(self.categories)}; pass a DataFrame with the "
+                f"columns {list(self.columns)}."
+            )
+        names = [str(c) for c in frame.columns]
+        missing = [c for c in self.columns if c not in names]
+        if missing:
+            raise ValueError(f"{where}: X lacks the columns {missing} of meta-training.")
+        frame = frame.rename(columns=str)
+        parts = []
+        for col in self.columns:
+            if col in self.categories:
+                labels = self.categories[col]
+                codes = {label: i for i, label in enumerate(labels)}
+                idx = np.array([codes.get(str(v), -1) for v in frame[col]])
+                onehot = np.zeros((len(frame), len(labels)))
+                seen = idx >= 0
+                onehot[np.flatnonzero(seen), idx[seen]] = 1.0
+                parts.append(onehot)
+            else:
+                try:
+                    parts.append(frame[col].to_numpy(np.float64).reshape(-1, 1))
+                except (TypeError, ValueError):
+                    raise ValueError(
+                        f"{where}: column {col!r} was numeric in meta-training but is not "
+                        "here."
+                    ) from None
+        return np.hstack(parts)
+
+    def to_metadata(self) -> dict:
+        return {"columns": list(self.columns),
+                "categories": {k: list(v) for k, v in self.categories.items()}}
+
+    @classmethod
+    def from_metadata(cls, value, n_features: int | None = None) -> CategoricalEncoding:
+        """Rebuild from :meth:`to_metadata`'s dict; a ValueError says what is malformed."""
+        ok = (
+            isinstance(value, dict) and isinstance(value.get("columns"), list)
+            and isinstance(value.get("categories"), dict)
+            and all(isinstance(c, str) for c in value["columns"])
+            and all(isinstance(v, list) and all(isinstance(x, str) for x in v)
+                    for v in value["categories"].values())
+            and set(value["categories"]) <= set(value["columns"])
+        )
+        if not ok:
+            raise ValueError("'encoding' must hold columns (strings) and categories "
+                             "(lists of strings, for some of the columns)")
+        out = cls(tuple(value["columns"]),
+                  {k: tuple(v) for k, v in value["categories"].items()})
+        if n_features is not None and out.n_encoded != n_features:
+            raise ValueError(f"'encoding' makes {out.n_encoded} columns for {n_features} "
+                             "features")
+        return out
 
 
 def check_table(X, y, groups, where: str = "meta_fit") -> tuple[np.ndarray, np.ndarray,
                                                                 np.ndarray]:
     """``X`` (2-D float64), ``y`` and ``groups`` as arrays of one length, or a clear error."""
     refuse_sparse(where, X=X, y=y, groups=groups)
-    if hasattr(X, "select_dtypes") and len(X.select_dtypes(exclude="number").columns):
-        bad = list(X.select_dtypes(exclude="number").columns)[:3]
+    if hasattr(X, "select_dtypes") and len(X.select_dtypes(exclude=["number", "bool"]).columns):
+        bad = list(X.select_dtypes(exclude=["number", "bool"]).columns)[:3]
         raise ValueError(
-            f"{where}: X has non-numeric columns {bad}; encode them first (e.g. "
-            "sklearn.preprocessing.OneHotEncoder, or pandas.get_dummies)."
+            f"{where}: X has non-numeric columns {bad}; set categorical_features="
+            "'from_dtype' (one-hot inside), or encode them first (OneHotEncoder)."
         )
-    X = np.asarray(X, dtype=np.float64) if not isinstance(X, np.ndarray) else X
+    if not isinstance(X, np.ndarray):
+        try:
+            X = np.asarray(X, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"{where}: X must be numeric; encode text or categorical columns first."
+            ) from None
     y, groups = np.asarray(y), np.asarray(groups)
     if X.ndim != 2:
         raise ValueError(

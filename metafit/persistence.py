@@ -149,11 +149,15 @@ def _check_metadata(path: str, metadata) -> None:
             raise ValueError(
                 f"{path!r}: metadata {key!r} must be a {kind.__name__}, got {value!r}."
             )
-    if "standardization" in metadata:
-        from metafit.grouped import Standardization
+    if "standardization" in metadata or "encoding" in metadata:
+        from metafit.grouped import CategoricalEncoding, Standardization
 
         try:
-            Standardization.from_metadata(metadata["standardization"], metadata["n_features"])
+            if "standardization" in metadata:
+                Standardization.from_metadata(metadata["standardization"],
+                                              metadata["n_features"])
+            if "encoding" in metadata:
+                CategoricalEncoding.from_metadata(metadata["encoding"], metadata["n_features"])
         except ValueError as exc:
             raise ValueError(f"{path!r}: metadata {exc}; the file is damaged.") from None
 

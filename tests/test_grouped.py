@@ -231,3 +231,74 @@ def test_task_mode_still_takes_validation_tasks_as_the_second_argument():
     assert "standardization" not in est.meta_init_.metadata
     with pytest.raises(TypeError, match="twice"):
         est.meta_fit(tasks, val, validation_tasks=val)
+
+
+def _table_with_categories(seed=0):
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(seed)
+    n_groups, per = 24, 12
+    groups = np.repeat(np.arange(n_groups), per)
+    kind = rng.choice(["house", "flat", "farm"], size=len(groups))
+    effect = {"house": 2.0, "flat": -1.0, "farm": 0.5}
+    x = rng.normal(size=len(groups))
+    y = rng.normal(size=n_groups)[groups] + x + np.array([effect[k] for k in kind])
+    frame = pd.DataFrame({"x": x, "kind": pd.Categorical(kind), "note": kind.astype(object)})
+    return frame, y, groups
+
+
+def test_categorical_columns_are_one_hot_from_the_dtype_and_unseen_ones_are_zeros():
+    pd = pytest.importorskip("pandas")
+    frame, y, groups = _table_with_categories()
+    est = MetaInitializedRegressor(**{**QUICK, "meta_iterations": 60})
+    est.meta_fit(frame, y, groups=groups)
+    meta = est.meta_init_.metadata
+    assert meta["encoding"]["categories"] == {"kind": ["farm", "flat", "house"],
+                                              "note": ["farm", "flat", "house"]}
+    assert meta["n_features"] == 1 + 3 + 3
+    est.fit(frame.iloc[:6], y[:6])
+    assert est.n_features_in_ == 3 and list(est.feature_names_in_) == ["x", "kind", "note"]
+    pred = est.predict(frame.iloc[6:12])
+    assert pred.shape == (6,) and np.isfinite(pred).all()
+    # A category never seen in meta-training: all zeros in its one-hot block.
+    new = frame.iloc[6:12].copy()
+    new["note"] = "castle"
+    new["kind"] = pd.Categorical(["castle"] * 6)
+    assert np.isfinite(est.predict(new)).all()
+    from metafit.grouped import CategoricalEncoding
+
+    enc = CategoricalEncoding.from_metadata(meta["encoding"], meta["n_features"])
+    encoded = enc.transform(new)
+    assert encoded.shape == (6, 7) and encoded[:, 1:].sum() == 0
+    # Columns in another order are matched by name; a missing one is named.
+    assert np.allclose(est.predict(frame.iloc[6:12][["note", "x", "kind"]]), pred)
+    with pytest.raises(ValueError, match=r"lacks the columns \['kind'\]"):
+        est.predict(frame.iloc[6:12][["x", "note"]])
+    with pytest.raises(TypeError, match="pass a DataFrame"):
+        est.predict(np.zeros((3, 3)))
+
+
+def test_the_encoding_travels_with_save_clone_and_pickle(tmp_path):
+    frame, y, groups = _table_with_categories()
+    est = MetaInitializedRegressor(**QUICK).meta_fit(frame, y, groups=groups)
+    ref = clone(est).fit(frame.iloc[:6], y[:6]).predict(frame.iloc[6:12])
+    path = tmp_path / "cat.safetensors"
+    est.save_meta_init(path)
+    loaded = MetaInitializedRegressor(meta_init=path, hidden_sizes=(16,))
+    for other in (loaded.fit(frame.iloc[:6], y[:6]),
+                  pickle.loads(pickle.dumps(clone(est).fit(frame.iloc[:6], y[:6])))):
+        np.testing.assert_allclose(other.predict(frame.iloc[6:12]), ref, rtol=1e-5)
+
+
+def test_categorical_columns_can_be_refused_and_bad_ones_are_named():
+    frame, y, groups = _table_with_categories()
+    with pytest.raises(ValueError, match="non-numeric columns.*from_dtype"):
+        MetaInitializedRegressor(**QUICK, categorical_features=None).meta_fit(
+            frame, y, groups=groups)
+    holes = frame.copy()
+    holes.loc[3, "note"] = None
+    with pytest.raises(ValueError, match="'note' has missing values"):
+        MetaInitializedRegressor(**QUICK).meta_fit(holes, y, groups=groups)
+    ids = pytest.importorskip("pandas").concat([frame] * 5, ignore_index=True)
+    ids["note"] = [f"id{i}" for i in range(len(ids))]  # 1,440 distinct values
+    with pytest.raises(ValueError, match="too many for a category"):
+        MetaInitializedRegressor(**QUICK).meta_fit(ids, np.tile(y, 5), groups=np.tile(groups, 5))

@@ -34,7 +34,7 @@ from metafit.estimators._inputs import SeededTorch, fast_X, fast_xy, seed_from, 
 from metafit.estimators._learners import LearnerFactory, learner_factory
 from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done
 from metafit.estimators._params import check_params
-from metafit.estimators._table_mode import meta_fit_inputs, standardization_of
+from metafit.estimators._table_mode import TablePreprocessing, meta_fit_inputs
 from metafit.estimators._targets import TargetKind
 from metafit.models import MLP, is_stateless
 from metafit.persistence import MetaInit
@@ -166,6 +166,12 @@ class MetaInitializedEstimator(BaseEstimator):
         new groups arrive). Their episodes are the validation tasks: the initialization
         with the lowest validation loss is kept, and ``patience`` may stop early. 0 or
         None holds nothing out.
+    categorical_features : {"from_dtype"} or None, default="from_dtype"
+        Table mode: DataFrame columns of categorical, object or string dtype are one-hot
+        encoded with the categories of the meta-training rows (a category unseen then
+        encodes as zeros in ``fit`` and ``predict``), as scikit-learn's
+        ``HistGradientBoostingRegressor`` reads them from the dtype. None refuses
+        non-numeric columns.
     **kwargs
         ``module__<name>`` constructor arguments of a module class.
 
@@ -222,6 +228,7 @@ class MetaInitializedEstimator(BaseEstimator):
         n_threads=None,
         support_range=(2, 10),
         validation_fraction=0.2,
+        categorical_features="from_dtype",
         **kwargs,
     ):
         self.module = module
@@ -251,6 +258,7 @@ class MetaInitializedEstimator(BaseEstimator):
         self.n_threads = n_threads
         self.support_range = support_range
         self.validation_fraction = validation_fraction
+        self.categorical_features = categorical_features
         # Stored unvalidated (sklearn rule: __init__ only stores); any name other than
         # module__<name> is rejected by fit/meta_fit, not here.
         self._extra_params = tuple(k for k in kwargs if not k.startswith("module__"))
@@ -386,14 +394,14 @@ class MetaInitializedEstimator(BaseEstimator):
         self._check_params()
         previous = None
         if self.warm_start and groups is not None:
-            previous = standardization_of(
+            previous = TablePreprocessing.of(
                 self.meta_init_ if hasattr(self, "meta_init_") else self._fit_init()
             )
-        tasks, validation_tasks, standardization = meta_fit_inputs(
+        tasks, validation_tasks, prep = meta_fit_inputs(
             self, X, y, groups, validation_tasks, regression=self._target.regression,
             previous=previous,
         )
-        run = MetaFitRun(self, self._target, standardization)
+        run = MetaFitRun(self, self._target, None if prep is None else prep.metadata())
         stream, val = run.read_tasks(tasks, validation_tasks)
         resume = None
         if self.warm_start:
@@ -507,14 +515,14 @@ class MetaInitializedEstimator(BaseEstimator):
             (factory or self._factory()).check_kind(init)
         return init
 
-    def _scaling_for(self, init: MetaInit | None):
-        """The standardization saved with ``init`` (table mode), parsed once per init."""
-        cached = self.__dict__.get("_scaling_of")
+    def _preprocessing_for(self, init: MetaInit | None) -> TablePreprocessing | None:
+        """Table mode's encoding and standardization saved with ``init``, parsed once."""
+        cached = self.__dict__.get("_prep_of")
         if cached is not None and cached[0] is init:
             return cached[1]
-        scaling = standardization_of(init)
-        self._scaling_of = (init, scaling)
-        return scaling
+        prep = TablePreprocessing.of(init)
+        self._prep_of = (init, prep)
+        return prep
 
     # ------------------------------------------------------------------ adaptation
 
@@ -522,10 +530,17 @@ class MetaInitializedEstimator(BaseEstimator):
         """``fit`` of both estimators: validate, encode ``y`` by the target kind, adapt."""
         with unchanged_on_error(self):
             self._check_params()
-            X, y, fast = self._fit_data(X, y)
-            target = self._target.encode(y, fast)
             factory = self._factory()
             init = self._fit_init(factory)
+            prep = self._preprocessing_for(init)
+            encoding = None if prep is None else prep.encoding
+            if encoding is not None:  # categorical columns, one-hot as in meta-training
+                X = encoding.transform(X, "fit")
+            X, y, fast = self._fit_data(X, y)
+            if encoding is not None:  # scikit-learn's convention: the columns given
+                self.n_features_in_ = len(encoding.columns)
+                self.feature_names_in_ = np.asarray(encoding.columns, dtype=object)
+            target = self._target.encode(y, fast)
             mlp = f"{MLP.__module__}.{MLP.__qualname__}"
             if self.module is None and X.ndim != 2 and (init is None or init.spec.get(
                     "class") == mlp):
@@ -541,12 +556,11 @@ class MetaInitializedEstimator(BaseEstimator):
                     "meta-training."
                 )
             self._target.check_init(init, target)
-            scaling = self._scaling_for(init)
-            if scaling is not None:  # table mode: the network works in standardized units
-                X = scaling.transform_X(X.reshape(len(X), -1)).reshape(X.shape)
+            if prep is not None:  # table mode: the network works in standardized units
+                X = prep.scaling.transform_X(X.reshape(len(X), -1)).reshape(X.shape)
                 if self._target.regression:
-                    target.y = scaling.transform_y(target.y)
-            self._scaling = scaling
+                    target.y = prep.scaling.transform_y(target.y)
+            self._table_prep = prep
             self.__dict__.update(target.fitted)
             self._fit_outputs = target.n_outputs
             self._adapt(X, target.y, init, factory)
@@ -639,14 +653,19 @@ class MetaInitializedEstimator(BaseEstimator):
     def _check_X_predict(self, X) -> np.ndarray:
         """Validated float32 X for prediction (fast path: ``_inputs.fast_X``)."""
         check_is_fitted(self)
+        prep = self.__dict__.get("_table_prep")
+        if prep is not None and prep.encoding is not None:
+            X = prep.encoding.transform(X, "predict")
+            if not np.isfinite(X).all():
+                raise ValueError("predict: X contains NaN or infinity; clean or impute it.")
+            return prep.scaling.transform_X(X)
         checked = None if "feature_names_in_" in self.__dict__ else fast_X(X, self.n_features_in_)
         if checked is None:
             checked = validate_data(self, X, dtype=np.float32, reset=False, allow_nd=True)
             checked = checked if checked.flags.writeable else checked.copy()
         X = checked
-        scaling = self.__dict__.get("_scaling")
-        if scaling is not None:
-            X = scaling.transform_X(X.reshape(len(X), -1)).reshape(X.shape)
+        if prep is not None:
+            X = prep.scaling.transform_X(X.reshape(len(X), -1)).reshape(X.shape)
         return X
 
     def _raw_predict(self, X: np.ndarray) -> torch.Tensor:

@@ -104,16 +104,17 @@ class MetaFitRun:
         Its parameters are read, never assigned (the shell hands over its fitted state
         explicitly, in :meth:`warm_start_point`).
     target : TargetKind
-    standardization : metafit.grouped.Standardization, optional
-        Table mode: saved with the initialization; the best validation state is kept.
+    table_metadata : dict, optional
+        Table mode: the preprocessing's ``MetaInit.metadata`` entries (standardization,
+        encoding), saved with the initialization; the best validation state is kept.
     """
 
-    def __init__(self, est, target, standardization=None):
+    def __init__(self, est, target, table_metadata=None):
         self.est = est
         self.target = target
         self.factory = LearnerFactory.of(est, target)
         self.user_callbacks: list[tuple[str, object]] = []
-        self.standardization = standardization
+        self.table_metadata = table_metadata
 
     # ------------------------------------------------------------------ before training
 
@@ -215,7 +216,7 @@ class MetaFitRun:
                     learner, parallel, stream, val, resume, callbacks, best, stopper
                 )
         use_best = (
-            result.interrupted or est.patience is not None or self.standardization is not None
+            result.interrupted or est.patience is not None or self.table_metadata is not None
         )
         return self._outcome(result, resume, best, stopper, use_best)
 
@@ -291,8 +292,8 @@ class MetaFitRun:
             "loss": self.target.loss,
             "versions": _versions(),
         }
-        if self.standardization is not None:
-            metadata["standardization"] = self.standardization.to_metadata()
+        if self.table_metadata is not None:
+            metadata.update(self.table_metadata)
         return metadata, spec
 
     def _learner_meta_init(self, learner, iteration: int) -> MetaInit:

@@ -80,8 +80,12 @@ def _checker(rule: Param):
         choices = rule.choices
 
         def check(name, value):
-            if isinstance(value, str) and value in choices:
+            if (isinstance(value, str) and value in choices) or (value is None and allow):
                 return
+            if allow:
+                raise ValueError(
+                    f"{name} must be None or one of {', '.join(choices)}; got {value!r}."
+                )
             if len(choices) == 2:
                 raise ValueError(f'{name} must be "{choices[0]}" or "{choices[1]}", got {value!r}.')
             raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}.")
@@ -304,6 +308,7 @@ PARAMETERS: dict[str, Param] = {
     "n_threads": Param("int", minimum=1, nullable=True),
     "support_range": Param("range"),
     "validation_fraction": Param("fraction", nullable=True),
+    "categorical_features": Param("choice", choices=("from_dtype",), nullable=True),
 }
 
 

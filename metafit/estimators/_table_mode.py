@@ -18,6 +18,7 @@ import numpy as np
 from metafit._task_types import Task, iter_meta_batches
 from metafit.estimators._inputs import seed_from
 from metafit.grouped import (
+    CategoricalEncoding,
     GroupEpisodes,
     Standardization,
     check_table,
@@ -28,12 +29,46 @@ from metafit.grouped import (
 )
 
 __all__ = [
+    "TablePreprocessing",
     "TableTasks",
     "meta_fit_inputs",
-    "standardization_of",
     "standardize_tasks",
     "table_tasks",
 ]
+
+
+@dataclass(frozen=True)
+class TablePreprocessing:
+    """What table mode learned from the meta-training rows and saves with the
+    initialization: the one-hot encoding of categorical columns (if any) and the
+    standardization. ``fit`` and ``predict`` apply it; predictions are put back in the
+    target's units with ``scaling.inverse_y``."""
+
+    scaling: Standardization
+    encoding: CategoricalEncoding | None = None
+
+    @classmethod
+    def of(cls, init) -> TablePreprocessing | None:
+        """The preprocessing saved with a meta-learned initialization, if any."""
+        if init is None or "standardization" not in init.metadata:
+            return None
+        meta = init.metadata
+        encoding = None
+        if "encoding" in meta:
+            encoding = CategoricalEncoding.from_metadata(meta["encoding"], init.n_features)
+        return cls(Standardization.from_metadata(meta["standardization"], init.n_features),
+                   encoding)
+
+    def metadata(self) -> dict:
+        """The ``MetaInit.metadata`` entries."""
+        out = {"standardization": self.scaling.to_metadata()}
+        if self.encoding is not None:
+            out["encoding"] = self.encoding.to_metadata()
+        return out
+
+    def encode(self, X, where: str = "fit"):
+        """``X`` with the categorical columns one-hot (unchanged without any)."""
+        return X if self.encoding is None else self.encoding.transform(X, where)
 
 
 @dataclass(frozen=True)
@@ -42,18 +77,18 @@ class TableTasks:
 
     episodes: GroupEpisodes
     validation: list | None
-    standardization: Standardization
+    preprocessing: TablePreprocessing
     n_train_groups: int
     n_validation_groups: int
 
 
 def meta_fit_inputs(est, X, y, groups, validation_tasks, *, regression: bool, previous=None):
-    """``(tasks, validation tasks, standardization or None)`` of ``meta_fit``'s two modes.
+    """``(tasks, validation tasks, TablePreprocessing or None)`` of ``meta_fit``'s modes.
 
     Without ``groups``, ``X`` holds the tasks and ``y`` the validation tasks (the
     positional form ``meta_fit(tasks, validation_tasks)``). With ``groups``, the table is
-    split, standardized and sampled (:func:`table_tasks`; ``previous`` is the
-    standardization of a warm start), and user-given validation tasks are standardized.
+    encoded, split, standardized and sampled (:func:`table_tasks`; ``previous`` is the
+    preprocessing of a warm start), and user-given validation tasks are standardized.
     """
     if groups is None:
         if y is not None and validation_tasks is not None:
@@ -62,18 +97,11 @@ def meta_fit_inputs(est, X, y, groups, validation_tasks, *, regression: bool, pr
                 "argument and keyword); for a table, pass groups=."
             )
         return X, (y if validation_tasks is None else validation_tasks), None
-    table = table_tasks(est, X, y, groups, regression=regression, scaling=previous)
-    scaling = table.standardization
+    table = table_tasks(est, X, y, groups, regression=regression, previous=previous)
+    prep = table.preprocessing
     if validation_tasks is None:
-        return table.episodes, table.validation, scaling
-    return table.episodes, standardize_tasks(validation_tasks, scaling), scaling
-
-
-def standardization_of(init) -> Standardization | None:
-    """The standardization saved with a meta-learned initialization, if any."""
-    if init is None or "standardization" not in init.metadata:
-        return None
-    return Standardization.from_metadata(init.metadata["standardization"], init.n_features)
+        return table.episodes, table.validation, prep
+    return table.episodes, standardize_tasks(validation_tasks, prep.scaling), prep
 
 
 def standardize_tasks(tasks, scaling: Standardization) -> list[Task]:
@@ -88,11 +116,13 @@ def standardize_tasks(tasks, scaling: Standardization) -> list[Task]:
     return out
 
 
-def table_tasks(est, X, y, groups, *, regression: bool, scaling=None) -> TableTasks:
-    """Split, standardize and sample the table ``(X, y, groups)`` for ``est.meta_fit``.
+def table_tasks(est, X, y, groups, *, regression: bool, previous=None) -> TableTasks:
+    """Encode, split, standardize and sample the table ``(X, y, groups)`` for
+    ``est.meta_fit``.
 
-    ``scaling`` (warm start) is the standardization of the initialization to continue;
-    otherwise it is learned from the meta-training rows.
+    ``previous`` (warm start) is the preprocessing of the initialization to continue;
+    otherwise it is learned from the rows (the standardization from the meta-training
+    rows only).
 
     Raises
     ------
@@ -110,11 +140,17 @@ def table_tasks(est, X, y, groups, *, regression: bool, scaling=None) -> TableTa
         )
     if y is None:
         raise TypeError("meta_fit(X, y, groups=groups) needs y, the target of each row.")
+    encoding = previous.encoding if previous is not None else None
+    if previous is None and est.categorical_features == "from_dtype":
+        encoding = CategoricalEncoding.fit(X)
+    if encoding is not None:
+        X = encoding.transform(X, "meta_fit")
     X, y, groups = check_table(X, y, groups)
     if not np.issubdtype(y.dtype, np.number):
         raise ValueError(f"meta_fit: y must be numeric for a regressor, got dtype {y.dtype}.")
     rng = np.random.default_rng(seed_from(est.random_state))
     train, val = split_groups(groups, est.validation_fraction, rng)
+    scaling = previous.scaling if previous is not None else None
     if scaling is None:
         scaling = Standardization.fit(X[train], y[train])
     elif len(scaling.x_mean) != X.shape[1]:
@@ -140,5 +176,6 @@ def table_tasks(est, X, y, groups, *, regression: bool, scaling=None) -> TableTa
         validation = validation_episodes(Xs[val], ys[val], groups[val], support_size=k,
                                          rng=rng) or None
     return TableTasks(
-        episodes, validation, scaling, len(sizes), len(np.unique(groups[val]))
+        episodes, validation, TablePreprocessing(scaling, encoding), len(sizes),
+        len(np.unique(groups[val])),
     )

@@ -69,7 +69,8 @@ class MetaInitializedRegressor(RegressorMixin, MetaInitializedEstimator):
             Only with ``return_std=True``; in the units of ``y``.
         """
         X = self._check_X_predict(X)
-        scaling = self.__dict__.get("_scaling")
+        prep = self.__dict__.get("_table_prep")
+        scaling = None if prep is None else prep.scaling
         if return_std:
             mean, std = self._predict_distribution(X)
             if scaling is not None:
