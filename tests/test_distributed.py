@@ -45,6 +45,9 @@ FITS = {
     "fomaml_unequal": (dict(algorithm="fomaml", meta_batch_size=5, random_state=0), True),
     "reptile": (dict(algorithm="reptile", meta_batch_size=4, random_state=0), True),
     "maml_unseeded": (dict(algorithm="maml", meta_batch_size=4, random_state=None), True),
+    # the group algorithms: a closed-form head, and a context adapted alone
+    "alpaca": (dict(algorithm="alpaca", meta_batch_size=4, random_state=0), False),
+    "cavia": (dict(algorithm="cavia", meta_batch_size=4, random_state=0), True),
 }
 
 
@@ -238,7 +241,7 @@ def two_rank_fits(tmp_path_factory):
     return out, ranks
 
 
-@pytest.mark.parametrize("name", ["maml", "fomaml_unequal", "reptile"])
+@pytest.mark.parametrize("name", ["maml", "fomaml_unequal", "reptile", "alpaca", "cavia"])
 def test_two_ranks_equal_one_process_on_the_same_tasks(two_rank_fits, no_launch, name):
     _, ranks = two_rank_fits
     reference = _fit(FITS[name][0])
@@ -269,7 +272,7 @@ def test_group_cleanup_and_rank0_files(two_rank_fits):
     for rank in ranks:
         # meta_fit destroyed the group it created from the environment, not the test's.
         assert rank["flags"] == {"maml": False, "fomaml_unequal": True, "reptile": True,
-                                 "maml_unseeded": True}
+                                 "maml_unseeded": True, "alpaca": True, "cavia": True}
     for name in FITS:
         assert (out / f"ckpt_{name}_0.safetensors").exists()
         assert not (out / f"ckpt_{name}_1.safetensors").exists()

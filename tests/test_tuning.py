@@ -543,3 +543,22 @@ def test_the_default_space_tunes_only_what_fit_reads():
     est = MetaInitializedRegressor(algorithm="metasgd", meta_iterations=2, random_state=0,
                                    verbose=0).meta_fit(SinusoidTasks(k_shot=4))
     assert set(default_search_space(est.set_params(algorithm="maml"))) == {"inner_steps"}
+
+
+def test_the_group_algorithms_tune_like_the_others():
+    """CAVIA tunes its inner steps (its context rate is its own); ALPACA, which has no
+    inner loop, is tuned in meta mode."""
+    from metafit import MetaInitializedRegressor, SinusoidTasks
+    from metafit.tuning import tune
+
+    tasks = SinusoidTasks(k_shot=5, random_state=0)
+    val = SinusoidTasks(k_shot=5, random_state=1).sample(5)
+    cavia = MetaInitializedRegressor(algorithm="cavia", hidden_sizes=(8,), meta_iterations=3,
+                                     meta_batch_size=4, random_state=0, verbose=0)
+    study = tune(cavia.meta_fit(tasks), tasks, validation_tasks=val, n_trials=2)
+    assert set(study.best_params) == {"inner_steps"}
+    alpaca = MetaInitializedRegressor(algorithm="alpaca", hidden_sizes=(8,), meta_iterations=3,
+                                      meta_batch_size=4, random_state=0, verbose=0)
+    study = tune(alpaca, tasks, validation_tasks=val, n_trials=2, mode="meta",
+                 search_space={"meta_lr": {"low": 1e-3, "high": 1e-1, "log": True}})
+    assert len(study.trials) == 2 and "meta_lr" in study.best_params
