@@ -150,7 +150,10 @@ def _frozen_mid_trial(url, name) -> bool:
         trials = _study(url, name).get_trials(deepcopy=False)
     except Exception:  # a storage write of the frozen worker holds a lock: look again later
         return False
-    return bool(trials) and trials[-1].state == TrialState.RUNNING
+    # All parameters drawn: a worker frozen between two suggestions (seen on a loaded
+    # machine) would leave a retry that draws the rest anew, unlike the killed trial.
+    return (bool(trials) and trials[-1].state == TrialState.RUNNING
+            and set(trials[-1].params) == {"inner_lr", "inner_steps"})
 
 
 def _kill_mid_trial(workdir, url, name, *extra):
