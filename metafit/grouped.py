@@ -152,7 +152,7 @@ def check_table(X, y, groups, where: str = "meta_fit") -> tuple[np.ndarray, np.n
             raise ValueError(
                 f"{where}: X must be numeric; encode text or categorical columns first."
             ) from None
-    y, groups = np.asarray(y), np.asarray(groups)
+    y, groups = np.asarray(y), group_codes(groups, where)
     if X.ndim != 2:
         raise ValueError(
             f"{where}: X must be 2-D (n_samples, n_features), got shape {X.shape}; reshape "
@@ -163,15 +163,45 @@ def check_table(X, y, groups, where: str = "meta_fit") -> tuple[np.ndarray, np.n
             f"{where}: X, y and groups must have the same length, got {len(X)}, {len(y)} "
             f"and {len(groups)}."
         )
-    if groups.ndim != 1:
-        raise ValueError(f"{where}: groups must be 1-D, one label per row; got {groups.shape}.")
-    check_group_labels(groups)
+    if len(X) == 0:
+        raise ValueError(f"{where}: X is empty (0 rows); table mode needs the old groups' rows.")
     X = X.astype(np.float64, copy=False)
     if not np.isfinite(X).all():
         raise ValueError(f"{where}: X contains NaN or infinity; clean or impute it first.")
     if np.issubdtype(y.dtype, np.number) and not np.isfinite(y).all():
         raise ValueError(f"{where}: y contains NaN or infinity; clean or impute it first.")
     return X, y, groups
+
+
+def group_codes(groups, where: str = "meta_fit") -> np.ndarray:
+    """Integer codes of any hashable group labels (strings and ints mixed, tuples), in
+    order of first appearance; None and NaN labels are refused, naming the first row."""
+    if isinstance(groups, np.ndarray):
+        if groups.ndim != 1:
+            raise ValueError(
+                f"{where}: groups must be 1-D, one label per row; got shape {groups.shape}."
+            )
+        values = groups.tolist()
+    else:
+        values = list(groups)
+    check_group_labels(np.array(values + [None], dtype=object)[:-1])
+    index: dict = {}
+    try:
+        return np.fromiter((index.setdefault(g, len(index)) for g in values), dtype=np.int64,
+                           count=len(values))
+    except TypeError:
+        raise ValueError(
+            f"{where}: group labels must be hashable (strings, numbers, tuples); got "
+            f"{type(next(g for g in values if not _hashable(g))).__name__}."
+        ) from None
+
+
+def _hashable(value) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def split_groups(

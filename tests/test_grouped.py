@@ -302,3 +302,31 @@ def test_categorical_columns_can_be_refused_and_bad_ones_are_named():
     ids["note"] = [f"id{i}" for i in range(len(ids))]  # 1,440 distinct values
     with pytest.raises(ValueError, match="too many for a category"):
         MetaInitializedRegressor(**QUICK).meta_fit(ids, np.tile(y, 5), groups=np.tile(groups, 5))
+
+
+def test_group_labels_of_any_hashable_kind_and_an_empty_table():
+    X, y, groups = grouped_table(n_groups=6, sizes=(8, 9))
+    mixed = np.array([int(g[1:]) if int(g[1:]) % 2 else g for g in groups], dtype=object)
+    tuples = [(g, 1) for g in groups]
+    for labels in (mixed, tuples):
+        est = MetaInitializedRegressor(**{**QUICK, "meta_iterations": 3})
+        assert est.meta_fit(X, y, groups=labels).meta_init_.metadata["iteration"] == 3
+    with pytest.raises(ValueError, match="must be hashable"):
+        MetaInitializedRegressor(**QUICK).meta_fit(X, y, groups=[[g] for g in groups])
+    with pytest.raises(ValueError, match="X is empty"):
+        MetaInitializedRegressor(**QUICK).meta_fit(X[:0], y[:0], groups=groups[:0])
+
+
+def test_fit_standardizes_in_float64_so_large_offsets_keep_their_digits():
+    """A column like a timestamp (1.7e9 s, varying by tens): float32 before scaling would
+    round it to multiples of 128 and lose the signal."""
+    X, y, groups = grouped_table(n_groups=12, sizes=(12, 13), scale=1.0)
+    X = X.copy()
+    X[:, 0] = 1.7e9 + 10 * X[:, 0]
+    est = MetaInitializedRegressor(**{**QUICK, "meta_iterations": 100})
+    est.meta_fit(X, y, groups=groups)
+    m = groups == "g0"
+    pred = est.fit(X[m][:6], y[m][:6]).predict(X[m][6:])
+    shifted = X[m][6:].copy()
+    shifted[:, 0] += 5.0  # half a unit of the original column, below float32's spacing
+    assert np.abs(est.predict(shifted) - pred).max() > 1e-3

@@ -35,7 +35,7 @@ from metafit.estimators._learners import LearnerFactory, learner_factory
 from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done
 from metafit.estimators._params import check_params
 from metafit.estimators._table_mode import TablePreprocessing, meta_fit_inputs
-from metafit.estimators._targets import TargetKind
+from metafit.estimators._targets import TargetKind, check_target_scale
 from metafit.models import MLP, is_stateless
 from metafit.persistence import MetaInit
 from metafit.training import DivergenceError, InterruptedTrainingWarning, data_scale
@@ -533,13 +533,10 @@ class MetaInitializedEstimator(BaseEstimator):
             factory = self._factory()
             init = self._fit_init(factory)
             prep = self._preprocessing_for(init)
-            encoding = None if prep is None else prep.encoding
-            if encoding is not None:  # categorical columns, one-hot as in meta-training
-                X = encoding.transform(X, "fit")
-            X, y, fast = self._fit_data(X, y)
-            if encoding is not None:  # scikit-learn's convention: the columns given
-                self.n_features_in_ = len(encoding.columns)
-                self.feature_names_in_ = np.asarray(encoding.columns, dtype=object)
+            if prep is None:
+                X, y, fast = self._fit_data(X, y)
+            else:  # table mode: encoded and standardized in float64, then float32
+                X, y, fast = self._table_fit_data(X, y, prep)
             target = self._target.encode(y, fast)
             mlp = f"{MLP.__module__}.{MLP.__qualname__}"
             if self.module is None and X.ndim != 2 and (init is None or init.spec.get(
@@ -556,15 +553,28 @@ class MetaInitializedEstimator(BaseEstimator):
                     "meta-training."
                 )
             self._target.check_init(init, target)
-            if prep is not None:  # table mode: the network works in standardized units
-                X = prep.scaling.transform_X(X.reshape(len(X), -1)).reshape(X.shape)
-                if self._target.regression:
-                    target.y = prep.scaling.transform_y(target.y)
             self._table_prep = prep
             self.__dict__.update(target.fitted)
             self._fit_outputs = target.n_outputs
             self._adapt(X, target.y, init, factory)
         return self
+
+    def _table_fit_data(self, X, y, prep: TablePreprocessing):
+        """``fit``'s data for a table-mode initialization: categorical columns one-hot,
+        checked in float64, standardized (a column of timestamps keeps its digits), and
+        only then float32; ``y`` standardized too for a regressor."""
+        encoding = prep.encoding
+        if encoding is not None:  # categorical columns, one-hot as in meta-training
+            X = encoding.transform(X, "fit")
+        refuse_sparse("fit", y=y)
+        X, y = validate_data(self, X, y, dtype=np.float64, **self._target.fit_checks)
+        if encoding is not None:  # scikit-learn's convention: the columns given
+            self.n_features_in_ = len(encoding.columns)
+            self.feature_names_in_ = np.asarray(encoding.columns, dtype=object)
+        if self._target.regression:
+            check_target_scale("fit", y)
+            y = prep.scaling.transform_y(np.asarray(y, dtype=np.float64))
+        return prep.scaling.transform_X(X), y, False
 
     def _fit_data(self, X, y) -> tuple[np.ndarray, np.ndarray, bool]:
         """``fit``'s ``X`` and ``y`` as arrays (``X`` float32), and whether they took the
@@ -654,19 +664,19 @@ class MetaInitializedEstimator(BaseEstimator):
         """Validated float32 X for prediction (fast path: ``_inputs.fast_X``)."""
         check_is_fitted(self)
         prep = self.__dict__.get("_table_prep")
-        if prep is not None and prep.encoding is not None:
-            X = prep.encoding.transform(X, "predict")
-            if not np.isfinite(X).all():
-                raise ValueError("predict: X contains NaN or infinity; clean or impute it.")
+        if prep is not None:  # table mode: encoded, checked in float64, standardized
+            if prep.encoding is not None:
+                X = prep.encoding.transform(X, "predict")
+                if not np.isfinite(X).all():
+                    raise ValueError("predict: X contains NaN or infinity; clean or impute it.")
+            else:
+                X = validate_data(self, X, dtype=np.float64, reset=False)
             return prep.scaling.transform_X(X)
         checked = None if "feature_names_in_" in self.__dict__ else fast_X(X, self.n_features_in_)
         if checked is None:
             checked = validate_data(self, X, dtype=np.float32, reset=False, allow_nd=True)
             checked = checked if checked.flags.writeable else checked.copy()
-        X = checked
-        if prep is not None:
-            X = prep.scaling.transform_X(X.reshape(len(X), -1)).reshape(X.shape)
-        return X
+        return checked
 
     def _raw_predict(self, X: np.ndarray) -> torch.Tensor:
         learner = self._learner
