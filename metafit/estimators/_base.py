@@ -32,13 +32,13 @@ from metafit._task_types import refuse_sparse
 from metafit._threads import threads_for, torch_threads
 from metafit.estimators._inputs import SeededTorch, fast_X, fast_xy, seed_from, unchanged_on_error
 from metafit.estimators._learners import LearnerFactory, learner_factory
-from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done
+from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done, warn_kept
 from metafit.estimators._params import check_params
 from metafit.estimators._table_mode import TablePreprocessing, meta_fit_inputs
 from metafit.estimators._targets import TargetKind, check_target_scale
 from metafit.models import MLP, is_stateless
 from metafit.persistence import MetaInit
-from metafit.training import DivergenceError, InterruptedTrainingWarning, data_scale
+from metafit.training import DivergenceError, data_scale
 
 __all__ = ["MetaInitializedEstimator", "NoMetaInitWarning"]
 
@@ -421,12 +421,12 @@ class MetaInitializedEstimator(BaseEstimator):
             if getattr(exc, "outcome", None) is not None:
                 self._store(exc.outcome)
                 if not isinstance(exc, DivergenceError):  # its message says so already
-                    self._warn_stopped_by_error(exc, exc.outcome.last_iteration)
+                    warn_kept(self.meta_init_, exc.outcome.last_iteration, error=exc)
             raise
         self._store(outcome)
         self.callbacks_ = run.user_callbacks
         if outcome.interrupted:
-            self._warn_interrupted(outcome.last_iteration)
+            warn_kept(self.meta_init_, outcome.last_iteration)
             if self.on_interrupt == "raise":
                 raise KeyboardInterrupt
         return self
@@ -438,34 +438,6 @@ class MetaInitializedEstimator(BaseEstimator):
         self._warm_state_ = outcome.warm
         for attr in ("adapted_params_", "_learner", "_learner_key", "n_features_in_"):
             self.__dict__.pop(attr, None)
-
-    def _warn_stopped_by_error(self, exc: BaseException, last_iteration: int) -> None:
-        warnings.warn(
-            f"meta_fit stopped after {last_iteration} meta-iterations by an error "
-            f"({type(exc).__name__}, raised next); the estimator keeps the initialization "
-            f"of the last completed iteration ({self.meta_init_.metadata['iteration']}) and "
-            "is ready for fit. Fix the cause and call meta_fit again with warm_start=True "
-            "to continue.",
-            InterruptedTrainingWarning,
-            stacklevel=3,
-        )
-
-    def _warn_interrupted(self, last_iteration: int) -> None:
-        meta = self.meta_init_.metadata
-        if "best_iteration" in meta:
-            kept = (
-                f"the initialization with the best validation loss "
-                f"({meta['best_validation_loss']:.4g}, iteration {meta['best_iteration']})"
-            )
-        else:
-            kept = f"the initialization of the last completed iteration ({meta['iteration']})"
-        warnings.warn(
-            f"meta_fit was interrupted after {last_iteration} meta-iterations; the "
-            f"estimator keeps {kept} and is ready for fit. Call meta_fit again with "
-            "warm_start=True to resume.",
-            InterruptedTrainingWarning,
-            stacklevel=3,
-        )
 
     def save_meta_init(self, path) -> None:
         """Write the meta-learned initialization to ``path`` (safetensors, atomic).

@@ -38,6 +38,7 @@ from metafit.estimators._learners import LearnerFactory
 from metafit.persistence import MetaInit, module_spec
 from metafit.training import (
     DivergenceError,
+    InterruptedTrainingWarning,
     MetaHistory,
     TrainingResult,
     TrainingState,
@@ -377,6 +378,28 @@ class MetaFitRun:
             meta_init=meta_init,
         )
         return MetaFitOutcome(meta_init, history, warm, result.interrupted, result.last_iteration)
+
+
+def warn_kept(meta_init: MetaInit, last_iteration: int, error: BaseException | None = None):
+    """Say what the estimator kept after an interrupt, or after an error raised late
+    (``error``), and how to continue."""
+    meta = meta_init.metadata
+    if "best_iteration" in meta:
+        kept = (
+            f"the initialization with the best validation loss "
+            f"({meta['best_validation_loss']:.4g}, iteration {meta['best_iteration']})"
+        )
+    else:
+        kept = f"the initialization of the last completed iteration ({meta['iteration']})"
+    if error is None:
+        head = f"meta_fit was interrupted after {last_iteration} meta-iterations"
+        tail = "Call meta_fit again with warm_start=True to resume."
+    else:
+        head = (f"meta_fit stopped after {last_iteration} meta-iterations by an error "
+                f"({type(error).__name__}, raised next)")
+        tail = "Fix the cause and call meta_fit again with warm_start=True to continue."
+    warnings.warn(f"{head}; the estimator keeps {kept} and is ready for fit. {tail}",
+                  InterruptedTrainingWarning, stacklevel=3)
 
 
 def warn_already_done(done: int, meta_iterations: int) -> None:
