@@ -131,7 +131,8 @@ def check_inner_graph_memory(needed: int, available: int | None, *, steps: int, 
         f"{needed / gib:.3g} GiB, and {available / gib:.3g} GiB are available"
     )
     fix = (
-        "use fewer meta_inner_steps (fit may still take more inner_steps), a smaller "
+        "use fewer meta_inner_steps (fit may still take more inner_steps), "
+        "meta_batch_chunk= (the same meta-gradient, a few tasks at a time) or a smaller "
         "meta_batch_size, or a first-order algorithm ('fomaml', 'reptile'), whose memory "
         "does not grow with the steps"
     )

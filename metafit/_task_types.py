@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["Task", "TaskBatch", "as_task", "iter_meta_batches"]
+__all__ = ["Task", "TaskBatch", "as_task", "chunk_batches", "iter_meta_batches"]
 
 
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -196,6 +196,11 @@ class TaskBatch:
         """Number of tasks in the batch."""
         return int(self.X_support.shape[0])
 
+    def take(self, start: int, stop: int) -> TaskBatch:
+        """Tasks ``start:stop`` of this batch (views, no copy)."""
+        return TaskBatch(self.X_support[start:stop], self.y_support[start:stop],
+                         self.X_query[start:stop], self.y_query[start:stop])
+
     @staticmethod
     def from_tasks(
         tasks: Sequence[Task],
@@ -254,3 +259,20 @@ def iter_meta_batches(tasks: Iterable, batch_size: int) -> Iterator[list[Task]]:
             batch = []
     if batch:
         yield batch
+
+
+def chunk_batches(batches: list[TaskBatch], size: int) -> list[list[TaskBatch]]:
+    """Split equal-shape groups into chunks of at most ``size`` tasks each."""
+    chunks: list[list[TaskBatch]] = [[]]
+    room = size
+    for batch in batches:
+        start = 0
+        while start < batch.n_tasks:
+            if room == 0:
+                chunks.append([])
+                room = size
+            stop = min(batch.n_tasks, start + room)
+            chunks[-1].append(batch.take(start, stop))
+            room -= stop - start
+            start = stop
+    return chunks

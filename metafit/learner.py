@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
-from metafit._task_types import Task, TaskBatch
+from metafit._task_types import Task, TaskBatch, chunk_batches
 from metafit.algorithms import MetaAlgorithm, get_algorithm
 from metafit.functional import (
     LOSSES,
@@ -56,6 +56,10 @@ class MetaLearner:
         ``torch.autograd.grad``. Both give the same numbers; ``"auto"`` is faster.
     device : str or torch.device, default="cpu"
     dtype : torch.dtype, default=torch.float32
+    meta_batch_chunk : int, optional
+        Compute each meta-gradient over at most this many tasks at a time and sum the
+        pieces, weighted by their share: the same meta-gradient, with the memory of one
+        piece (second-order graphs are freed after each).
     """
 
     def __init__(
@@ -70,8 +74,11 @@ class MetaLearner:
         inner_grad: str = "auto",
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        meta_batch_chunk: int | None = None,
     ):
         self.device = torch.device(device)
+        #: tasks per piece of a meta-step (memory of one piece at a time), None: all
+        self.meta_batch_chunk = meta_batch_chunk
         self.dtype = dtype
         self.module = module.to(device=self.device, dtype=dtype)
         self.loss_name = loss
@@ -273,6 +280,26 @@ class MetaLearner:
         self.iteration = 0
         self.total_iterations = int(total_iterations)
 
+    def meta_gradients(self, batches: list[TaskBatch]) -> tuple[Tensor, list[Tensor]]:
+        """The algorithm's meta-loss and meta-gradients, in pieces of at most
+        ``meta_batch_chunk`` tasks when that is set (each piece's graph is freed before
+        the next is built)."""
+        chunk = self.meta_batch_chunk
+        total = sum(b.n_tasks for b in batches)
+        if chunk is None or total <= chunk:
+            return self.algorithm.meta_gradients(self, batches)
+        loss, grads = None, None
+        for piece in chunk_batches(batches, chunk):
+            share = sum(b.n_tasks for b in piece) / total
+            part_loss, part = self.algorithm.meta_gradients(self, piece)
+            if grads is None:
+                loss, grads = part_loss * share, [g * share for g in part]
+            else:
+                loss = loss + part_loss * share
+                for g, p in zip(grads, part):
+                    g.add_(p, alpha=share)
+        return loss, grads
+
     def meta_step(
         self,
         batches: list[TaskBatch],
@@ -294,7 +321,7 @@ class MetaLearner:
         """
         if self.optimizer is None:
             raise RuntimeError("call init_optimizer before meta_step.")
-        loss, grads = self.algorithm.meta_gradients(self, batches)
+        loss, grads = self.meta_gradients(batches)
         if grad_hook is not None:
             grad_hook(grads)
         params = self.meta_parameters()

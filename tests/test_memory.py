@@ -79,3 +79,22 @@ def test_available_memory_of_the_cpu_is_known():
     free = _memory.available_memory("cpu")
     assert free is None or free > 0
     assert _memory.available_memory("meta") is None
+
+
+def test_meta_batch_chunk_trains_the_same_and_fits_where_the_whole_batch_cannot(monkeypatch):
+    kw = dict(meta_iterations=4, meta_batch_size=8, inner_steps=3, hidden_sizes=(16,),
+              random_state=0, verbose=0)
+    whole = MetaInitializedRegressor(**kw).meta_fit(SinusoidTasks(k_shot=5, random_state=0))
+    chunked = MetaInitializedRegressor(**kw, meta_batch_chunk=3).meta_fit(
+        SinusoidTasks(k_shot=5, random_state=0))
+    for key, value in whole.meta_init_.tensors.items():
+        torch.testing.assert_close(chunked.meta_init_.tensors[key], value, rtol=1e-4,
+                                   atol=1e-6)
+    one_task = _bytes(MLP(1, 1, hidden_sizes=(16,)), n_tasks=1, steps=3, n_support=5,
+                      n_query=5)
+    monkeypatch.setattr("metafit.estimators._meta_fit_run.available_memory",
+                        lambda device: 5 * one_task)
+    with pytest.raises(ValueError, match="meta_batch_chunk="):
+        MetaInitializedRegressor(**kw).meta_fit(SinusoidTasks(k_shot=5, random_state=0))
+    MetaInitializedRegressor(**kw, meta_batch_chunk=2).meta_fit(
+        SinusoidTasks(k_shot=5, random_state=0))

@@ -118,6 +118,12 @@ class ALPACA(MetaAlgorithm):
     def features(self, ctx, params, X: Tensor) -> Tensor:
         """``phi(X)`` with the constant feature: (T, n, n_features + 1)."""
         out = ctx.forward(params, X)
+        if out.shape[-1] != self.n_features:
+            raise ValueError(
+                f"the network outputs {out.shape[-1]} features per row but "
+                f"ALPACA(n_features={self.n_features}) expects {self.n_features}; build it "
+                "with that many outputs (the estimators do so for module=None)."
+            )
         parts = [out, torch.ones_like(out[..., :1])]
         if ctx.extras["alpaca_prior_mean"].shape[0] > out.shape[-1] + 1:
             parts.insert(1, X.reshape(*X.shape[:2], -1).to(out.dtype))

@@ -96,6 +96,10 @@ class MetaInitializedEstimator(BaseEstimator):
         outer step size 1.0, annealed to 0).
     meta_batch_size : int, default=25
         Tasks per meta-update.
+    meta_batch_chunk : int or None, default=None
+        Compute each meta-update over at most this many tasks at a time and sum the
+        pieces: the same meta-gradient with the memory of one piece, for a large
+        meta-batch of second-order steps. None: the whole meta-batch at once.
     meta_iterations : int, default=1000
         Meta-updates of :meth:`meta_fit` (fewer if a finite task iterable runs out).
     validation_interval : int, default=10
@@ -210,6 +214,7 @@ class MetaInitializedEstimator(BaseEstimator):
         meta_inner_steps=None,
         meta_lr=None,
         meta_batch_size=25,
+        meta_batch_chunk=None,
         meta_iterations=1000,
         validation_interval=10,
         forward="auto",
@@ -240,6 +245,7 @@ class MetaInitializedEstimator(BaseEstimator):
         self.meta_inner_steps = meta_inner_steps
         self.meta_lr = meta_lr
         self.meta_batch_size = meta_batch_size
+        self.meta_batch_chunk = meta_batch_chunk
         self.meta_iterations = meta_iterations
         self.validation_interval = validation_interval
         self.forward = forward

@@ -38,7 +38,7 @@ class LearnerFactory:
     module, hidden_sizes, activation, module_kwargs
         The network: see the estimators' parameters (``module_kwargs``: the
         ``module__<name>`` arguments, without the prefix).
-    algorithm, inner_lr, inner_steps, forward, device, random_state
+    algorithm, inner_lr, inner_steps, forward, device, random_state, meta_batch_chunk
         The estimator's parameters of the same names.
     loss, kind
         From the estimator's :class:`metafit.estimators._targets.TargetKind`.
@@ -54,6 +54,7 @@ class LearnerFactory:
     forward: str
     device: Any
     random_state: Any
+    meta_batch_chunk: Any
     loss: str
     kind: str
 
@@ -71,6 +72,7 @@ class LearnerFactory:
             forward=est.forward,
             device=est.device,
             random_state=est.random_state,
+            meta_batch_chunk=est.meta_batch_chunk,
             loss=target.loss,
             kind=target.kind,
         )
@@ -120,6 +122,7 @@ class LearnerFactory:
             inner_steps=inner_steps,
             forward=self.forward,
             device=self.device,
+            meta_batch_chunk=self.meta_batch_chunk,
         )
         return learner, kwargs
 

@@ -225,15 +225,16 @@ class MetaFitRun:
         """Refuse (or warn about) a second-order run whose graph cannot fit in memory."""
         first = self._first
         module = learner.module
+        n_tasks = min(len(first), learner.meta_batch_chunk or len(first))  # one piece
         needed = inner_graph_bytes(
             module, self.feature_shape,
             n_support=max(t.n_support for t in first), n_query=max(t.n_query for t in first),
-            n_tasks=len(first), steps=steps,
+            n_tasks=n_tasks, steps=steps,
             adapted_names=learner.algorithm.adapted_names(learner),
         )
         device = next(module.parameters(), torch.empty(0)).device
         check_inner_graph_memory(needed, available_memory(device), steps=steps,
-                                 n_tasks=len(first), algorithm=learner.algorithm.name)
+                                 n_tasks=n_tasks, algorithm=learner.algorithm.name)
 
     def _train(self, learner, parallel, stream, val, resume, callbacks, best, stopper):
         est = self.est

@@ -290,6 +290,7 @@ PARAMETERS: dict[str, Param] = {
     "meta_inner_steps": Param("int", minimum=0, nullable=True),
     "meta_lr": Param("real", minimum=0, strict=True, nullable=True),
     "meta_batch_size": Param("int", minimum=1),
+    "meta_batch_chunk": Param("int", minimum=1, nullable=True),
     "meta_iterations": Param("int", minimum=1),
     "validation_interval": Param("int", minimum=1),
     "forward": Param("choice", choices=STRATEGIES),
