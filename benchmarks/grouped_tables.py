@@ -132,7 +132,10 @@ def best_fine_tuning(predict, est, val_eps, Xz, yz) -> dict:
     """The ``FINE_TUNE_GRID`` entry with the lowest validation query MSE."""
     def loss(params):
         est.set_params(**params)
-        return np.mean(score(predict, val_eps, Xz, yz))
+        try:
+            return np.mean(score(predict, val_eps, Xz, yz))
+        except DivergenceError:  # this rate is too large for some validation group
+            return np.inf
 
     return min(FINE_TUNE_GRID, key=loss)
 
