@@ -24,9 +24,9 @@ __all__ = ["available_memory", "check_inner_graph_memory", "inner_graph_bytes"]
 
 #: Per inner step and task, second order keeps the forward's saved tensors, about twice
 #: as much again for the backward built with ``create_graph=True``, and the adapted
-#: parameters' new values. Measured against peak RSS on MLPs of 40 and 400 units, 5-100
-#: steps: the estimate is within 0.5-2x of the truth (above it for ANIL, whose frozen body
-#: is counted as if it were adapted).
+#: parameters' new values. ``python benchmarks/memory_estimate.py`` measures it against
+#: the peak RSS on MLPs of 40 and 400 units, 5-100 steps: 0.75-2.2x the truth for MAML,
+#: about 10x for ANIL (an upper bound: its frozen body is counted as if it were adapted).
 _GRAPH_FACTOR = 3
 _PARAM_COPIES = 1
 #: Warn above this share of the available memory.
