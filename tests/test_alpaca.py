@@ -197,3 +197,22 @@ def test_raw_columns_join_the_features_of_tables_only():
     assert alpaca.n_inputs_used(MLP(100, 8, hidden_sizes=(16,))) == 0  # too wide: not a table
     assert alpaca.n_inputs_used(Conv4(8)) == 0  # images
     assert ALPACA(8, linear_features=False).n_inputs_used(MLP(3, 8)) == 0
+
+
+def test_alpaca_refuses_classification_and_a_skorch_export_of_its_posterior():
+    from sklearn.datasets import load_digits
+
+    from metafit import MetaInitializedClassifier, NWayKShotTasks
+
+    X, y = load_digits(return_X_y=True)
+    tasks = NWayKShotTasks(X, y, n_way=3, k_shot=2, k_query=3, random_state=0)
+    with pytest.raises(ValueError, match="models real targets.*MetaInitializedRegressor"):
+        MetaInitializedClassifier(algorithm="alpaca", meta_iterations=2).meta_fit(tasks)
+    est = MetaInitializedRegressor(algorithm="alpaca", hidden_sizes=(8,), meta_iterations=2,
+                                   random_state=0, verbose=0)
+    est.meta_fit(SinusoidTasks(k_shot=5, random_state=0))
+    assert est.to_skorch() is not None  # the feature network, before fit
+    task = SinusoidTasks(k_shot=5, random_state=1).sample(1)[0]
+    est.fit(task.X_support, task.y_support)
+    with pytest.raises(ValueError, match="posterior over its head"):
+        est.to_skorch()

@@ -61,6 +61,7 @@ class ALPACA(MetaAlgorithm):
     name = "alpaca"
     first_order = False
     closed_form: ClassVar[bool] = True
+    regression_only: ClassVar[bool] = True
     #: the prior and the noise level need larger steps than a network's weights (at 1e-3
     #: the noise is still overestimated after 1000 meta-iterations: intervals too wide)
     default_meta_lr = 1e-2

@@ -148,6 +148,8 @@ class MetaAlgorithm:
     default_meta_lr: ClassVar[float] = 1e-3
     #: adaptation is the algorithm's own :meth:`adapt` (a closed form), not the inner loop
     closed_form: ClassVar[bool] = False
+    #: a model of real targets only (ALPACA's Gaussian likelihood)
+    regression_only: ClassVar[bool] = False
 
     @property
     def uses_inner_lr(self) -> bool:

@@ -697,6 +697,12 @@ class MetaInitializedEstimator(BaseEstimator):
         classifier's net works on class indices ``0..n_outputs-1``, so encode labels with
         ``np.searchsorted(est.classes_, y)``.
         """
+        if hasattr(self, "adapted_params_") and self._learner.algorithm.closed_form:
+            raise ValueError(
+                f"to_skorch exports a network's weights, but {self._learner.algorithm.name}'s "
+                "adaptation is a posterior over its head, which a skorch net cannot hold; "
+                "export before fit to get the feature network, or keep this estimator."
+            )
         if hasattr(self, "adapted_params_"):
             module = copy.deepcopy(self._learner.module)
             state = {k: v[0] for k, v in self.adapted_params_.items()}

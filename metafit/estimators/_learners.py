@@ -112,7 +112,13 @@ class LearnerFactory:
     ) -> tuple[MetaLearner, dict]:
         """A learner to meta-train (call inside the run's seeded block), and the module's
         constructor arguments."""
-        outputs = get_algorithm(self.algorithm).module_outputs(n_outputs)
+        algorithm = get_algorithm(self.algorithm)
+        if algorithm.regression_only and self.loss != "mse":
+            raise ValueError(
+                f"algorithm={algorithm.name!r} models real targets (a Gaussian likelihood); "
+                "use MetaInitializedRegressor, or another algorithm for classification."
+            )
+        outputs = algorithm.module_outputs(n_outputs)
         module, kwargs = self.make_module(n_features, outputs)
         learner = MetaLearner(
             module,
