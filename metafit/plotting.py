@@ -17,12 +17,14 @@ from collections.abc import Iterable
 
 import numpy as np
 import torch
+from sklearn.base import clone
 from torch import nn
 
 from metafit._atomic import atomic_path
 from metafit._checks import check_int
 from metafit._task_types import Task, as_task
 from metafit.estimators._learners import learner_factory
+from metafit.estimators._table_mode import TablePreprocessing, standardize_tasks
 from metafit.learner import MetaLearner
 from metafit.persistence import MetaInit
 
@@ -62,6 +64,19 @@ def _meta_init(est) -> MetaInit:
             "(or construct it with meta_init=)."
         )
     return init
+
+
+def _in_model_units(init: MetaInit, tasks: list[Task]) -> list[Task]:
+    """Tasks as the network sees them: standardized for a table-mode initialization."""
+    prep = TablePreprocessing.of(init)
+    if prep is None:
+        return tasks
+    if prep.encoding is not None:
+        raise ValueError(
+            "this initialization one-hot encodes categorical columns; the adaptation curves "
+            "take numeric tasks only."
+        )
+    return standardize_tasks(tasks, prep.scaling)
 
 
 def _tasks(tasks, name: str = "tasks") -> list[Task]:
@@ -243,10 +258,15 @@ def adaptation_curves(
         length ``steps + 1`` (entry 0 is before adaptation).
     """
     steps = _check_steps(steps)
-    tasks = _tasks(tasks)
     init = _meta_init(est)
+    tasks = _in_model_units(init, _tasks(tasks))
     factory = learner_factory(est)
     meta = factory.from_init(init)
+    if meta.algorithm.closed_form:
+        raise ValueError(
+            f"algorithm {meta.algorithm.name!r} adapts in closed form, with no inner steps: "
+            "there is no curve over steps to draw; compare metafit.tuning.evaluate scores."
+        )
     meta.inner_lr = float(est.inner_lr)
     if pretrain_tasks is None:
         pool = [Task(t.X_support, t.y_support, t.X_support, t.y_support) for t in tasks]
@@ -344,18 +364,16 @@ def plot_predictions(
             f"initialization has {init.n_features} feature(s) and {init.n_outputs} output(s)."
         )
     steps = est.inner_steps if steps is None else _check_steps(steps)
-    learner = learner_factory(est).from_init(init)
-    learner.inner_lr = float(est.inner_lr)
-    Xs, ys = learner.as_tensors(task.X_support, task.y_support.reshape(-1, 1))
     xs_all = np.concatenate([task.X_support[:, 0], task.X_query[:, 0]])
     lo, hi = float(xs_all.min()), float(xs_all.max())
     pad = 0.05 * (hi - lo or 1.0)
     grid = np.linspace(lo - pad, hi + pad, int(n_grid), dtype=np.float32)[:, None]
-    Xg, _ = learner.as_tensors(grid)
-    theta = learner.adapt(Xs[None], ys[None], steps=0, track_graph=False)
-    phi = learner.adapt(Xs[None], ys[None], steps=steps, track_graph=False)
-    before = learner.predict(theta, Xg[None])[0, :, 0].cpu().numpy()
-    after = learner.predict(phi, Xg[None])[0, :, 0].cpu().numpy()
+    # Through the estimator itself (clones keep the initialization), so that table mode's
+    # standardization and every algorithm's own adaptation apply as in fit and predict.
+    y_support = np.ravel(task.y_support)
+    before = clone(est).set_params(inner_steps=0).fit(task.X_support, y_support).predict(grid)
+    after = clone(est).set_params(inner_steps=steps).fit(task.X_support, y_support).predict(
+        grid)
 
     ax = _axes(ax)
     if truth is not None:

@@ -12,7 +12,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from metafit import MetaInitializedClassifier, MetaInitializedRegressor, SinusoidTasks  # noqa: E402
+from metafit import (  # noqa: E402
+    MetaInitializedClassifier,
+    MetaInitializedRegressor,
+    SinusoidTasks,
+    Task,
+)
 from metafit.plotting import (  # noqa: E402
     adaptation_curves,
     plot_adaptation,
@@ -253,3 +258,29 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     # a blank page (plotly.js missing) is one colour; a drawn plot has many
     assert pixels.std() > 5 and len(np.unique(pixels)) > 20
+
+
+def test_plots_of_table_mode_and_closed_form_initializations():
+    """Siblings of fit and predict: the plots see table mode's standardization and the
+    algorithms' own adaptation, or say why they cannot draw."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(20), 10)
+    x = rng.uniform(-5, 5, size=(200, 1))
+    y = 100 + 30 * np.sin(x[:, 0] + rng.normal(size=20)[groups])  # raw units
+    table = MetaInitializedRegressor(hidden_sizes=(16,), meta_iterations=30, meta_batch_size=4,
+                                     random_state=0, verbose=0).meta_fit(x, y, groups=groups)
+    task = Task(x[:5], y[:5], x[5:10], y[5:10])
+    curves = adaptation_curves(table, [task], steps=3, pretrain_steps=5)
+    # In standardized units: a loss of order 1, not of order 30 ** 2.
+    assert all(np.isfinite(v).all() and v.max() < 20 for v in curves.values())
+    ax = plot_predictions(table, task, n_grid=20)
+    drawn = np.concatenate([line.get_ydata() for line in ax.get_lines()])
+    assert drawn.min() > 0  # predictions back in the table's units (around 100)
+    plt.close("all")
+    alpaca = MetaInitializedRegressor(algorithm="alpaca", hidden_sizes=(8,), meta_iterations=5,
+                                      random_state=0, verbose=0)
+    alpaca.meta_fit(SinusoidTasks(k_shot=5, random_state=0))
+    plot_predictions(alpaca, SinusoidTasks(k_shot=5, random_state=1).sample(1)[0])
+    plt.close("all")
+    with pytest.raises(ValueError, match="closed form"):
+        adaptation_curves(alpaca, SinusoidTasks(k_shot=5, random_state=1).sample(2))
