@@ -375,3 +375,15 @@ def test_tune_turns_heartbeats_on_for_database_storages_unless_told_not_to(tiny,
     assert _run(capsys, "tune", tiny.parent / "quiet.yaml",
                 "--storage", f"sqlite:///{quiet}")[0] == 0
     assert _heartbeat_rows(quiet) == 0
+
+
+def test_an_unusable_search_space_is_refused_before_meta_training(tiny, capsys):
+    """ALPACA's fit reads neither inner_lr nor inner_steps: in adaptation mode the default
+    space is empty, which must be said before minutes of meta-training, not after."""
+    config = TINY.replace("    random_state: 0\n", "    random_state: 0\n    algorithm: alpaca\n")
+    config = config[: config.index("search_space:")]
+    path = tiny.parent / "alpaca.yaml"
+    path.write_text(config)
+    code, out, err = _run(capsys, "tune", path)
+    assert code == 2 and "nothing to tune in adaptation mode" in err
+    assert "meta-training" not in out

@@ -89,6 +89,17 @@ def _summary(est, tasks) -> str:
     return text
 
 
+def _check_search_space(space, est, mode: str) -> None:
+    """The study's search space, resolved now so that an unusable one (ALPACA has nothing
+    to tune in adaptation mode) is reported before the minutes of meta-training."""
+    from metafit.tuning.search_space import parse_search_space
+
+    try:
+        parse_search_space(space, est, mode)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+
+
 def _existing_file(flag: str, path) -> None:
     if path is not None and not Path(path).is_file():
         raise UsageError(f"{flag}: file not found: {path}")
@@ -208,6 +219,7 @@ class TuneCommand(Command):
         if "on_interrupt" in est.get_params():
             est.set_params(on_interrupt="raise")  # Ctrl-C ends the command
         if mode == "adaptation" and init is None:
+            _check_search_space(config.search_space, est, mode)  # before meta-training
             self._meta_fit(est, splits)
         self._announce(study_name, mode, n_trials, timeout, len(splits.validation),
                        getattr(args, "log_level_value", 30))
