@@ -78,6 +78,8 @@ class CategoricalEncoding:
 
     def transform(self, frame, where: str = "fit") -> np.ndarray:
         """The encoded float64 array of ``frame`` (a DataFrame with the same columns)."""
+        import pandas as pd  # a DataFrame was given: pandas is there
+
         if not hasattr(frame, "columns"):
             raise TypeError(
                 f"{where}: this initialization was meta-trained on a DataFrame with "
@@ -93,8 +95,8 @@ class CategoricalEncoding:
         for col in self.columns:
             if col in self.categories:
                 labels = self.categories[col]
-                codes = {label: i for i, label in enumerate(labels)}
-                idx = np.array([codes.get(str(v), -1) for v in frame[col]])
+                # pandas codes the labels in one pass; an unseen one is -1
+                idx = np.asarray(pd.Categorical(frame[col].astype(str), categories=labels).codes)
                 onehot = np.zeros((len(frame), len(labels)))
                 seen = idx >= 0
                 onehot[np.flatnonzero(seen), idx[seen]] = 1.0
@@ -184,7 +186,7 @@ def group_codes(groups, where: str = "meta_fit") -> np.ndarray:
         values = groups.tolist()
     else:
         values = list(groups)
-    check_group_labels(np.array(values + [None], dtype=object)[:-1])
+    check_group_labels(values)
     index: dict = {}
     try:
         return np.fromiter((index.setdefault(g, len(index)) for g in values), dtype=np.int64,
@@ -334,8 +336,10 @@ class GroupEpisodes:
     groups : ndarray of shape (n_samples,)
     support_range : (int, int)
         Smallest and largest support size, both included.
-    query_size : int
-        Query rows per episode.
+    query_size : int, optional
+        Query rows per episode; by default what a median group leaves after the smallest
+        support, at most 20 (more adds little to the estimate of the loss, and costs every
+        meta-step).
     batch_size : int
         Episodes per block (the estimator's ``meta_batch_size``).
     random_state : numpy Generator
@@ -348,11 +352,11 @@ class GroupEpisodes:
         Groups too small for any episode (one row or fewer than ``support_range[0] + 1``).
     """
 
-    def __init__(self, X, y, groups, *, support_range, query_size, batch_size, random_state):
+    def __init__(self, X, y, groups, *, support_range, batch_size, random_state,
+                 query_size=None):
         lo, hi = support_range
         self.X, self.y = X, y
         self.support_range = (int(lo), int(hi))
-        self.query_size = int(query_size)
         self.batch_size = int(batch_size)
         self.rng = random_state
         labels, inverse = np.unique(groups, return_inverse=True)
@@ -367,6 +371,9 @@ class GroupEpisodes:
                 f"episode needs {lo} support rows and at least one query row. Lower "
                 "support_range or collect more rows per group."
             )
+        if query_size is None:
+            query_size = min(20, max(1, math.floor(np.median(self.sizes) - lo)))
+        self.query_size = int(query_size)
 
     def __iter__(self) -> Iterator[Task]:
         while True:
@@ -416,10 +423,3 @@ def warn_skipped(n_skipped: int, n_groups: int, smallest: int) -> None:
             UserWarning,
             stacklevel=4,
         )
-
-
-def default_query_size(sizes: np.ndarray, smallest_support: int) -> int:
-    """Query rows per episode: what a median group leaves after the smallest support, at
-    most 20 (more adds little to the estimate of the loss, and costs every meta-step)."""
-    rest = np.median(sizes) - smallest_support
-    return int(min(20, max(1, math.floor(rest))))

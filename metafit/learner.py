@@ -134,7 +134,13 @@ class MetaLearner:
     def forward_after(self, steps: int):
         """The forward for the query after ``steps`` inner steps: the last step's (MAML++'s
         per-step BatchNorm), or the plain one when no step ran."""
-        return self.forward_at(max(int(steps) - 1, 0))
+        return self.forward_at(self.last_step(steps))
+
+    @staticmethod
+    def last_step(steps: int) -> int:
+        """Index of the last of ``steps`` inner steps (0 when none ran): the forward whose
+        per-step BatchNorm set predicts after them (MAML++)."""
+        return max(int(steps) - 1, 0)
 
     def adapted_names(self) -> list[str] | None:
         """Names of the parameters the inner loop adapts (None: all), computed once."""
@@ -259,11 +265,10 @@ class MetaLearner:
         """Mean query loss after adaptation, over ``tasks`` (no meta-gradient)."""
         total, loss = 0, 0.0
         steps = self.inner_steps if steps is None else int(steps)
-        last = max(steps - 1, 0)
         for batch in self.batches(tasks):
             phi = self.adapt(batch.X_support, batch.y_support, steps=steps, track_graph=False)
+            out = self.predict(phi, batch.X_query, step=self.last_step(steps))
             with torch.no_grad():
-                out = self.algorithm.predict(self, phi, batch.X_query, last)
                 q = self.loss_fn(out, batch.y_query)
             loss += float(q.sum())
             total += batch.n_tasks

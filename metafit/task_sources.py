@@ -247,10 +247,13 @@ class NWayKShotTasks(_TaskSource):
         return Task(Xs, ys, Xq, yq)
 
 
-def check_group_labels(groups: np.ndarray) -> None:
-    """Every row needs a group: None and NaN labels are refused, naming the first row."""
+def check_group_labels(groups) -> None:
+    """Every row needs a group: None and NaN labels are refused, naming the first row.
+
+    ``groups`` is an array or a list of labels (tuples stay whole in a list)."""
+    labels = groups.tolist() if isinstance(groups, np.ndarray) else groups
     missing = [
-        i for i, g in enumerate(groups.tolist())
+        i for i, g in enumerate(labels)
         if g is None or (isinstance(g, float) and g != g)
     ]
     if missing:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
-from sklearn.utils.validation import check_is_fitted, validate_data
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
 from metafit import _torch_compat as compat
 from metafit._task_types import refuse_sparse
@@ -35,7 +35,7 @@ from metafit.estimators._learners import LearnerFactory, learner_factory
 from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done, warn_kept
 from metafit.estimators._params import check_params
 from metafit.estimators._table_mode import TablePreprocessing, meta_fit_inputs
-from metafit.estimators._targets import TargetKind, check_target_scale
+from metafit.estimators._targets import TargetKind
 from metafit.models import MLP, is_stateless
 from metafit.persistence import MetaInit
 from metafit.training import DivergenceError, data_scale
@@ -549,8 +549,7 @@ class MetaInitializedEstimator(BaseEstimator):
         if encoding is not None:  # scikit-learn's convention: the columns given
             self.n_features_in_ = len(encoding.columns)
             self.feature_names_in_ = np.asarray(encoding.columns, dtype=object)
-        if self._target.regression:
-            check_target_scale("fit", y)
+        if self._target.regression:  # encode checks the standardized targets' scale
             y = prep.scaling.transform_y(np.asarray(y, dtype=np.float64))
         return prep.scaling.transform_X(X), y, False
 
@@ -644,9 +643,7 @@ class MetaInitializedEstimator(BaseEstimator):
         prep = self.__dict__.get("_table_prep")
         if prep is not None:  # table mode: encoded, checked in float64, standardized
             if prep.encoding is not None:
-                X = prep.encoding.transform(X, "predict")
-                if not np.isfinite(X).all():
-                    raise ValueError("predict: X contains NaN or infinity; clean or impute it.")
+                X = check_array(prep.encoding.transform(X, "predict"), dtype=np.float64)
             else:
                 X = validate_data(self, X, dtype=np.float64, reset=False)
             return prep.scaling.transform_X(X)
@@ -659,7 +656,7 @@ class MetaInitializedEstimator(BaseEstimator):
     def _raw_predict(self, X: np.ndarray) -> torch.Tensor:
         learner = self._learner
         Xt, _ = learner.as_tensors(X)
-        last_step = max(int(self.inner_steps) - 1, 0)  # MAML++'s per-step BatchNorm set
+        last_step = learner.last_step(self.inner_steps)  # MAML++'s per-step BatchNorm set
         if is_stateless(learner.module):  # no dropout or batch statistics: no mode switch
             return learner.predict(self.adapted_params_, Xt.unsqueeze(0), step=last_step)[0]
         # Predict in eval mode, so that dropout is off and predictions are deterministic.

@@ -15,14 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from metafit._task_types import Task, iter_meta_batches
+from metafit._task_types import Task, as_task
 from metafit.estimators._inputs import seed_from
 from metafit.grouped import (
     CategoricalEncoding,
     GroupEpisodes,
     Standardization,
     check_table,
-    default_query_size,
     split_groups,
     validation_episodes,
     warn_skipped,
@@ -66,10 +65,6 @@ class TablePreprocessing:
             out["encoding"] = self.encoding.to_metadata()
         return out
 
-    def encode(self, X, where: str = "fit"):
-        """``X`` with the categorical columns one-hot (unchanged without any)."""
-        return X if self.encoding is None else self.encoding.transform(X, where)
-
 
 @dataclass(frozen=True)
 class TableTasks:
@@ -78,8 +73,6 @@ class TableTasks:
     episodes: GroupEpisodes
     validation: list | None
     preprocessing: TablePreprocessing
-    n_train_groups: int
-    n_validation_groups: int
 
 
 def meta_fit_inputs(est, X, y, groups, validation_tasks, *, regression: bool, previous=None):
@@ -107,12 +100,11 @@ def meta_fit_inputs(est, X, y, groups, validation_tasks, *, regression: bool, pr
 def standardize_tasks(tasks, scaling: Standardization) -> list[Task]:
     """User-given validation tasks of table mode, in the standardized units."""
     out = []
-    for t in iter_meta_batches(tasks, 10**9):
-        for task in t:
-            out.append(Task(
-                scaling.transform_X(task.X_support), scaling.transform_y(task.y_support),
-                scaling.transform_X(task.X_query), scaling.transform_y(task.y_query),
-            ))
+    for task in map(as_task, tasks):
+        out.append(Task(
+            scaling.transform_X(task.X_support), scaling.transform_y(task.y_support),
+            scaling.transform_X(task.X_query), scaling.transform_y(task.y_query),
+        ))
     return out
 
 
@@ -161,21 +153,14 @@ def table_tasks(est, X, y, groups, *, regression: bool, previous=None) -> TableT
         )
     Xs, ys = scaling.transform_X(X), scaling.transform_y(y.astype(np.float64))
     lo, hi = est.support_range
-    sizes = np.unique(groups[train], return_counts=True)[1]
     episodes = GroupEpisodes(
         Xs[train], ys[train], groups[train],
-        support_range=(lo, hi),
-        query_size=default_query_size(sizes[sizes > lo], lo) if (sizes > lo).any() else 1,
-        batch_size=est.meta_batch_size,
-        random_state=rng,
+        support_range=(lo, hi), batch_size=est.meta_batch_size, random_state=rng,
     )
-    warn_skipped(episodes.n_skipped_, len(sizes), lo)
+    warn_skipped(episodes.n_skipped_, episodes.n_groups_ + episodes.n_skipped_, lo)
     validation = None
     if val.any():
         k = (lo + hi + 1) // 2  # the middle of the range, the usual few-shot size
         validation = validation_episodes(Xs[val], ys[val], groups[val], support_size=k,
                                          rng=rng) or None
-    return TableTasks(
-        episodes, validation, TablePreprocessing(scaling, encoding), len(sizes),
-        len(np.unique(groups[val])),
-    )
+    return TableTasks(episodes, validation, TablePreprocessing(scaling, encoding))
