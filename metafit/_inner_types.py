@@ -21,18 +21,19 @@ class PreparedGradFn(ABC):
     ``{name: scale * d(sum_t loss_t)/d params[name]}``; :meth:`prepare` returns
     ``(step, factor)`` with ``factor * step(current)`` the gradients of the adapted
     ``names`` at every step, and with ``single`` (one task) the parameters have their module
-    shape. The ``"mlp"`` strategy's analytic gradient
+    shape; ``mask`` (T, n) marks the real rows of padded tasks. The ``"mlp"`` strategy's
+    analytic gradient
     (:class:`metafit._mlp_path.MLPGradient`) is one; the inner loop recognises the type.
     """
 
     @abstractmethod
     def __call__(
         self, params: Mapping[str, Tensor], X: Tensor, y: Tensor, names: Sequence[str],
-        scale: float | None = None,
+        scale: float | None = None, mask: Tensor | None = None,
     ) -> Params: ...
 
     @abstractmethod
     def prepare(
         self, params: Mapping[str, Tensor], X: Tensor, y: Tensor, names: Sequence[str],
-        single: bool = False,
+        single: bool = False, mask: Tensor | None = None,
     ) -> tuple[StepGradients, float]: ...

@@ -130,6 +130,7 @@ class MLPPath:
         y: Tensor,
         names: Sequence[str],
         single: bool = False,
+        mask: Tensor | None = None,
     ) -> PreparedGrad:
         """Precompute what every inner step shares; return the step's gradient function.
 
@@ -148,6 +149,7 @@ class MLPPath:
             return (lambda current: []), 1.0
         if single:
             X, y = X[0], y[0]
+            mask = None if mask is None else mask[0]
             h = X.flatten(1) if X.dim() > 2 else X
         else:
             h = X.flatten(2) if X.dim() > 3 else X
@@ -157,6 +159,8 @@ class MLPPath:
         body = h
         n, n_out = h.shape[-2], params[self.names[-1][0]].shape[-2]
         output_grad, target, factor = _output_gradient(loss_fn, y, h, n, n_out)
+        if mask is not None:
+            output_grad, factor = _masked(output_grad, target, factor, n, mask, h.dtype)
         if single:  # module-shaped parameters: plain 2-D kernels
             linear, mm, back = F.linear, torch.mm, torch.mm
         else:
@@ -222,6 +226,15 @@ def _output_gradient(loss_fn: Callable, y: Tensor, h: Tensor, n: int, n_out: int
     raise ValueError(f"no analytic gradient for the loss {loss_fn!r}.")  # pragma: no cover
 
 
+def _masked(output_grad, target, factor: float, n: int, mask: Tensor, dtype):
+    """The output gradient of the masked mean loss: each row's gradient times
+    ``n * mask / count`` (its weight relative to the unmasked mean's ``1 / n``)."""
+    weight = (mask * (n / mask.sum(-1, keepdim=True))).to(dtype).unsqueeze(-1)
+    if output_grad is None:
+        return (lambda out: (out - target) * weight), factor
+    return (lambda out: output_grad(out) * weight), factor
+
+
 class MLPGradient(PreparedGradFn):
     """The ``"mlp"`` strategy's :data:`GradFn`, plus :meth:`prepare` for the inner loop."""
 
@@ -229,12 +242,12 @@ class MLPGradient(PreparedGradFn):
         self.path = path
         self.loss_fn = loss_fn
 
-    def __call__(self, params, X, y, names, scale=None) -> Params:
+    def __call__(self, params, X, y, names, scale=None, mask=None) -> Params:
         names = list(names)
-        step, factor = self.path.prepare(self.loss_fn, params, X, y, names)
+        step, factor = self.path.prepare(self.loss_fn, params, X, y, names, mask=mask)
         c = factor * (1.0 if scale is None else float(scale))
         return dict(zip(names, step(params, c)))
 
-    def prepare(self, params, X, y, names, single: bool = False) -> PreparedGrad:
+    def prepare(self, params, X, y, names, single: bool = False, mask=None) -> PreparedGrad:
         """See :meth:`MLPPath.prepare`; :func:`inner_loop` calls this once per loop."""
-        return self.path.prepare(self.loss_fn, params, X, y, names, single)
+        return self.path.prepare(self.loss_fn, params, X, y, names, single, mask)

@@ -175,14 +175,19 @@ def as_task(obj) -> Task:
 class TaskBatch:
     """A meta-batch of tasks stacked as tensors.
 
-    Tasks of equal shapes share one tensor per field with a leading task dimension, which
-    lets the engine vectorize over tasks. A ragged batch is kept as several groups of
-    equal shape (:meth:`groups`), each vectorized on its own.
+    Tasks share one tensor per field with a leading task dimension, which lets the engine
+    vectorize over them. Tasks with different numbers of rows (real groups) are padded to
+    the largest: ``support_mask`` and ``query_mask`` then hold 1 for a real row and 0 for
+    padding, and every loss, gradient and sufficient statistic of the engine weighs rows by
+    them, so a padded batch computes what the tasks computed one by one would. Without
+    padding (``None`` masks) all rows are real.
 
     Parameters
     ----------
     X_support, y_support, X_query, y_query : torch.Tensor
         Stacked tensors with a leading task dimension.
+    support_mask, query_mask : torch.Tensor of shape (T, n), optional
+        Which rows are real (1) and which padding (0); None when none is padding.
     """
 
     X_support: torch.Tensor
@@ -190,6 +195,8 @@ class TaskBatch:
     X_query: torch.Tensor
     y_query: torch.Tensor
     _index: list[int] = field(default_factory=list, repr=False)
+    support_mask: torch.Tensor | None = None
+    query_mask: torch.Tensor | None = None
 
     @property
     def n_tasks(self) -> int:
@@ -198,8 +205,14 @@ class TaskBatch:
 
     def take(self, start: int, stop: int) -> TaskBatch:
         """Tasks ``start:stop`` of this batch (views, no copy)."""
+
+        def part(mask):
+            return None if mask is None else mask[start:stop]
+
         return TaskBatch(self.X_support[start:stop], self.y_support[start:stop],
-                         self.X_query[start:stop], self.y_query[start:stop])
+                         self.X_query[start:stop], self.y_query[start:stop],
+                         self._index[start:stop], part(self.support_mask),
+                         part(self.query_mask))
 
     @staticmethod
     def from_tasks(
@@ -208,8 +221,9 @@ class TaskBatch:
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
         target_dtype: torch.dtype | None = None,
+        pad: bool = False,
     ) -> list[TaskBatch]:
-        """Stack tasks into as few equal-shape batches as possible.
+        """Stack tasks into as few batches as possible.
 
         Parameters
         ----------
@@ -219,34 +233,53 @@ class TaskBatch:
         target_dtype : torch.dtype, optional
             Dtype of the targets; defaults to ``dtype`` (use ``torch.long`` for class
             indices).
+        pad : bool, default=False
+            Pad tasks that differ only in their numbers of rows into one batch with row
+            masks (for networks that treat rows independently: no BatchNorm). Without it,
+            each distinct shape becomes its own batch.
 
         Returns
         -------
         list of TaskBatch
-            One batch per distinct shape signature, in order of first appearance; each
-            remembers the positions of its tasks in ``tasks``.
+            One batch per distinct shape signature (per feature and target shape with
+            ``pad``), in order of first appearance; each remembers the positions of its
+            tasks in ``tasks``.
         """
         target_dtype = dtype if target_dtype is None else target_dtype
         groups: dict[tuple, list[int]] = {}
         for i, t in enumerate(tasks):
-            key = (t.X_support.shape, t.y_support.shape, t.X_query.shape, t.y_query.shape)
+            if pad:  # rows may differ; what a row is may not
+                key = (t.X_support.shape[1:], t.y_support.shape[1:])
+            else:
+                key = (t.X_support.shape, t.y_support.shape, t.X_query.shape,
+                       t.y_query.shape)
             groups.setdefault(key, []).append(i)
-        out = []
-        for index in groups.values():
-            def stack(attr, dt, index=index):
-                arr = np.stack([getattr(tasks[i], attr) for i in index])
-                return torch.as_tensor(arr, dtype=dt, device=device)
+        return [_stack([tasks[i] for i in index], index, device, dtype, target_dtype)
+                for index in groups.values()]
 
-            out.append(
-                TaskBatch(
-                    stack("X_support", dtype),
-                    stack("y_support", target_dtype),
-                    stack("X_query", dtype),
-                    stack("y_query", target_dtype),
-                    list(index),
-                )
-            )
-        return out
+
+def _stack(tasks, index, device, dtype, target_dtype) -> TaskBatch:
+    """One batch of ``tasks`` (equal feature and target shapes), padded where rows differ."""
+    fields = []
+    masks = []
+    for x_name, y_name in (("X_support", "y_support"), ("X_query", "y_query")):
+        counts = [getattr(t, x_name).shape[0] for t in tasks]
+        n = max(counts)
+        mask = None
+        if min(counts) != n:
+            mask = torch.zeros(len(tasks), n, dtype=dtype)
+            for j, c in enumerate(counts):
+                mask[j, :c] = 1
+            mask = mask.to(device)
+        for name, dt in ((x_name, dtype), (y_name, target_dtype)):
+            parts = [getattr(t, name) for t in tasks]
+            first = parts[0]
+            arr = np.zeros((len(parts), n, *first.shape[1:]), dtype=np.result_type(*parts))
+            for j, part in enumerate(parts):
+                arr[j, : part.shape[0]] = part
+            fields.append(torch.as_tensor(arr, dtype=dt, device=device))
+        masks.append(mask)
+    return TaskBatch(*fields, list(index), *masks)
 
 
 def iter_meta_batches(tasks: Iterable, batch_size: int) -> Iterator[list[Task]]:

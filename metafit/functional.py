@@ -41,7 +41,7 @@ from metafit import _torch_compat as compat
 from metafit._checks import is_number
 from metafit._inner_types import Params, PreparedGradFn, StepGradients
 from metafit._mlp_path import MLPGradient, MLPPath
-from metafit.losses import LOSSES, cross_entropy_loss, mse_loss
+from metafit.losses import LOSSES, cross_entropy_loss, mse_loss, task_losses
 
 __all__ = [
     "Params",
@@ -60,6 +60,7 @@ __all__ = [
     "inner_loop",
     "reference_inner_loop",
     "head_parameter_names",
+    "rows_independent",
 ]
 
 BatchedForward = Callable[[Mapping[str, Tensor], Tensor], Tensor]
@@ -195,6 +196,27 @@ def make_grad_fn(
     return None
 
 
+_BATCH_STATISTICS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def rows_independent(module: nn.Module) -> bool:
+    """Whether ``module`` computes each row's output from that row alone, so that padding
+    rows change nothing of the real rows' outputs (then ragged tasks are padded into one
+    batch, :class:`~metafit.tasks.TaskBatch`).
+
+    A module (or submodule) says so with a ``rows_independent`` attribute (Conv4, whose
+    BatchNorm uses the batch's statistics, sets it False); otherwise any torch BatchNorm
+    in training statistics makes the answer False.
+    """
+    flag = getattr(module, "rows_independent", None)
+    if flag is not None:
+        return bool(flag)
+    for sub in module.modules():
+        if getattr(sub, "rows_independent", True) is False or isinstance(sub, _BATCH_STATISTICS):
+            return False
+    return True
+
+
 def head_parameter_names(module: nn.Module) -> list[str]:
     """Names of the parameters of the last submodule that owns parameters (the head).
 
@@ -242,6 +264,7 @@ def reference_inner_loop(
     adapt: Sequence[str] | None = None,
     create_graph: bool = False,
     step_forward: StepForward | None = None,
+    mask: Tensor | None = None,
 ) -> Params:
     """The inner loop written plainly: the specification :func:`inner_loop` must meet.
 
@@ -255,7 +278,7 @@ def reference_inner_loop(
     current = dict(params)
     for step in range(steps):
         out = forward(current, X) if step_forward is None else step_forward(current, X, step)
-        loss = loss_fn(out, y).sum()
+        loss = task_losses(loss_fn, out, y, mask).sum()
         grads = torch.autograd.grad(loss, [current[n] for n in names], create_graph=create_graph)
         for name, grad in zip(names, grads):
             current[name] = current[name] - _rate(rates[step], name) * grad
@@ -279,6 +302,7 @@ def inner_loop(
     shared: bool = False,
     keep_shared: bool = False,
     step_forward: StepForward | None = None,
+    mask: Tensor | None = None,
 ) -> Params:
     """Adapt batched parameters by ``steps`` steps of gradient descent on ``(X, y)``.
 
@@ -318,10 +342,13 @@ def inner_loop(
     step_forward : callable, optional
         ``step_forward(params, X, step)``, the forward of inner step ``step`` when it
         depends on the step (MAML++'s per-step BatchNorm); used with autograd gradients.
+    mask : Tensor of shape (T, n), optional
+        1 for a real support row, 0 for padding (a padded :class:`~metafit.tasks.TaskBatch`):
+        each task's loss is the mean over its real rows, as if it had been alone.
     """
     names = list(params) if adapt is None else list(adapt)
-    if step_forward is not None:
-        grad_fn = None  # the analytic gradients know one forward only
+    if step_forward is not None or (mask is not None and not isinstance(grad_fn, PreparedGradFn)):
+        grad_fn = None  # the analytic gradients know one forward only, and masks if prepared
     layout = _Layout(names, X.shape[0], steps, grad_fn, shared, keep_shared)
     current = layout.start(params, track_graph)
     if steps <= 0:
@@ -331,7 +358,8 @@ def inner_loop(
     try:
         mode.set(grad_mode)
         step_grads, factor = _gradient_source(
-            forward, loss_fn, current, X, y, layout, grad_fn, track_graph, grad_mode, step_forward
+            forward, loss_fn, current, X, y, layout, grad_fn, track_graph, grad_mode,
+            step_forward, mask,
         )
         _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_graph, on_step)
     finally:
@@ -401,7 +429,7 @@ class _Layout:
 
 
 def _gradient_source(
-    forward, loss_fn, current, X, y, layout, grad_fn, track_graph, grad_mode, step_fwd
+    forward, loss_fn, current, X, y, layout, grad_fn, track_graph, grad_mode, step_fwd, mask
 ):
     """Where a step's gradients come from: ``(step_grads, factor)`` such that
     ``factor * step_grads(current)`` are the gradients (``step_grads(current, scale)``
@@ -409,9 +437,10 @@ def _gradient_source(
     :class:`PreparedGradFn` is prepared here, once for the loop, from its first state."""
     names = layout.names
     if grad_fn is None:
-        return _AutogradStep(forward, loss_fn, X, y, names, track_graph, grad_mode, step_fwd), 1.0
+        step = _AutogradStep(forward, loss_fn, X, y, names, track_graph, grad_mode, step_fwd, mask)
+        return step, 1.0
     if layout.prepared:
-        return grad_fn.prepare(current, X, y, names, single=layout.single)
+        return grad_fn.prepare(current, X, y, names, single=layout.single, mask=mask)
 
     def step_grads(p, scale=None):
         g = grad_fn(p, X, y, names, scale)
@@ -461,8 +490,8 @@ def _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_g
 class _AutogradStep:
     """The inner gradient by ``torch.autograd.grad``, for strategies without a GradFn."""
 
-    def __init__(self, forward, loss_fn, X, y, names, track_graph, create_graph, step_fwd):
-        self.forward, self.loss_fn, self.X, self.y = forward, loss_fn, X, y
+    def __init__(self, forward, loss_fn, X, y, names, track_graph, create_graph, step_fwd, mask):
+        self.forward, self.loss_fn, self.X, self.y, self.mask = forward, loss_fn, X, y, mask
         self.names, self.track_graph, self.create_graph = names, track_graph, create_graph
         self.step_forward = step_fwd
 
@@ -477,7 +506,7 @@ class _AutogradStep:
                 out = self.forward(state, self.X)
             else:
                 out = self.step_forward(state, self.X, step)
-            loss = self.loss_fn(out, self.y).sum()
+            loss = task_losses(self.loss_fn, out, self.y, self.mask).sum()
             return torch.autograd.grad(
                 loss, list(leaves.values()), create_graph=self.create_graph
             )

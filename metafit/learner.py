@@ -24,7 +24,9 @@ from metafit.functional import (
     make_forward,
     make_grad_fn,
     resolve_strategy,
+    rows_independent,
 )
+from metafit.losses import task_losses
 
 __all__ = ["MetaLearner", "GradientHook"]
 
@@ -88,6 +90,8 @@ class MetaLearner:
         self.inner_steps = int(inner_steps)
         self.strategy = resolve_strategy(self.module, forward)
         self.forward = make_forward(self.module, self.strategy)
+        #: pad ragged meta-batches into one batch with row masks (no batch statistics)
+        self.pad_ragged = rows_independent(self.module)
         if inner_grad not in ("auto", "autograd"):
             raise ValueError(f"inner_grad must be 'auto' or 'autograd', got {inner_grad!r}.")
         self.inner_grad = inner_grad
@@ -177,10 +181,13 @@ class MetaLearner:
         return X, torch.as_tensor(y, dtype=y_dtype, device=self.device)
 
     def batches(self, tasks: Sequence[Task]) -> list[TaskBatch]:
-        """Stack tasks into equal-shape batches on the learner's device."""
+        """Stack tasks into batches on the learner's device: tasks that differ in their
+        numbers of rows padded into one, with row masks (unless the module's rows are not
+        independent, :attr:`pad_ragged`; then one batch per shape)."""
         target = torch.long if self.loss_name == "cross_entropy" else self.dtype
         return TaskBatch.from_tasks(
-            tasks, device=self.device, dtype=self.dtype, target_dtype=target
+            tasks, device=self.device, dtype=self.dtype, target_dtype=target,
+            pad=self.pad_ragged,
         )
 
     def adapt(
@@ -194,6 +201,7 @@ class MetaLearner:
         track_graph: bool = True,
         on_step=None,
         keep_shared: bool = False,
+        mask: Tensor | None = None,
     ) -> Params:
         """Run the inner loop from ``theta`` on a batch of support sets.
 
@@ -216,6 +224,8 @@ class MetaLearner:
         keep_shared : bool, default=False
             Leave never-updated parameters without the task dimension (for
             :attr:`forward` only); see :func:`metafit.functional.inner_loop`.
+        mask : Tensor of shape (T, n), optional
+            The real rows of padded support sets (``TaskBatch.support_mask``).
 
         Returns
         -------
@@ -223,7 +233,7 @@ class MetaLearner:
             Adapted parameters with the task dimension.
         """
         if self.algorithm.closed_form:  # ALPACA's posterior: no steps, no learning rate
-            return self.algorithm.adapt(self, X, y, track_graph=track_graph)
+            return self.algorithm.adapt(self, X, y, track_graph=track_graph, mask=mask)
         # With track_graph=False the loop runs outside autograd and detaches what it
         # returns: the learning rates need no detaching here.
         steps = self.inner_steps if steps is None else int(steps)
@@ -244,6 +254,7 @@ class MetaLearner:
             shared=True,
             keep_shared=keep_shared,
             step_forward=self._step_forward if self.step_dependent else None,
+            mask=mask,
         )
 
     @torch.no_grad()
@@ -266,10 +277,11 @@ class MetaLearner:
         total, loss = 0, 0.0
         steps = self.inner_steps if steps is None else int(steps)
         for batch in self.batches(tasks):
-            phi = self.adapt(batch.X_support, batch.y_support, steps=steps, track_graph=False)
+            phi = self.adapt(batch.X_support, batch.y_support, steps=steps, track_graph=False,
+                             mask=batch.support_mask)
             out = self.predict(phi, batch.X_query, step=self.last_step(steps))
             with torch.no_grad():
-                q = self.loss_fn(out, batch.y_query)
+                q = task_losses(self.loss_fn, out, batch.y_query, batch.query_mask)
             loss += float(q.sum())
             total += batch.n_tasks
         return loss / total

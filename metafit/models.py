@@ -207,6 +207,8 @@ class Conv4(nn.Module):
 
     #: :func:`metafit.functional.make_forward` uses :meth:`batched_forward`.
     preferred_forward = "module"
+    #: BatchNorm with the statistics of the rows at hand: padding rows would change them
+    rows_independent = False
 
     def __init__(
         self,

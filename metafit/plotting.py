@@ -26,6 +26,7 @@ from metafit._task_types import Task, as_task
 from metafit.estimators._learners import learner_factory
 from metafit.estimators._table_mode import TablePreprocessing, standardize_tasks
 from metafit.learner import MetaLearner
+from metafit.losses import task_losses
 from metafit.persistence import MetaInit
 
 __all__ = [
@@ -189,14 +190,16 @@ def _pretrain(module: nn.Module, tasks: list[Task], loss: str, steps: int, lr: f
 
 
 def _batch_curve(learner: MetaLearner, batch, steps: int) -> list[float]:
-    """Summed query loss of one equal-shape batch after 0..steps inner steps."""
+    """Summed query loss of one batch (padded or not) after 0..steps inner steps."""
 
     def query_loss(params):
         with torch.no_grad():
             out = learner.forward(params, batch.X_query)
-            return float(learner.loss_fn(out, batch.y_query).sum())
+            return float(task_losses(learner.loss_fn, out, batch.y_query, batch.query_mask).sum())
 
-    start = learner.adapt(batch.X_support, batch.y_support, steps=0, track_graph=False)
+    mask = batch.support_mask
+    start = learner.adapt(batch.X_support, batch.y_support, steps=0, track_graph=False,
+                          mask=mask)
     losses = [query_loss(start)]
     learner.adapt(
         batch.X_support,
@@ -204,6 +207,7 @@ def _batch_curve(learner: MetaLearner, batch, steps: int) -> list[float]:
         steps=steps,
         track_graph=False,
         on_step=lambda step, params: losses.append(query_loss(params)),
+        mask=mask,
     )
     if len(losses) != steps + 1:  # pragma: no cover - on_step runs after every step
         raise RuntimeError("the inner loop did not report every step")

@@ -109,7 +109,7 @@ def test_ragged_meta_batch_matches_per_task_reference():
     learner = make_learner("maml", 2)
     tasks = ragged_tasks()
     batches = learner.batches(tasks)
-    assert sorted(len(b._index) for b in batches) == [1, 2, 2]
+    assert len(batches) == 1 and batches[0].support_mask is not None  # padded, one batch
     loss, grads = learner.algorithm.meta_gradients(learner, batches)
     assert_close(grads, reference(learner, tasks, 2))
     # Equal to averaging the tasks computed one by one (vectorized vs per-task path).
@@ -117,6 +117,96 @@ def test_ragged_meta_batch_matches_per_task_reference():
     mean = [sum(g[i] for _, g in per_task) / len(tasks) for i in range(len(grads))]
     assert_close(grads, mean)
     assert float(loss) == pytest.approx(np.mean([float(lo) for lo, _ in per_task]), rel=1e-9)
+
+
+def _ragged_learner(name, forward="auto", steps=2, loss="mse"):
+    """A float64 learner of ``name`` on a network it can adapt (ALPACA's features, CAVIA's
+    context), with distinct random weights."""
+    from metafit.algorithms import ALPACA
+    from metafit.models import ContextMLP
+
+    n_out = 3 if loss == "cross_entropy" else 1
+    algorithm = name
+    if name == "alpaca":
+        algorithm, net = ALPACA(n_features=3), MLP(1, 3, (8,))
+    elif name == "cavia":
+        net = ContextMLP(1, n_out, (8,), context_size=2)
+        forward = "vmap" if forward == "mlp" else forward
+    else:
+        net = MLP(1, n_out, (8, 8))
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.7)
+    return MetaLearner(net, loss=loss, algorithm=algorithm, inner_lr=LR, inner_steps=steps,
+                       forward=forward, dtype=torch.float64)
+
+
+def _per_task_mean(learner, tasks):
+    parts = [learner.algorithm.meta_gradients(learner, learner.batches([t])) for t in tasks]
+    grads = [sum(g[i] for _, g in parts) / len(tasks) for i in range(len(parts[0][1]))]
+    return float(np.mean([float(lo) for lo, _ in parts])), grads
+
+
+@pytest.mark.parametrize("name", sorted(ALGORITHMS))
+@pytest.mark.parametrize("forward", ["mlp", "vmap", "loop"])
+def test_a_padded_ragged_batch_equals_the_tasks_one_by_one_for_every_algorithm(name, forward):
+    """Losses, inner gradients (analytic and autograd) and ALPACA's sufficient statistics
+    all ignore the padding rows: the padded batch, the per-shape groups and the per-task
+    loop give the same meta-loss and meta-gradients."""
+    learner = _ragged_learner(name, forward)
+    tasks = ragged_tasks()
+    (padded,) = learner.batches(tasks)
+    assert padded.X_support.shape[:2] == (5, 6) and padded.X_query.shape[:2] == (5, 8)
+    loss, grads = learner.algorithm.meta_gradients(learner, [padded])
+    want_loss, want = _per_task_mean(learner, tasks)
+    assert_close(grads, want, rtol=1e-9)
+    assert float(loss) == pytest.approx(want_loss, rel=1e-9)
+    learner.pad_ragged = False  # one batch per shape: the path of BatchNorm networks
+    groups = learner.batches(tasks)
+    assert len(groups) == 3 and all(b.support_mask is None for b in groups)
+    _, grouped = learner.algorithm.meta_gradients(learner, groups)
+    assert_close(grouped, want, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["maml", "fomaml", "anil", "metasgd", "mamlpp", "reptile"])
+def test_padded_classification_tasks_equal_the_tasks_one_by_one(name):
+    rng = np.random.default_rng(4)
+    tasks = []
+    for n_s, n_q in [(3, 6), (6, 3), (4, 4)]:
+        x = rng.normal(size=(n_s + n_q, 1))
+        y = rng.integers(0, 3, n_s + n_q)
+        tasks.append(Task(x[:n_s], y[:n_s], x[n_s:], y[n_s:]))
+    learner = _ragged_learner(name, loss="cross_entropy")
+    loss, grads = learner.algorithm.meta_gradients(learner, learner.batches(tasks))
+    want_loss, want = _per_task_mean(learner, tasks)
+    assert_close(grads, want, rtol=1e-9)
+    assert float(loss) == pytest.approx(want_loss, rel=1e-9)
+
+
+def test_evaluate_and_chunks_of_a_padded_batch_equal_the_tasks_one_by_one():
+    learner = _ragged_learner("maml")
+    tasks = ragged_tasks()
+    per_task = np.mean([learner.evaluate([t]) for t in tasks])
+    assert learner.evaluate(tasks) == pytest.approx(per_task, rel=1e-9)
+    _, want = _per_task_mean(learner, tasks)
+    learner.meta_batch_chunk = 2  # pieces of a padded batch keep their masks
+    _, chunked = learner.meta_gradients(learner.batches(tasks))
+    assert_close(chunked, want, rtol=1e-9)
+
+
+def test_networks_with_batch_statistics_are_not_padded():
+    from metafit.models import Conv4
+
+    bn = torch.nn.Sequential(torch.nn.Linear(1, 4), torch.nn.BatchNorm1d(4),
+                             torch.nn.Linear(4, 1))
+    learner = MetaLearner(bn, loss="mse", algorithm="maml", inner_lr=LR, inner_steps=1)
+    assert not learner.pad_ragged
+    assert len(learner.batches(ragged_tasks())) == 3
+    assert not MetaLearner(Conv4(2, (1, 28, 28), hidden_channels=4), loss="cross_entropy",
+                           algorithm="maml", inner_lr=LR, inner_steps=1).pad_ragged
+    assert MetaLearner(MLP(1, 1, (4,)), loss="mse", algorithm="maml", inner_lr=LR,
+                       inner_steps=1).pad_ragged
 
 
 def test_anil_adapts_only_the_head_and_still_meta_learns_the_body():

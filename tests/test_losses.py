@@ -47,3 +47,21 @@ def test_losses_registry_and_reexport():
     # the "mlp" strategy recognises the losses by identity, so the re-exports must be them
     assert functional.mse_loss is mse_loss and functional.cross_entropy_loss is cross_entropy_loss
     assert functional.LOSSES is LOSSES
+
+
+@pytest.mark.parametrize(("name", "two_d"), [("mse", False), ("mse", True),
+                                             ("cross_entropy", False)])
+def test_masked_losses_are_the_means_over_the_real_rows(name, two_d):
+    gen = torch.Generator().manual_seed(0)
+    out = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64)
+    if name == "mse":
+        y = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64) if two_d else torch.randn(
+            2, 5, generator=gen, dtype=torch.float64)
+    else:
+        y = torch.randint(0, 3, (2, 5), generator=gen)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.float64)
+    loss = LOSSES[name]
+    got = loss(out, y, mask)
+    want = torch.stack([loss(out[:1, :3], y[:1, :3])[0], loss(out[1:], y[1:])[0]])
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(loss(out, y, torch.ones(2, 5, dtype=torch.float64)), loss(out, y))

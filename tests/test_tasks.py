@@ -229,3 +229,27 @@ def test_tasks_from_groups():
         tasks_from_groups(X, y, groups, support_size=20)
     with pytest.raises(ValueError, match="X must be 2-D"):
         tasks_from_groups(X[:, 0], y, groups)
+
+
+def test_task_batch_pads_tasks_that_differ_only_in_rows_and_masks_the_padding():
+    rng = np.random.default_rng(0)
+    tasks = [Task(rng.normal(size=(n_s, 2)), rng.normal(size=n_s), rng.normal(size=(n_q, 2)),
+                  rng.normal(size=n_q)) for n_s, n_q in [(2, 5), (4, 1), (3, 3)]]
+    other_features = Task(np.ones((2, 3)), np.ones(2), np.ones((1, 3)), np.ones(1))
+    batches = TaskBatch.from_tasks([*tasks, other_features], dtype=torch.float64, pad=True)
+    assert [b._index for b in batches] == [[0, 1, 2], [3]]  # features differ: not padded
+    b = batches[0]
+    assert b.X_support.shape == (3, 4, 2) and b.y_query.shape == (3, 5)
+    assert b.support_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 1, 1, 0]]
+    assert b.query_mask.sum(1).tolist() == [5, 1, 3]
+    for t, xs, yq in zip(tasks, b.X_support, b.y_query):  # real rows first, zeros after
+        np.testing.assert_array_equal(xs[: t.n_support].numpy(), t.X_support)
+        assert float(xs[t.n_support:].abs().sum()) == 0.0
+        np.testing.assert_array_equal(yq[: t.n_query].numpy(), t.y_query)
+    assert batches[1].support_mask is None and batches[1].query_mask is None
+    part = b.take(1, 3)
+    assert part._index == [1, 2] and part.support_mask.shape == (2, 4)
+    # equal shapes need no masks; without pad, one batch per shape as before
+    (same,) = TaskBatch.from_tasks([tasks[0], tasks[0]], pad=True)
+    assert same.support_mask is None and same.query_mask is None
+    assert len(TaskBatch.from_tasks(tasks)) == 3

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from metafit.algorithms.base import MetaAlgorithm
+from metafit.losses import row_mean
 
 __all__ = ["ALPACA"]
 
@@ -130,11 +131,20 @@ class ALPACA(MetaAlgorithm):
             parts.insert(1, X.reshape(*X.shape[:2], -1).to(out.dtype))
         return torch.cat(parts, dim=-1)
 
-    def posterior(self, ctx, params, X: Tensor, y: Tensor) -> dict[str, Tensor]:
-        """The closed-form posterior of each task's head, as adapted "parameters"."""
+    def posterior(
+        self, ctx, params, X: Tensor, y: Tensor, mask: Tensor | None = None
+    ) -> dict[str, Tensor]:
+        """The closed-form posterior of each task's head, as adapted "parameters".
+
+        Padding rows (``mask`` 0) are zeroed out of the sufficient statistics
+        ``Phi^T Phi`` and ``Phi^T y``.
+        """
         k0, lam0, _ = self.prior(ctx)
         phi = self.features(ctx, params, X)
         y = y.reshape(y.shape[0], y.shape[1])
+        if mask is not None:
+            phi = phi * mask.unsqueeze(-1)
+            y = y * mask
         lam_n = phi.transpose(1, 2) @ phi + lam0
         chol = torch.linalg.cholesky(lam_n)
         rhs = phi.transpose(1, 2) @ y.unsqueeze(-1) + (lam0 @ k0).unsqueeze(-1)
@@ -154,12 +164,13 @@ class ALPACA(MetaAlgorithm):
 
     # ---------------------------------------------------------------- hooks
 
-    def adapt(self, ctx, X, y, *, track_graph: bool = True) -> dict[str, Tensor]:
+    def adapt(self, ctx, X, y, *, track_graph: bool = True, mask=None) -> dict[str, Tensor]:
         theta = ctx.params()  # the forward takes shared (task-free) parameters
         if not track_graph:
             with torch.no_grad():
-                return {k: v.detach() for k, v in self.posterior(ctx, theta, X, y).items()}
-        return self.posterior(ctx, theta, X, y)
+                posterior = self.posterior(ctx, theta, X, y, mask)
+                return {k: v.detach() for k, v in posterior.items()}
+        return self.posterior(ctx, theta, X, y, mask)
 
     def predict(self, ctx, adapted, X, step=None) -> Tensor:
         return self.predictive(ctx, adapted, X)[0].unsqueeze(-1)
@@ -169,12 +180,13 @@ class ALPACA(MetaAlgorithm):
         meta_params = ctx.meta_parameters()
         nll_parts, mse_parts = [], []
         for batch in batches:
-            adapted = self.adapt(ctx, batch.X_support, batch.y_support)
+            adapted = self.adapt(ctx, batch.X_support, batch.y_support, mask=batch.support_mask)
             mean, var = self.predictive(ctx, adapted, batch.X_query)
             yq = batch.y_query.reshape(mean.shape)
             nll = 0.5 * (torch.log(2 * math.pi * var) + (yq - mean).pow(2) / var)
-            nll_parts.append(nll.mean(1).sum() / total)
-            mse_parts.append((yq - mean).pow(2).mean(1).sum().detach() / total)
+            nll_parts.append(row_mean(nll, batch.query_mask).sum() / total)
+            mse = row_mean((yq - mean).pow(2), batch.query_mask)
+            mse_parts.append(mse.sum().detach() / total)
         loss = torch.stack(nll_parts).sum()
         grads = torch.autograd.grad(loss, meta_params, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(meta_params, grads)]

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from metafit import _torch_compat as compat
 from metafit._inner_types import Params
+from metafit.losses import task_losses
 
 if TYPE_CHECKING:
     from metafit._task_types import TaskBatch
@@ -67,6 +68,7 @@ class AdaptationContext(Protocol):
         track_graph: bool = True,
         on_step: Callable[[int, Params], None] | None = None,
         keep_shared: bool = False,
+        mask: Tensor | None = None,
     ) -> Params: ...
 
 
@@ -176,9 +178,13 @@ class MetaAlgorithm:
         """Outputs of the network for ``n_outputs`` targets (ALPACA's: its features)."""
         return n_outputs
 
-    def adapt(self, ctx: AdaptationContext, X: Tensor, y: Tensor, *, track_graph: bool = True):
+    def adapt(
+        self, ctx: AdaptationContext, X: Tensor, y: Tensor, *, track_graph: bool = True,
+        mask: Tensor | None = None,
+    ):
         """Closed-form adaptation of ``closed_form`` algorithms: the adapted "parameters"
-        that :meth:`predict` reads. Gradient-based algorithms use the inner loop."""
+        that :meth:`predict` reads (``mask``: the real rows of padded tasks).
+        Gradient-based algorithms use the inner loop."""
         raise NotImplementedError
 
     def predictive(self, ctx: AdaptationContext, adapted, X: Tensor):
@@ -264,8 +270,9 @@ class MetaAlgorithm:
 class GradientMetaAlgorithm(MetaAlgorithm):
     """MAML-style meta-gradient: differentiate the query loss through the inner loop.
 
-    Ragged meta-batches arrive as several equal-shape groups; their losses are weighted by
-    group size so that the result equals the vectorized one over all tasks.
+    A ragged meta-batch arrives padded with row masks (or, for modules with batch
+    statistics, as several equal-shape groups, whose losses are weighted by group size):
+    either way the result equals the per-task computation averaged over all tasks.
     """
 
     def meta_gradients(self, ctx, batches):
@@ -278,8 +285,11 @@ class GradientMetaAlgorithm(MetaAlgorithm):
                 batch.y_support,
                 create_graph=not self.first_order,
                 keep_shared=True,
+                mask=batch.support_mask,
             )
-            query = ctx.loss_fn(ctx.forward(phi, batch.X_query), batch.y_query)
+            query = task_losses(
+                ctx.loss_fn, ctx.forward(phi, batch.X_query), batch.y_query, batch.query_mask
+            )
             parts.append(query.mean() if len(batches) == 1 else query.sum() / total)
         loss = parts[0] if len(parts) == 1 else torch.stack(parts).sum()
         grads = torch.autograd.grad(loss, meta_params, allow_unused=True)

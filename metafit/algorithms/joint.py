@@ -5,8 +5,14 @@ from __future__ import annotations
 import torch
 
 from metafit.algorithms.base import MetaAlgorithm
+from metafit.losses import task_losses
 
 __all__ = ["JointPretraining"]
+
+
+def _rows(X: torch.Tensor, mask: torch.Tensor | None):
+    """Real rows per task: (T,) counts of a padded batch, else the common count."""
+    return X.shape[1] if mask is None else mask.sum(1)
 
 
 class JointPretraining(MetaAlgorithm):
@@ -30,9 +36,12 @@ class JointPretraining(MetaAlgorithm):
         for batch in batches:
             phi = ctx.adapt(batch.X_support, batch.y_support, steps=0, create_graph=True,
                             keep_shared=True)
-            support = ctx.loss_fn(ctx.forward(phi, batch.X_support), batch.y_support)
-            query = ctx.loss_fn(ctx.forward(phi, batch.X_query), batch.y_query)
-            n_s, n_q = batch.X_support.shape[1], batch.X_query.shape[1]
+            support = task_losses(ctx.loss_fn, ctx.forward(phi, batch.X_support),
+                                  batch.y_support, batch.support_mask)
+            query = task_losses(ctx.loss_fn, ctx.forward(phi, batch.X_query),
+                                batch.y_query, batch.query_mask)
+            n_s, n_q = _rows(batch.X_support, batch.support_mask), _rows(
+                batch.X_query, batch.query_mask)
             # The mean over all of a task's rows, weighted by the task's share of the batch.
             per_task = (support * n_s + query * n_q) / (n_s + n_q)
             parts.append(per_task.sum() / total)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 
 from metafit.algorithms.base import GradientMetaAlgorithm
+from metafit.losses import task_losses
 
 __all__ = ["MAMLPlusPlus", "per_step_loss_weights"]
 
@@ -204,7 +205,9 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
 
             def on_step(step, params, batch=batch, step_losses=step_losses):
                 out = ctx.forward_at(step)(params, batch.X_query)
-                step_losses.append(ctx.loss_fn(out, batch.y_query).sum())
+                step_losses.append(
+                    task_losses(ctx.loss_fn, out, batch.y_query, batch.query_mask).sum()
+                )
 
             phi = ctx.adapt(
                 batch.X_support,
@@ -212,9 +215,11 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
                 create_graph=not first_order,
                 on_step=on_step if weights is not None else None,
                 keep_shared=True,
+                mask=batch.support_mask,
             )
             if weights is None:
-                last = ctx.loss_fn(query_forward(phi, batch.X_query), batch.y_query).sum()
+                out = query_forward(phi, batch.X_query)
+                last = task_losses(ctx.loss_fn, out, batch.y_query, batch.query_mask).sum()
                 loss = loss + last / total
             else:
                 last = step_losses[-1]

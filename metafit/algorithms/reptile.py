@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from metafit.algorithms.base import MetaAlgorithm
+from metafit.losses import task_losses
 
 __all__ = ["Reptile"]
 
@@ -39,11 +40,13 @@ class Reptile(MetaAlgorithm):
         drift = {name: torch.zeros_like(p) for name, p in theta.items()}
         loss = torch.zeros((), dtype=next(iter(theta.values())).dtype)
         for batch in batches:
-            phi = ctx.adapt(batch.X_support, batch.y_support, track_graph=False)
+            phi = ctx.adapt(batch.X_support, batch.y_support, track_graph=False,
+                            mask=batch.support_mask)
             with torch.no_grad():
                 for name, p in theta.items():
                     drift[name] += (p.detach().unsqueeze(0) - phi[name]).sum(0)
-                query = ctx.loss_fn(ctx.forward(phi, batch.X_query), batch.y_query)
+                query = task_losses(ctx.loss_fn, ctx.forward(phi, batch.X_query),
+                                    batch.y_query, batch.query_mask)
                 loss = loss + query.sum().cpu() / total
         grads = [drift[name] / total for name in theta]
         grads += [torch.zeros_like(e) for e in ctx.extras.values()]
