@@ -149,6 +149,18 @@ def _check_metadata(path: str, metadata) -> None:
             raise ValueError(
                 f"{path!r}: metadata {key!r} must be a {kind.__name__}, got {value!r}."
             )
+    chosen = metadata.get("adaptation")
+    if chosen is not None:
+        ok = isinstance(chosen, dict) and all(
+            isinstance(chosen.get(k), kind) and not isinstance(chosen.get(k), bool)
+            and chosen[k] >= low
+            for k, kind, low in (("inner_lr", (int, float), 0), ("inner_steps", int, 0))
+        )
+        if not ok:
+            raise ValueError(
+                f"{path!r}: metadata 'adaptation' must hold the chosen inner_lr (a number) "
+                f"and inner_steps (an int >= 0), got {chosen!r}; the file is damaged."
+            )
     if "standardization" in metadata or "encoding" in metadata:
         from metafit.grouped import CategoricalEncoding, Standardization
 
@@ -328,8 +340,9 @@ class MetaInit:
         """Estimator parameters that match this initialization.
 
         The architecture of a built-in network (``hidden_sizes``, ``activation``) and
-        the meta-training ``algorithm``, ``inner_lr`` and ``inner_steps``; pass them to the
-        estimator together with ``meta_init=`` to adapt as meta-training did::
+        the meta-training ``algorithm``, and the ``inner_lr`` and ``inner_steps`` that
+        ``meta_fit`` chose for ``fit`` (else meta-training's); pass them to the estimator
+        together with ``meta_init=`` to adapt as the meta-fitted estimator did::
 
             init = MetaInit.load(path)
             est = MetaInitializedRegressor(meta_init=path, **init.estimator_params())
@@ -339,8 +352,11 @@ class MetaInit:
             kwargs = self.spec.get("kwargs", {})
             params["hidden_sizes"] = tuple(kwargs.get("hidden_sizes", ()))
             params["activation"] = kwargs.get("activation", "relu")
+        chosen = self.metadata.get("adaptation") or {}
         for key in ("algorithm", "inner_lr", "inner_steps"):
-            if key in self.metadata:
+            if key in chosen:  # what meta_fit chose for fit on the validation tasks
+                params[key] = chosen[key]
+            elif key in self.metadata:
                 params[key] = self.metadata[key]
         if self.algorithm_options and "algorithm" in params:
             from metafit.algorithms import get_algorithm

@@ -23,6 +23,7 @@ from torch import nn
 from metafit._atomic import atomic_path
 from metafit._checks import check_int
 from metafit._task_types import Task, as_task
+from metafit.estimators._adaptation import fit_settings
 from metafit.estimators._learners import learner_factory
 from metafit.estimators._table_mode import TablePreprocessing, standardize_tasks
 from metafit.learner import MetaLearner
@@ -271,7 +272,7 @@ def adaptation_curves(
             f"algorithm {meta.algorithm.name!r} adapts in closed form, with no inner steps: "
             "there is no curve over steps to draw; compare metafit.tuning.evaluate scores."
         )
-    meta.inner_lr = float(est.inner_lr)
+    meta.inner_lr = fit_settings(est, init)[0]
     if pretrain_tasks is None:
         pool = [Task(t.X_support, t.y_support, t.X_support, t.y_support) for t in tasks]
     else:
@@ -319,7 +320,7 @@ def plot_adaptation(est, tasks, steps: int = 10, ax=None, **kwargs):
     }
     for name in ("meta-learned", "pretrained", "random"):
         ax.plot(x, curves[name], ms=4, lw=1.8, **styles[name])
-    ax.set_xlabel(f"inner gradient steps (inner_lr={est.inner_lr:g})")
+    ax.set_xlabel(f"inner gradient steps (inner_lr={fit_settings(est, _meta_init(est))[0]:g})")
     ax.set_ylabel(f"mean query {_loss_name(_meta_init(est))} over {len(_tasks(tasks))} tasks")
     ax.set_xticks(x if len(x) <= 11 else x[:: max(1, len(x) // 10)])
     finite = np.concatenate([c[np.isfinite(c)] for c in curves.values()])
@@ -343,7 +344,8 @@ def plot_predictions(
     task : Task or 4-tuple
     ax : matplotlib Axes, optional
     steps : int, optional
-        Inner steps; defaults to ``est.inner_steps``.
+        Inner steps; defaults to those ``fit`` takes (``est.inner_steps``, or the count
+        ``meta_fit`` chose for ``"auto"``).
     n_grid : int, default=200
         Points of the prediction curves.
     truth : callable, optional
@@ -367,7 +369,7 @@ def plot_predictions(
             "plot_predictions draws 1-D regression (one feature, one output, mse loss); this "
             f"initialization has {init.n_features} feature(s) and {init.n_outputs} output(s)."
         )
-    steps = est.inner_steps if steps is None else _check_steps(steps)
+    steps = fit_settings(est, init)[1] if steps is None else _check_steps(steps)
     xs_all = np.concatenate([task.X_support[:, 0], task.X_query[:, 0]])
     lo, hi = float(xs_all.min()), float(xs_all.max())
     pad = 0.05 * (hi - lo or 1.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -68,7 +69,7 @@ def test_tune_default_storage_prints_best_and_improvement_then_resumes(tiny, cap
     assert code == 0
     assert (tiny.parent / "metafit.db").is_file()  # sqlite:///metafit.db in the cwd
     assert "best parameters: inner_lr=" in out
-    assert "defaults (inner_lr=0.01, inner_steps=5): query MSE" in out
+    assert re.search(r"defaults \(inner_lr=[0-9.e-]+, inner_steps=\d+\): query MSE", out), out
     assert "% lower" in out or "% higher" in out
     # Same study name again: the study is resumed, not restarted.
     code, out, _ = _run(capsys, "tune", tiny, "--n-trials", 2)

@@ -74,6 +74,7 @@ _PARAM_TYPES = {
 _PARAM_TYPES["activation"] = _STR
 _PARAM_TYPES["meta_init"] = _STR
 _NULLABLE = {name for name, rule in PARAMETERS.items() if rule.nullable}
+_AUTO = {name for name, rule in PARAMETERS.items() if rule.auto}
 _TUNE_KEYS = {
     "mode": _STR, "study_name": _STR, "storage": _STR, "n_trials": _INT, "timeout": _NUMBER,
     "n_jobs": _INT, "sampler": "a mapping", "pruner": "a mapping", "heartbeat_interval": _INT,
@@ -470,7 +471,7 @@ def _check_params(p: str, est: dict) -> None:
                 f"{p}: estimator.params: unknown parameter {key!r}{hint}; known: "
                 f"{', '.join(sorted(known))}"
             )
-        if value is None and key in _NULLABLE:
+        if (value is None and key in _NULLABLE) or (value == "auto" and key in _AUTO):
             continue
         params[key] = _coerce(f"{p}: estimator.params.{key}", value, _PARAM_TYPES.get(key, _ANY))
     est["params"] = params

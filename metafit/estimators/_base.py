@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import os
 import warnings
 
@@ -30,6 +31,7 @@ from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 from metafit import _torch_compat as compat
 from metafit._task_types import refuse_sparse
 from metafit._threads import threads_for, torch_threads
+from metafit.estimators._adaptation import fit_settings
 from metafit.estimators._inputs import SeededTorch, fast_X, fast_xy, seed_from, unchanged_on_error
 from metafit.estimators._learners import LearnerFactory, learner_factory
 from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done, warn_kept
@@ -84,13 +86,24 @@ class MetaInitializedEstimator(BaseEstimator):
         ``context_lr``; the default network is :class:`metafit.models.ContextMLP`).
         ``"joint"`` is the baseline without meta-learning: one network trained on all
         tasks' rows pooled, which ``fit`` fine-tunes.
-    inner_lr : float, default=0.01
-        Learning rate of the inner SGD loop (meta-training and ``fit``).
-    inner_steps : int, default=5
-        Gradient steps of ``fit``, and of meta-training unless ``meta_inner_steps`` is set.
+    inner_lr : float or "auto", default="auto"
+        Learning rate of the inner SGD loop of ``fit``, and of meta-training unless
+        ``meta_inner_lr`` is set. ``"auto"``: meta-training uses 0.01, and ``fit`` the
+        rate :meth:`meta_fit` chose on the validation tasks (table mode's held-out groups,
+        or ``validation_tasks``) among 0.1x to 10x the meta-training rate; without
+        validation tasks, the meta-training rate. The value used is ``inner_lr_``.
+    inner_steps : int or "auto", default="auto"
+        Gradient steps of ``fit``, and of meta-training unless ``meta_inner_steps`` is
+        set. ``"auto"``: meta-training uses 5, and ``fit`` the count :meth:`meta_fit`
+        chose on the validation tasks among 0 (no adaptation), 1, 2, 5, 10, 20 and the
+        meta-training count; without validation tasks, the meta-training count. The
+        value used is ``inner_steps_``.
+    meta_inner_lr : float or None, default=None
+        Inner learning rate during meta-training; None means a numeric ``inner_lr``, else
+        0.01.
     meta_inner_steps : int or None, default=None
         Inner steps during meta-training (the MAML paper trains with 1 and tests with
-        more); None means ``inner_steps``.
+        more); None means a numeric ``inner_steps``, else 5.
     meta_lr : float or None, default=None
         Meta learning rate; None uses the algorithm's default (Adam 1e-3; Reptile's
         outer step size 1.0, annealed to 0).
@@ -189,6 +202,14 @@ class MetaInitializedEstimator(BaseEstimator):
         pandas DataFrame.
     n_features_in_ : int
         Features seen by ``fit``.
+    inner_lr_ : float
+        The inner learning rate ``fit`` adapts with (``inner_lr``, or the one chosen when
+        it is ``"auto"``); set by :meth:`meta_fit` and :meth:`fit`.
+    inner_steps_ : int
+        The inner steps ``fit`` takes, likewise.
+    adaptation_scores_ : dict of (float, int) to float
+        After :meth:`meta_fit` with validation tasks and an ``"auto"`` parameter: the mean
+        validation query loss of every ``(inner_lr, inner_steps)`` pair tried.
     callbacks_ : list of (str, TrainingCallback)
         The callbacks of the last :meth:`meta_fit` (copies of ``callbacks``), by name.
 
@@ -209,8 +230,9 @@ class MetaInitializedEstimator(BaseEstimator):
         hidden_sizes=(40, 40),
         activation="relu",
         algorithm="maml",
-        inner_lr=0.01,
-        inner_steps=5,
+        inner_lr="auto",
+        inner_steps="auto",
+        meta_inner_lr=None,
         meta_inner_steps=None,
         meta_lr=None,
         meta_batch_size=25,
@@ -242,6 +264,7 @@ class MetaInitializedEstimator(BaseEstimator):
         self.algorithm = algorithm
         self.inner_lr = inner_lr
         self.inner_steps = inner_steps
+        self.meta_inner_lr = meta_inner_lr
         self.meta_inner_steps = meta_inner_steps
         self.meta_lr = meta_lr
         self.meta_batch_size = meta_batch_size
@@ -442,8 +465,14 @@ class MetaInitializedEstimator(BaseEstimator):
         self.meta_init_ = outcome.meta_init
         self.meta_history_ = outcome.history
         self._warm_state_ = outcome.warm
-        for attr in ("adapted_params_", "_learner", "_learner_key", "n_features_in_"):
+        for attr in ("adapted_params_", "_learner", "_learner_key", "n_features_in_",
+                     "adaptation_scores_"):
             self.__dict__.pop(attr, None)
+        self.inner_lr_, self.inner_steps_ = fit_settings(self, self.meta_init_)
+        chosen = self.meta_init_.metadata.get("adaptation")
+        if chosen:
+            self.adaptation_scores_ = {(lr, steps): math.inf if loss is None else loss
+                                       for lr, steps, loss in chosen["scores"]}
 
     def save_meta_init(self, path) -> None:
         """Write the meta-learned initialization to ``path`` (safetensors, atomic).
@@ -580,8 +609,9 @@ class MetaInitializedEstimator(BaseEstimator):
             self._learner = factory.for_fit(init, X.shape[1], self._fit_outputs)
             self._learner_key = key
         learner = self._learner
+        lr, steps = fit_settings(self, init)
         if init is not None:
-            message = learner.algorithm.fit_warning(int(self.inner_steps), init.trained_inner_steps)
+            message = learner.algorithm.fit_warning(steps, init.trained_inner_steps)
             if message:
                 warnings.warn(message, UserWarning, stacklevel=4)
         elif not self.__dict__.get("_warned_no_init"):
@@ -601,13 +631,12 @@ class MetaInitializedEstimator(BaseEstimator):
             else SeededTorch(seed_from(self.random_state), self.device)
         )
         with seeded, torch_threads(threads_for(learner.module, self.n_threads)):
-            params = learner.adapt(
-                Xt, yt, steps=self.inner_steps, inner_lr=self.inner_lr, track_graph=False
-            )
-        self._check_adapted(params, X, y)
+            params = learner.adapt(Xt, yt, steps=steps, inner_lr=lr, track_graph=False)
+        self._check_adapted(params, X, y, lr, steps)
+        self.inner_lr_, self.inner_steps_ = lr, steps
         self.adapted_params_ = params
 
-    def _check_adapted(self, params, X, y) -> None:
+    def _check_adapted(self, params, X, y, lr: float, steps: int) -> None:
         """Raise DivergenceError if adaptation made a parameter NaN, infinite or huge.
 
         One fused norm per tensor and one sync; no forward pass, so no random numbers
@@ -619,7 +648,6 @@ class MetaInitializedEstimator(BaseEstimator):
             finite = bool(torch.isfinite(torch.stack(norms)).all())
         if finite:
             return
-        lr = float(self.inner_lr)
         scale = data_scale(y=[y] if self._target.regression else [], X=[X])
         if scale is not None:
             advice = (
@@ -630,7 +658,7 @@ class MetaInitializedEstimator(BaseEstimator):
         else:
             advice = f"lower inner_lr (e.g. to {lr / 10:g}) or inner_steps"
         raise DivergenceError(
-            f"fit diverged: {self.inner_steps} inner steps at inner_lr={lr:g} made the "
+            f"fit diverged: {steps} inner steps at inner_lr={lr:g} made the "
             f"parameters NaN or infinite; {advice}. The estimator was left as it was before "
             "this fit."
         )
@@ -656,7 +684,7 @@ class MetaInitializedEstimator(BaseEstimator):
     def _raw_predict(self, X: np.ndarray) -> torch.Tensor:
         learner = self._learner
         Xt, _ = learner.as_tensors(X)
-        last_step = learner.last_step(self.inner_steps)  # MAML++'s per-step BatchNorm set
+        last_step = learner.last_step(self.inner_steps_)  # MAML++'s per-step BatchNorm set
         if is_stateless(learner.module):  # no dropout or batch statistics: no mode switch
             return learner.predict(self.adapted_params_, Xt.unsqueeze(0), step=last_step)[0]
         # Predict in eval mode, so that dropout is off and predictions are deterministic.
@@ -674,9 +702,9 @@ class MetaInitializedEstimator(BaseEstimator):
         ----------
         **kwargs
             Constructor arguments of the skorch net (``max_epochs``, ``callbacks``,
-            ``optimizer``, ...). Defaults: ``lr=inner_lr``, ``train_split=None``, the
-            estimator's ``device``, MSE (regressor) or cross-entropy on the logits
-            (classifier) as the criterion.
+            ``optimizer``, ...). Defaults: ``lr=inner_lr_`` (the rate ``fit`` uses),
+            ``train_split=None``, the estimator's ``device``, MSE (regressor) or
+            cross-entropy on the logits (classifier) as the criterion.
 
         Returns
         -------
@@ -704,6 +732,7 @@ class MetaInitializedEstimator(BaseEstimator):
             module = copy.deepcopy(self._learner.module)
             state = {k: v[0] for k, v in self.adapted_params_.items()}
             module.load_state_dict({**module.state_dict(), **state})
+            lr = self.inner_lr_
         else:
             init = self._resolve_meta_init()
             if init is None:
@@ -712,5 +741,6 @@ class MetaInitializedEstimator(BaseEstimator):
                     "or fit first (or pass meta_init)."
                 )
             module = self._factory().from_init(init).module
+            lr = fit_settings(self, init)[0]
         kwargs.setdefault("device", str(self.device))
-        return self._target.skorch_net(module, kwargs, self.inner_lr)
+        return self._target.skorch_net(module, kwargs, lr)

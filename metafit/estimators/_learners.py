@@ -21,6 +21,7 @@ from torch import nn
 
 from metafit._checks import layer_widths
 from metafit.algorithms import get_algorithm
+from metafit.estimators._adaptation import training_rate, training_steps
 from metafit.estimators._inputs import SeededTorch, seed_from
 from metafit.learner import MetaLearner
 from metafit.models import MLP, is_stateless
@@ -67,8 +68,8 @@ class LearnerFactory:
             activation=est.activation,
             module_kwargs=est._module_kwargs(),
             algorithm=est.algorithm,
-            inner_lr=est.inner_lr,
-            inner_steps=est.inner_steps,
+            inner_lr=training_rate(est),
+            inner_steps=training_steps(est),
             forward=est.forward,
             device=est.device,
             random_state=est.random_state,

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import torch
 
+from metafit._checks import is_number
 from metafit._memory import available_memory, check_inner_graph_memory, inner_graph_bytes
 from metafit._task_types import Task, iter_meta_batches
 from metafit._threads import threads_for, torch_threads
+from metafit.algorithms import get_algorithm
 from metafit.callbacks import (
     BestState,
     Checkpoint,
@@ -33,6 +35,7 @@ from metafit.callbacks import (
     check_checkpoint_path,
 )
 from metafit.distributed import distributed_training
+from metafit.estimators._adaptation import choose_adaptation, search_grid, training_steps
 from metafit.estimators._inputs import SeededTorch, seed_from
 from metafit.estimators._learners import LearnerFactory
 from metafit.persistence import MetaInit, module_spec
@@ -199,7 +202,7 @@ class MetaFitRun:
         """Meta-train; a DivergenceError carries the outcome so far as ``outcome``."""
         est = self.est
         n_features = int(np.prod(self.feature_shape))
-        meta_steps = est.inner_steps if est.meta_inner_steps is None else est.meta_inner_steps
+        meta_steps = training_steps(est)
         # Under torchrun / in a process group: this rank's share of each meta-batch.
         parallel = distributed_training(est.meta_batch_size, est.device)
         with parallel, SeededTorch(seed_from(est.random_state), est.device):
@@ -219,7 +222,7 @@ class MetaFitRun:
         use_best = (
             result.interrupted or est.patience is not None or self.table_metadata is not None
         )
-        return self._outcome(result, resume, best, stopper, use_best)
+        return self._outcome(result, resume, best, stopper, use_best, val)
 
     def _check_memory(self, learner, steps: int) -> None:
         """Refuse (or warn about) a second-order run whose graph cannot fit in memory."""
@@ -245,7 +248,7 @@ class MetaFitRun:
                 iterations=est.meta_iterations,
                 validation_tasks=val,
                 validation_interval=est.validation_interval,
-                validation_steps=est.inner_steps,
+                validation_steps=self._validation_steps(),
                 callbacks=parallel.prepare(learner, callbacks),
                 grad_hook=parallel.grad_hook,
                 clip_grad_norm=est.clip_grad_norm,
@@ -261,7 +264,7 @@ class MetaFitRun:
                 diverged = isinstance(exc, DivergenceError)  # the last finite state, always
                 exc.outcome = self._outcome(
                     result, resume, None if diverged else best, stopper,
-                    not diverged and est.patience is not None,
+                    not diverged and est.patience is not None, val,
                 )
             raise
 
@@ -280,13 +283,12 @@ class MetaFitRun:
             ) from exc
 
     def _describe(self, learner, n_features: int, spec: dict) -> tuple[dict, dict]:
-        est = self.est
         metadata = {
             "estimator": self.target.kind,
             "algorithm": learner.algorithm.name,
             "algorithm_options": learner.algorithm.get_config(),
-            "inner_lr": float(est.inner_lr),
-            "inner_steps": int(est.inner_steps),
+            "inner_lr": float(learner.inner_lr),  # of meta-training
+            "inner_steps": self._validation_steps(),
             "meta_inner_steps": int(learner.inner_steps),
             "n_features": n_features,
             "feature_shape": list(self.feature_shape),
@@ -359,7 +361,31 @@ class MetaFitRun:
             cb.initialize(context)
         self.user_callbacks = named
 
-    def _outcome(self, result, resume, best, stopper, use_best: bool) -> MetaFitOutcome:
+    def _validation_steps(self) -> int:
+        """Steps of the validation adaptations during training: ``fit``'s when given,
+        else meta-training's."""
+        steps = self.est.inner_steps
+        return int(steps) if is_number(steps) else training_steps(self.est)
+
+    def _choose_adaptation(self, meta_init: MetaInit, val) -> MetaInit:
+        """``meta_init`` with the ``inner_lr`` / ``inner_steps`` chosen for ``fit`` on the
+        validation tasks (where a parameter is "auto"), see
+        :mod:`metafit.estimators._adaptation`."""
+        if not val:
+            return meta_init
+        meta = meta_init.metadata
+        algorithm = get_algorithm(meta["algorithm"], meta_init.algorithm_options)
+        grid = search_grid(self.est, algorithm, float(meta["inner_lr"]),
+                           int(meta_init.trained_inner_steps))
+        if grid is None:
+            return meta_init
+        learner = self.factory.from_init(meta_init)
+        with torch_threads(threads_for(learner.module, self.est.n_threads)):
+            choice = choose_adaptation(learner, val, *grid)
+        return replace(meta_init, metadata={**meta, "adaptation": choice.to_metadata()})
+
+    def _outcome(self, result, resume, best, stopper, use_best: bool, val=None
+                 ) -> MetaFitOutcome:
         previous = [] if resume is None else resume.history
         history = MetaHistory([*previous, *(r.as_dict() for r in result.history)])
         last = result.last_state.to_cpu()
@@ -367,7 +393,9 @@ class MetaFitRun:
         if use_best and best is not None and best.best_tensors is not None:
             tensors = best.best_tensors
             extra = {"best_iteration": best.best_iteration, "best_validation_loss": best.best_loss}
-        meta_init = self.make_meta_init(tensors, last.iteration, **extra)
+        meta_init = self._choose_adaptation(
+            self.make_meta_init(tensors, last.iteration, **extra), val
+        )
         warm = WarmStart(
             state=last,
             algorithm=meta_init.metadata["algorithm"],

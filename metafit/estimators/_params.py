@@ -41,6 +41,9 @@ class Param:
         ``choice`` one of ``choices``, and the special kinds checked by their own rule.
     nullable : bool
         None is accepted (meaning "the default behaviour").
+    auto : bool
+        The string ``"auto"`` is accepted besides the numbers (``inner_lr``,
+        ``inner_steps``: chosen by ``meta_fit`` on the validation tasks).
     """
 
     kind: str
@@ -48,6 +51,7 @@ class Param:
     strict: bool = False
     nullable: bool = False
     choices: tuple = field(default=())
+    auto: bool = False
 
     def check(self, name: str, value) -> None:
         """Raise TypeError/ValueError naming ``name`` and the fix when ``value`` breaks it."""
@@ -59,6 +63,19 @@ def _checker(rule: Param):
     fit validates every parameter on every call, a few microseconds of a sub-millisecond
     fit."""
     allow = (None,) if rule.nullable else ()
+    if rule.auto:
+        plain = _checker(Param(rule.kind, rule.minimum, rule.strict, rule.nullable))
+
+        what = "an int" if rule.kind == "int" else "a number"
+
+        def check(name, value):
+            if isinstance(value, str) and value == "auto":
+                return
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise TypeError(f'{name} must be {what} or "auto", got {value!r}.')
+            plain(name, value)
+
+        return check
     if rule.kind == "int":
         minimum = int(rule.minimum or 0)
 
@@ -285,8 +302,9 @@ PARAMETERS: dict[str, Param] = {
     "hidden_sizes": Param("sizes"),
     "activation": Param("any"),  # checked by metafit.models.MLP, which lists the names
     "algorithm": Param("algorithm", choices=tuple(ALGORITHMS)),
-    "inner_lr": Param("real", minimum=0, strict=True),
-    "inner_steps": Param("int", minimum=0),
+    "inner_lr": Param("real", minimum=0, strict=True, auto=True),
+    "inner_steps": Param("int", minimum=0, auto=True),
+    "meta_inner_lr": Param("real", minimum=0, strict=True, nullable=True),
     "meta_inner_steps": Param("int", minimum=0, nullable=True),
     "meta_lr": Param("real", minimum=0, strict=True, nullable=True),
     "meta_batch_size": Param("int", minimum=1),

@@ -301,6 +301,10 @@ def _store_default(study, estimator, space, tasks, validation, mode) -> None:
         est = _fresh(estimator, {})
         _meta_fit(est, tasks, validation)
         value = evaluate(est, validation)
+    fitted = estimator if mode == "adaptation" else est
+    for name in ("inner_lr", "inner_steps"):  # "auto": the value meta_fit chose
+        if defaults.get(name) == "auto" and hasattr(fitted, name + "_"):
+            defaults[name] = getattr(fitted, name + "_")
     study.set_user_attr(_ATTR + "default_params", {k: _jsonable(v) for k, v in defaults.items()})
     study.set_user_attr(_ATTR + "default_value", None if math.isnan(value) else value)
 

@@ -1,0 +1,156 @@
+"""``inner_lr="auto"`` and ``inner_steps="auto"``: what ``fit`` adapts with, and how
+``meta_fit`` chooses it on the held-out tasks.
+
+After meta-training, when validation tasks exist (table mode's held-out groups, or the
+``validation_tasks`` of task mode), :func:`choose_adaptation` scores a small grid of
+learning rates around the meta-training rate and of step counts on them, the way
+``RidgeCV`` scores its alphas, and the best pair is saved with the initialization
+(``MetaInit.metadata["adaptation"]``), so that clones, saved files and ``meta_init=`` adapt
+with it too. A number given for either parameter is used as it is, and only the other
+one is searched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from metafit._checks import is_number
+from metafit.losses import task_losses
+
+__all__ = [
+    "AUTO",
+    "AdaptationChoice",
+    "choose_adaptation",
+    "fit_settings",
+    "search_grid",
+    "training_rate",
+    "training_steps",
+]
+
+AUTO = "auto"
+#: what "auto" means where nothing was chosen: no validation tasks, or a random start
+DEFAULT_INNER_LR = 0.01
+DEFAULT_INNER_STEPS = 5
+#: the rates tried, as multiples of the meta-training rate
+LR_FACTORS = (0.1, 0.3, 1.0, 3.0, 10.0)
+#: the step counts tried (and the meta-training count); 0 is "no adaptation"
+STEP_CANDIDATES = (0, 1, 2, 5, 10, 20)
+
+
+def training_rate(est) -> float:
+    """The inner rate of meta-training: ``meta_inner_lr``, else a numeric ``inner_lr``,
+    else the default."""
+    if est.meta_inner_lr is not None:
+        return float(est.meta_inner_lr)
+    return float(est.inner_lr) if is_number(est.inner_lr) else DEFAULT_INNER_LR
+
+
+def training_steps(est) -> int:
+    """The inner steps of meta-training: ``meta_inner_steps``, else a numeric
+    ``inner_steps``, else the default."""
+    if est.meta_inner_steps is not None:
+        return int(est.meta_inner_steps)
+    return int(est.inner_steps) if is_number(est.inner_steps) else DEFAULT_INNER_STEPS
+
+
+def fit_settings(est, init) -> tuple[float, int]:
+    """``(inner_lr, inner_steps)`` that ``fit`` adapts with: the numbers given, else what
+    ``meta_fit`` chose (``init.metadata["adaptation"]``), else the meta-training values,
+    else the defaults."""
+    meta = {} if init is None else init.metadata
+    chosen = meta.get("adaptation") or {}
+    if is_number(est.inner_lr):
+        lr = float(est.inner_lr)
+    else:
+        lr = float(chosen.get("inner_lr", meta.get("inner_lr", DEFAULT_INNER_LR)))
+    if is_number(est.inner_steps):
+        steps = int(est.inner_steps)
+    elif "inner_steps" in chosen:
+        steps = int(chosen["inner_steps"])
+    else:
+        trained = None if init is None else init.trained_inner_steps
+        steps = DEFAULT_INNER_STEPS if trained is None else int(trained)
+    return lr, steps
+
+
+def search_grid(est, algorithm, base_lr: float, trained_steps: int):
+    """``(rates, steps)`` to score, or None when nothing is searched: both parameters are
+    numbers, or the algorithm reads neither (ALPACA's closed form)."""
+    search_lr = est.inner_lr == AUTO and algorithm.uses_inner_lr
+    search_steps = est.inner_steps == AUTO and algorithm.uses_inner_steps
+    if not (search_lr or search_steps):
+        return None
+    lr, steps = fit_settings(est, None)
+    rates = [base_lr * f for f in LR_FACTORS] if search_lr else [
+        lr if is_number(est.inner_lr) else base_lr]
+    if search_steps:
+        candidates = sorted({*STEP_CANDIDATES, int(trained_steps)})
+        # MAML++ learns one rate per meta-training step: other counts would warn at fit
+        counts = [s for s in candidates if algorithm.fit_warning(s, trained_steps) is None]
+    else:
+        counts = [steps if is_number(est.inner_steps) else int(trained_steps)]
+    return rates, counts or [int(trained_steps)]
+
+
+@dataclass(frozen=True)
+class AdaptationChoice:
+    """The pair ``fit`` will use and the mean validation loss of every pair tried."""
+
+    inner_lr: float
+    inner_steps: int
+    scores: dict[tuple[float, int], float]
+
+    def to_metadata(self) -> dict:
+        """The ``MetaInit.metadata["adaptation"]`` entry (JSON-able)."""
+        best = self.scores[(self.inner_lr, self.inner_steps)]
+        return {
+            "inner_lr": float(self.inner_lr),
+            "inner_steps": int(self.inner_steps),
+            "validation_loss": float(best),
+            "scores": [[float(lr), int(s), float(v) if math.isfinite(v) else None]
+                       for (lr, s), v in self.scores.items()],
+        }
+
+
+@torch.no_grad()
+def choose_adaptation(learner, tasks, rates: Sequence[float], counts: Sequence[int]
+                      ) -> AdaptationChoice:
+    """Score every ``(rate, steps)`` pair by the mean query loss of ``tasks`` after
+    adaptation and return the best (a tie keeps the smaller rate and fewer steps).
+
+    One inner loop per rate runs ``max(counts)`` steps and reads the query loss after
+    each counted step, so the grid costs ``len(rates)`` adaptations of the tasks. A pair
+    whose loss is not finite on some task never wins.
+    """
+    batches = learner.batches(tasks)
+    n_tasks = sum(b.n_tasks for b in batches)
+    wanted, most = set(counts), max(counts)
+    totals = {(float(r), int(s)): 0.0 for r in rates for s in counts}
+    for rate in rates:
+        for batch in batches:
+            def query_loss(params, steps, batch=batch):
+                out = learner.predict(params, batch.X_query, step=learner.last_step(steps))
+                losses = task_losses(learner.loss_fn, out, batch.y_query, batch.query_mask)
+                return float(losses.sum())
+
+            def record(step, params, rate=float(rate), query_loss=query_loss):
+                if step + 1 in wanted:
+                    totals[(rate, step + 1)] += query_loss(params, step + 1)
+
+            start = learner.adapt(batch.X_support, batch.y_support, steps=0,
+                                  track_graph=False, mask=batch.support_mask)
+            if 0 in wanted:
+                totals[(float(rate), 0)] += query_loss(start, 0)
+            if most > 0:
+                with np.errstate(all="ignore"):
+                    learner.adapt(batch.X_support, batch.y_support, steps=most,
+                                  inner_lr=float(rate), track_graph=False, on_step=record,
+                                  mask=batch.support_mask)
+    scores = {k: (v / n_tasks if math.isfinite(v) else math.inf) for k, v in totals.items()}
+    best = min(scores, key=lambda k: (scores[k], k[0], k[1]))
+    return AdaptationChoice(best[0], best[1], scores)
