@@ -14,6 +14,7 @@ from metafit.estimators import (  # noqa: E402
     MetaInitializedRegressor,
     NoMetaInitWarning,
 )
+from metafit.grouped import GroupedTable  # noqa: E402
 from metafit.persistence import MetaInit  # noqa: E402
 from metafit.tasks import (  # noqa: E402
     NWayKShotTasks,
@@ -29,6 +30,7 @@ from metafit.training import (  # noqa: E402
 
 __all__ = [
     "DivergenceError",
+    "GroupedTable",
     "InterruptedTrainingWarning",
     "MetaHistory",
     "MetaInit",

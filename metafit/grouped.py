@@ -23,10 +23,33 @@ from metafit.task_sources import check_group_labels
 __all__ = [
     "CategoricalEncoding",
     "GroupEpisodes",
+    "GroupedTable",
     "Standardization",
     "check_table",
     "split_groups",
 ]
+
+
+@dataclass(frozen=True, eq=False)
+class GroupedTable:
+    """A table with a group column, as one argument: what ``meta_fit(X, y, groups=)``
+    takes, for the callers that pass meta-training data along (``metafit.tune`` in meta
+    mode, the command line's ``table`` source).
+
+    ``est.meta_fit(GroupedTable(X, y, groups), validation_tasks)`` is
+    ``est.meta_fit(X, y, groups=groups, validation_tasks=validation_tasks)``.
+
+    Parameters
+    ----------
+    X : array-like or DataFrame of shape (n_samples, n_features)
+    y : array-like of shape (n_samples,)
+    groups : array-like of shape (n_samples,)
+        The group label of each row, any hashable values.
+    """
+
+    X: object
+    y: object
+    groups: object
 
 
 #: at most this many categories per column: more is an identifier, not a category
@@ -400,16 +423,26 @@ class GroupEpisodes:
         return tasks
 
 
-def validation_episodes(X, y, groups, *, support_size: int, rng) -> list[Task]:
-    """One fixed episode per validation group: ``support_size`` rows (fewer for a small
-    group, which keeps at least one query row), the others as query."""
+def validation_episodes(X, y, groups, *, support_sizes, rng, limit: int = 100) -> list[Task]:
+    """Fixed episodes of the validation groups: one per group and support size (fewer
+    rows for a small group, which keeps at least one query row), the others as query.
+
+    Several sizes across the support range make the choices made on them (the state
+    kept, ``inner_lr="auto"``) hold for any few-shot ``fit``, and average out the luck of
+    a single split. At most ``limit`` episodes are kept, drawn at random (the groups and
+    sizes stay mixed).
+    """
     tasks = []
     for g in np.unique(groups):
-        rows = rng.permutation(np.flatnonzero(groups == g))
-        if len(rows) < 2:
+        members = np.flatnonzero(groups == g)
+        if len(members) < 2:
             continue
-        k = min(support_size, len(rows) - 1)
-        tasks.append(Task(X[rows[:k]], y[rows[:k]], X[rows[k:]], y[rows[k:]]))
+        for size in support_sizes:
+            rows = rng.permutation(members)
+            k = min(int(size), len(rows) - 1)
+            tasks.append(Task(X[rows[:k]], y[rows[:k]], X[rows[k:]], y[rows[k:]]))
+    if len(tasks) > limit:
+        tasks = [tasks[i] for i in sorted(rng.choice(len(tasks), limit, replace=False))]
     return tasks
 
 

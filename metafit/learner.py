@@ -26,7 +26,6 @@ from metafit.functional import (
     resolve_strategy,
     rows_independent,
 )
-from metafit.losses import task_losses
 
 __all__ = ["MetaLearner", "GradientHook"]
 
@@ -279,9 +278,8 @@ class MetaLearner:
         for batch in self.batches(tasks):
             phi = self.adapt(batch.X_support, batch.y_support, steps=steps, track_graph=False,
                              mask=batch.support_mask)
-            out = self.predict(phi, batch.X_query, step=self.last_step(steps))
             with torch.no_grad():
-                q = task_losses(self.loss_fn, out, batch.y_query, batch.query_mask)
+                q = self.algorithm.evaluation_losses(self, phi, batch, self.last_step(steps))
             loss += float(q.sum())
             total += batch.n_tasks
         return loss / total

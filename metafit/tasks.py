@@ -8,7 +8,7 @@ importable from here.
 A *task* is one small supervised problem: a support set the learner adapts on and a
 query set it is judged on. Meta-training consumes tasks meta-batch by meta-batch; a
 :class:`TaskBatch` stacks the tasks of one meta-batch into tensors so that the engine can
-vectorize over them, and splits a ragged batch into groups of equal shape.
+vectorize over them, padding tasks of unequal sizes with row masks.
 """
 
 from __future__ import annotations

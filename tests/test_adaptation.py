@@ -101,7 +101,7 @@ def test_table_mode_chooses_on_its_held_out_groups():
     groups = np.repeat(np.arange(30), 12)
     X = rng.normal(size=(360, 2))
     y = rng.normal(size=30)[groups] * 2 + X @ [1.0, -0.5] + 0.1 * rng.normal(size=360)
-    est = MetaInitializedRegressor(**SMALL).meta_fit(X, y, groups=groups)
+    est = MetaInitializedRegressor(algorithm="maml", **SMALL).meta_fit(X, y, groups=groups)
     assert len(est.adaptation_scores_) == len(LR_FACTORS) * len(STEP_CANDIDATES)
     assert all(math.isfinite(v) for v in est.adaptation_scores_.values())
     # The groups' intercepts differ: some adaptation beats none on new groups.
@@ -134,3 +134,52 @@ def test_anything_but_a_number_or_auto_is_refused(value):
     est = MetaInitializedRegressor(inner_lr=value, **SMALL)
     with pytest.raises(TypeError, match='inner_lr must be a number or "auto"'):
         est.meta_fit(SinusoidTasks(random_state=0))
+
+
+def _slopes_table(seed=0, n_groups=30, rows=12):
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(n_groups), rows)
+    X = rng.normal(size=(n_groups * rows, 2))
+    slope = 1.0 + rng.normal(size=n_groups)
+    y = rng.normal(size=n_groups)[groups] + slope[groups] * X[:, 0] - 0.5 * X[:, 1]
+    return X, y + 0.1 * rng.normal(size=len(y)), groups
+
+
+def test_algorithm_auto_trains_maml_and_alpaca_and_keeps_the_better_on_held_out_groups():
+    X, y, groups = _slopes_table()
+    est = MetaInitializedRegressor(**SMALL).meta_fit(X, y, groups=groups)
+    assert set(est.algorithm_scores_) == {"maml", "alpaca"}
+    assert est.algorithm_ == min(est.algorithm_scores_, key=est.algorithm_scores_.get)
+    assert est.meta_init_.metadata["algorithm"] == est.algorithm_
+    assert est.algorithm == "auto"  # the parameter is left as given
+    # Each score is that algorithm's own meta_fit, run alone with the same seed.
+    for name, score in est.algorithm_scores_.items():
+        alone = MetaInitializedRegressor(algorithm=name, **SMALL).meta_fit(X, y, groups=groups)
+        assert score == pytest.approx(alone.meta_init_.metadata["validation_score"], rel=1e-5)
+    # A random-slopes table is ALPACA's home ground: a linear mixed model.
+    assert est.algorithm_ == "alpaca"
+    _, std = est.fit(X[:6], y[:6]).predict(X[6:12], return_std=True)
+    assert np.all(std > 0)
+    cloned = clone(est).fit(X[:6], y[:6])
+    assert cloned.meta_init_ is est.meta_init_
+
+
+def test_algorithm_auto_is_maml_in_task_mode_and_without_validation():
+    tasks = SinusoidTasks(random_state=0)
+    est = MetaInitializedRegressor(**SMALL).meta_fit(tasks)
+    assert est.algorithm_ == "maml" and not hasattr(est, "algorithm_scores_")
+    X, y, groups = _slopes_table()
+    none_held_out = MetaInitializedRegressor(validation_fraction=0, **SMALL).meta_fit(
+        X, y, groups=groups)
+    assert none_held_out.algorithm_ == "maml"
+    two_targets = MetaInitializedRegressor(**SMALL).meta_fit(
+        X, np.column_stack([y, y]), groups=groups)
+    assert two_targets.algorithm_ == "maml"
+
+
+def test_algorithm_auto_warm_start_continues_the_kept_algorithm():
+    X, y, groups = _slopes_table()
+    est = MetaInitializedRegressor(**SMALL).meta_fit(X, y, groups=groups)
+    kept = est.algorithm_
+    est.set_params(warm_start=True, meta_iterations=30).meta_fit(X, y, groups=groups)
+    assert est.algorithm_ == kept and len(est.meta_history_) == 30

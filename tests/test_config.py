@@ -10,6 +10,7 @@ import pytest
 
 from metafit import MetaInitializedClassifier, MetaInitializedRegressor
 from metafit.config import ConfigError, EpochTasks, load_config
+from metafit.grouped import GroupedTable
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -37,9 +38,15 @@ def test_examples_load_and_build(name):
     config = load_config(EXAMPLES / name)
     splits = config.build_tasks()
     assert splits.validation and splits.test
-    task = next(iter(splits.train))
     est = config.build_estimator()
-    assert task.X_support.shape[1:] == splits.validation[0].X_support.shape[1:]
+    if name == "tabular.yaml":  # a regression table meta-trains in table mode
+        assert isinstance(splits.train, GroupedTable)
+        assert splits.train.X.shape[1:] == splits.validation[0].X_support.shape[1:]
+        train_groups = set(splits.train.groups)
+        assert len(train_groups) == 12  # half of the 24 sites; the others validate and test
+    else:
+        task = next(iter(splits.train))
+        assert task.X_support.shape[1:] == splits.validation[0].X_support.shape[1:]
     expected = MetaInitializedClassifier if name.startswith("digits") else (
         MetaInitializedRegressor
     )
@@ -66,11 +73,38 @@ def test_sinusoid_splits_are_disjoint_and_reproducible(tmp_path):
     assert not np.array_equal(first_train.X_support, a.validation[0].X_support)
 
 
-def test_table_source_cycles_groups_and_splits_them(tmp_path):
+def test_a_regression_table_meta_trains_in_table_mode_on_its_own_groups(tmp_path):
     config = load_config(EXAMPLES / "tabular.yaml")
     splits = config.build_tasks()
+    assert isinstance(splits.train, GroupedTable)
+    assert len(splits.validation) == 6 and len(splits.test) == 6
+    held_out = {t.X_query.tobytes() for t in [*splits.validation, *splits.test]}
+    X = np.asarray(splits.train.X, dtype=np.float32)
+    rows = {X[i : i + 1].tobytes() for i in range(len(X))}
+    assert len(set(splits.train.groups)) == 12 and len(X) == 12 * 16
+    assert not any(r in rows for t in [*splits.validation, *splits.test]
+                   for r in (t.X_query[i : i + 1].tobytes() for i in range(len(t.X_query))))
+    assert held_out
+    est = config.build_estimator().set_params(meta_iterations=3, verbose=0)
+    est.meta_fit(splits.train, splits.validation)  # table mode: scaling saved
+    assert "standardization" in est.meta_init_.metadata
+
+
+def test_a_classification_table_cycles_its_groups_tasks(tmp_path):
+    rng = np.random.default_rng(0)
+    lines = ["site,a,b,label"] + [
+        f"{g},{rng.normal():.3f},{rng.normal():.3f},{rng.integers(0, 2)}"
+        for g in range(8) for _ in range(12)
+    ]
+    (tmp_path / "c.csv").write_text("\n".join(lines))
+    text = """
+tasks: {source: table, path: c.csv, group: site, target: label, support_size: 6,
+        validation_fraction: 0.25, test_fraction: 0.25}
+estimator: {type: classifier, params: {hidden_sizes: [8], meta_iterations: 3}}
+"""
+    splits = load_config(_write(tmp_path, text)).build_tasks()
     assert isinstance(splits.train, EpochTasks)
-    assert len(splits.train) == 12 and len(splits.validation) == 6 and len(splits.test) == 6
+    assert len(splits.train) == 4 and len(splits.validation) == 2 and len(splits.test) == 2
     stream = iter(splits.train)
     assert len([next(stream) for _ in range(30)]) == 30  # endless
     keys = {

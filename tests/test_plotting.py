@@ -267,8 +267,9 @@ def test_plots_of_table_mode_and_closed_form_initializations():
     groups = np.repeat(np.arange(20), 10)
     x = rng.uniform(-5, 5, size=(200, 1))
     y = 100 + 30 * np.sin(x[:, 0] + rng.normal(size=20)[groups])  # raw units
-    table = MetaInitializedRegressor(hidden_sizes=(16,), meta_iterations=30, meta_batch_size=4,
-                                     random_state=0, verbose=0).meta_fit(x, y, groups=groups)
+    table = MetaInitializedRegressor(algorithm="maml", hidden_sizes=(16,), meta_iterations=30,
+                                     meta_batch_size=4, random_state=0, verbose=0).meta_fit(
+        x, y, groups=groups)
     task = Task(x[:5], y[:5], x[5:10], y[5:10])
     curves = adaptation_curves(table, [task], steps=3, pretrain_steps=5)
     # In standardized units: a loss of order 1, not of order 30 ** 2.

@@ -175,6 +175,16 @@ class ALPACA(MetaAlgorithm):
     def predict(self, ctx, adapted, X, step=None) -> Tensor:
         return self.predictive(ctx, adapted, X)[0].unsqueeze(-1)
 
+    @staticmethod
+    def _nll(mean: Tensor, var: Tensor, y: Tensor) -> Tensor:
+        """Negative log predictive likelihood of each row."""
+        return 0.5 * (torch.log(2 * math.pi * var) + (y - mean).pow(2) / var)
+
+    def evaluation_losses(self, ctx, adapted, batch, step=None) -> Tensor:
+        mean, var = self.predictive(ctx, adapted, batch.X_query)
+        nll = self._nll(mean, var, batch.y_query.reshape(mean.shape))
+        return row_mean(nll, batch.query_mask)
+
     def meta_gradients(self, ctx, batches):
         total = sum(b.n_tasks for b in batches)
         meta_params = ctx.meta_parameters()
@@ -183,7 +193,7 @@ class ALPACA(MetaAlgorithm):
             adapted = self.adapt(ctx, batch.X_support, batch.y_support, mask=batch.support_mask)
             mean, var = self.predictive(ctx, adapted, batch.X_query)
             yq = batch.y_query.reshape(mean.shape)
-            nll = 0.5 * (torch.log(2 * math.pi * var) + (yq - mean).pow(2) / var)
+            nll = self._nll(mean, var, yq)
             nll_parts.append(row_mean(nll, batch.query_mask).sum() / total)
             mse = row_mean((yq - mean).pow(2), batch.query_mask)
             mse_parts.append(mse.sum().detach() / total)

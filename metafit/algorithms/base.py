@@ -198,6 +198,15 @@ class MetaAlgorithm:
         network's forward (of inner step ``step`` where the forward depends on it)."""
         return ctx.forward_at(step)(adapted, X)
 
+    def evaluation_losses(self, ctx: AdaptationContext, adapted, batch: TaskBatch,
+                          step: int | None = None) -> Tensor:
+        """Per-task loss of adapted parameters on the query sets, which validation
+        reports and keeps the best state by: the task loss of :meth:`predict`'s outputs
+        (ALPACA's: the negative log predictive likelihood, so that the state kept is
+        calibrated as well as accurate)."""
+        out = self.predict(ctx, adapted, batch.X_query, step)
+        return task_losses(ctx.loss_fn, out, batch.y_query, batch.query_mask)
+
     def get_config(self) -> dict[str, Any]:
         """The algorithm's options, JSON-able: ``type(self)(**get_config())`` rebuilds it.
 

@@ -22,8 +22,9 @@ __all__ = ["EpochTasks", "TaskSplits", "build_task_splits"]
 class EpochTasks:
     """A finite list of tasks served endlessly, reshuffled every epoch (re-iterable).
 
-    ``meta_fit`` stops when a finite iterable runs out; a table has few groups, so its
-    tasks are cycled until ``meta_iterations`` is reached.
+    ``meta_fit`` stops when a finite iterable runs out; a classification table has few
+    groups, so its tasks are cycled until ``meta_iterations`` is reached. (A regression
+    table is meta-trained in table mode, :class:`metafit.grouped.GroupedTable`.)
     """
 
     def __init__(self, tasks: list, random_state: int = 0):
@@ -97,6 +98,7 @@ def _tasks_omniglot(config, spec: dict) -> TaskSplits:
     return _splits(train, val, test, n_val, n_test, seed)
 
 def _tasks_table(config, spec: dict) -> TaskSplits:
+    from metafit.grouped import GroupedTable
     from metafit.task_sources import tasks_from_groups
 
     path = config.resolve(spec.pop("path"))
@@ -144,7 +146,14 @@ def _tasks_table(config, spec: dict) -> TaskSplits:
             f"{config.path}: tasks: no group left for meta-training; lower "
             "validation_fraction or test_fraction"
         )
-    return TaskSplits(EpochTasks(train, random_state=seed), val, test or val)
+    if config.estimator_type == "regressor":
+        # Table mode: new episodes every meta-batch, standardization inside (saved with
+        # the initialization), the validation groups' tasks for the kept state and "auto".
+        rows = ~np.isin(groups, np.concatenate(parts[:2]))
+        train = GroupedTable(X[rows], y[rows], groups[rows])
+    else:  # classification: table mode is for regression; the groups' fixed tasks cycled
+        train = EpochTasks(train, random_state=seed)
+    return TaskSplits(train, val, test or val)
 
 
 def _read_table(config, path: Path):

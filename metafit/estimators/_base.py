@@ -32,6 +32,7 @@ from metafit import _torch_compat as compat
 from metafit._task_types import refuse_sparse
 from metafit._threads import threads_for, torch_threads
 from metafit.estimators._adaptation import fit_settings
+from metafit.estimators._auto_algorithm import candidates, meta_fit_auto
 from metafit.estimators._inputs import SeededTorch, fast_X, fast_xy, seed_from, unchanged_on_error
 from metafit.estimators._learners import LearnerFactory, learner_factory
 from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done, warn_kept
@@ -74,12 +75,17 @@ class MetaInitializedEstimator(BaseEstimator):
         Hidden layer widths of the default MLP.
     activation : str, default="relu"
         Activation of the default MLP.
-    algorithm : {"maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", "alpaca", \
-"cavia", "joint"} or MetaAlgorithm, default="maml"
-        Meta-learning algorithm used by :meth:`meta_fit` (an instance such as
-        ``MAMLPlusPlus(learn_inner_lr=False)`` sets its options); it also decides what
-        ``fit`` adapts (ANIL: the head only; Meta-SGD and MAML++: with their learned
-        rates). ``fit`` always uses the algorithm and options of the initialization.
+    algorithm : {"auto", "maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", \
+"alpaca", "cavia", "joint"} or MetaAlgorithm, default="auto"
+        Meta-learning algorithm used by :meth:`meta_fit`. ``"auto"``: on a table with
+        validation groups (table mode, one target), meta-train ``"maml"`` and
+        ``"alpaca"`` and keep the one with the lower validation loss after ``fit``'s
+        adaptation (twice the meta-training time; ``algorithm_`` and
+        ``algorithm_scores_`` say which and why); anywhere else, ``"maml"``. An instance
+        (such as ``MAMLPlusPlus(learn_inner_lr=False)``) sets its options. The algorithm
+        also decides what ``fit`` adapts (ANIL: the head only; Meta-SGD and MAML++:
+        with their learned rates). ``fit`` always uses the algorithm and options of the
+        initialization.
         ``"alpaca"`` puts a Bayesian linear head with a meta-learned prior on the network
         (closed-form ``fit``, ``predict(X, return_std=True)``; regression, one target).
         ``"cavia"`` adapts only a context vector fed to the network (its own
@@ -202,6 +208,12 @@ class MetaInitializedEstimator(BaseEstimator):
         pandas DataFrame.
     n_features_in_ : int
         Features seen by ``fit``.
+    algorithm_ : str
+        The algorithm :meth:`meta_fit` trained (``algorithm``, or the one ``"auto"``
+        kept).
+    algorithm_scores_ : dict of str to float
+        After ``algorithm="auto"`` compared candidates: each one's mean validation query
+        loss after adaptation (infinite if it diverged).
     inner_lr_ : float
         The inner learning rate ``fit`` adapts with (``inner_lr``, or the one chosen when
         it is ``"auto"``); set by :meth:`meta_fit` and :meth:`fit`.
@@ -229,7 +241,7 @@ class MetaInitializedEstimator(BaseEstimator):
         *,
         hidden_sizes=(40, 40),
         activation="relu",
-        algorithm="maml",
+        algorithm="auto",
         inner_lr="auto",
         inner_steps="auto",
         meta_inner_lr=None,
@@ -421,6 +433,10 @@ class MetaInitializedEstimator(BaseEstimator):
             Only with ``on_interrupt="raise"``, after the state was kept.
         """
         self._check_params()
+        if self.algorithm == "auto":  # each candidate meta-fits a clone; the best is kept
+            names = self._auto_candidates(X, y, groups, validation_tasks)
+            meta_fit_auto(self, X, y, groups, validation_tasks, names)
+            return self
         previous = None
         if self.warm_start and groups is not None:
             previous = TablePreprocessing.of(
@@ -454,11 +470,20 @@ class MetaInitializedEstimator(BaseEstimator):
             raise
         self._store(outcome)
         self.callbacks_ = run.user_callbacks
+        self._interrupted_run = outcome.interrupted
         if outcome.interrupted:
             warn_kept(self.meta_init_, outcome.last_iteration)
             if self.on_interrupt == "raise":
                 raise KeyboardInterrupt
         return self
+
+    def _auto_candidates(self, X, y, groups, validation_tasks) -> tuple[str, ...]:
+        """The algorithms ``"auto"`` compares; a warm start continues the saved one."""
+        if self.warm_start:
+            init = self.meta_init_ if hasattr(self, "meta_init_") else self._fit_init()
+            if init is not None:
+                return (init.metadata.get("algorithm", "maml"),)
+        return candidates(self, X, y, groups, validation_tasks)
 
     def _store(self, outcome) -> None:
         """Keep a run's result; a previous ``fit`` no longer applies."""
@@ -466,8 +491,9 @@ class MetaInitializedEstimator(BaseEstimator):
         self.meta_history_ = outcome.history
         self._warm_state_ = outcome.warm
         for attr in ("adapted_params_", "_learner", "_learner_key", "n_features_in_",
-                     "adaptation_scores_"):
+                     "adaptation_scores_", "algorithm_scores_"):
             self.__dict__.pop(attr, None)
+        self.algorithm_ = self.meta_init_.metadata["algorithm"]
         self.inner_lr_, self.inner_steps_ = fit_settings(self, self.meta_init_)
         chosen = self.meta_init_.metadata.get("adaptation")
         if chosen:

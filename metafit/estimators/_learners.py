@@ -67,7 +67,8 @@ class LearnerFactory:
             hidden_sizes=est.hidden_sizes,
             activation=est.activation,
             module_kwargs=est._module_kwargs(),
-            algorithm=est.algorithm,
+            # "auto" is resolved by meta_fit; a random start (fit alone) is MAML's
+            algorithm="maml" if est.algorithm == "auto" else est.algorithm,
             inner_lr=training_rate(est),
             inner_steps=training_steps(est),
             forward=est.forward,

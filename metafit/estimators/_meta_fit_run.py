@@ -35,7 +35,12 @@ from metafit.callbacks import (
     check_checkpoint_path,
 )
 from metafit.distributed import distributed_training
-from metafit.estimators._adaptation import choose_adaptation, search_grid, training_steps
+from metafit.estimators._adaptation import (
+    choose_adaptation,
+    fit_settings,
+    search_grid,
+    training_steps,
+)
 from metafit.estimators._inputs import SeededTorch, seed_from
 from metafit.estimators._learners import LearnerFactory
 from metafit.persistence import MetaInit, module_spec
@@ -369,20 +374,27 @@ class MetaFitRun:
 
     def _choose_adaptation(self, meta_init: MetaInit, val) -> MetaInit:
         """``meta_init`` with the ``inner_lr`` / ``inner_steps`` chosen for ``fit`` on the
-        validation tasks (where a parameter is "auto"), see
-        :mod:`metafit.estimators._adaptation`."""
+        validation tasks (where a parameter is "auto", see
+        :mod:`metafit.estimators._adaptation`), and ``validation_score``: the validation
+        tasks' mean query loss after ``fit``'s adaptation (``algorithm="auto"`` compares
+        the candidates by it)."""
         if not val:
             return meta_init
-        meta = meta_init.metadata
+        meta = dict(meta_init.metadata)
         algorithm = get_algorithm(meta["algorithm"], meta_init.algorithm_options)
         grid = search_grid(self.est, algorithm, float(meta["inner_lr"]),
                            int(meta_init.trained_inner_steps))
-        if grid is None:
-            return meta_init
         learner = self.factory.from_init(meta_init)
+        if grid is None:  # what fit will use: the numbers given, or the closed form
+            lr, steps = fit_settings(self.est, meta_init)
+            grid = [lr], [0 if algorithm.closed_form else steps]
         with torch_threads(threads_for(learner.module, self.est.n_threads)):
             choice = choose_adaptation(learner, val, *grid)
-        return replace(meta_init, metadata={**meta, "adaptation": choice.to_metadata()})
+        if len(choice.scores) > 1:
+            meta["adaptation"] = choice.to_metadata()
+        score = choice.scores[(choice.inner_lr, choice.inner_steps)]
+        meta["validation_score"] = float(score) if math.isfinite(score) else None
+        return replace(meta_init, metadata=meta)
 
     def _outcome(self, result, resume, best, stopper, use_best: bool, val=None
                  ) -> MetaFitOutcome:

@@ -125,10 +125,12 @@ def _checker(rule: Param):
 
 
 def _check_algorithm(name, value) -> None:
-    if isinstance(value, MetaAlgorithm) or (isinstance(value, str) and value in ALGORITHMS):
+    if isinstance(value, MetaAlgorithm) or (
+        isinstance(value, str) and (value in ALGORITHMS or value == "auto")
+    ):
         return
     raise ValueError(
-        f"{name} must be one of {', '.join(sorted(ALGORITHMS))} or a "
+        f"{name} must be one of auto, {', '.join(sorted(ALGORITHMS))} or a "
         f"metafit.algorithms.MetaAlgorithm instance; got {value!r}."
     )
 

@@ -19,6 +19,7 @@ from metafit._task_types import Task, as_task
 from metafit.estimators._inputs import seed_from
 from metafit.grouped import (
     CategoricalEncoding,
+    GroupedTable,
     GroupEpisodes,
     Standardization,
     check_table,
@@ -79,10 +80,16 @@ def meta_fit_inputs(est, X, y, groups, validation_tasks, *, regression: bool, pr
     """``(tasks, validation tasks, TablePreprocessing or None)`` of ``meta_fit``'s modes.
 
     Without ``groups``, ``X`` holds the tasks and ``y`` the validation tasks (the
-    positional form ``meta_fit(tasks, validation_tasks)``). With ``groups``, the table is
+    positional form ``meta_fit(tasks, validation_tasks)``), unless ``X`` is a
+    :class:`~metafit.grouped.GroupedTable`, which is table mode. With ``groups``, the table is
     encoded, split, standardized and sampled (:func:`table_tasks`; ``previous`` is the
     preprocessing of a warm start), and user-given validation tasks are standardized.
     """
+    if groups is None and isinstance(X, GroupedTable):  # meta_fit(table, validation_tasks)
+        if y is not None and validation_tasks is not None:
+            raise TypeError("meta_fit(table, validation_tasks) got validation tasks twice.")
+        validation_tasks = y if validation_tasks is None else validation_tasks
+        X, y, groups = X.X, X.y, X.groups
     if groups is None:
         if y is not None and validation_tasks is not None:
             raise TypeError(
@@ -160,7 +167,8 @@ def table_tasks(est, X, y, groups, *, regression: bool, previous=None) -> TableT
     warn_skipped(episodes.n_skipped_, episodes.n_groups_ + episodes.n_skipped_, lo)
     validation = None
     if val.any():
-        k = (lo + hi + 1) // 2  # the middle of the range, the usual few-shot size
-        validation = validation_episodes(Xs[val], ys[val], groups[val], support_size=k,
-                                         rng=rng) or None
+        # the ends and the middle of the range: the choices must serve any few-shot fit
+        sizes = sorted({lo, (lo + hi + 1) // 2, hi})
+        validation = validation_episodes(Xs[val], ys[val], groups[val],
+                                         support_sizes=sizes, rng=rng) or None
     return TableTasks(episodes, validation, TablePreprocessing(scaling, encoding))

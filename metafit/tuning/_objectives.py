@@ -21,6 +21,7 @@ import optuna
 from sklearn.base import clone, is_classifier
 
 from metafit._task_types import as_task
+from metafit.grouped import GroupedTable
 from metafit.training import DivergenceError
 from metafit.tuning.search_space import (
     _check_mode,
@@ -239,6 +240,8 @@ def _fresh(estimator, params: Mapping):
 def _check_reiterable(tasks) -> None:
     if tasks is None:
         raise ValueError("mode='meta' needs tasks to meta-train on in every trial.")
+    if isinstance(tasks, GroupedTable):  # table mode draws new episodes every time
+        return
     _check_iterable(tasks, "tasks")
     if iter(tasks) is tasks:
         raise TypeError(

@@ -1,0 +1,99 @@
+"""``algorithm="auto"``: meta-train the candidates and keep the one that does best on the
+validation tasks.
+
+On a table (``meta_fit(X, y, groups=)``) with validation groups and one target, the
+candidates are MAML (a network fine-tuned by gradient steps) and ALPACA (a Bayesian
+linear head on learned features, adapted in closed form): neither wins on every table
+(on the benchmark's tables, MAML where the groups differ by more than a linear effect,
+ALPACA where a random-slopes model is nearly right), and the held-out groups tell them
+apart. Each candidate is an ordinary ``meta_fit`` of a clone with that algorithm; the
+winner's fitted state is adopted by the estimator, and every candidate's score is kept
+in ``algorithm_scores_``. Anywhere else (task mode, a classifier, no validation, several
+targets), ``"auto"`` is MAML.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+from sklearn.base import clone
+
+from metafit.grouped import GroupedTable
+from metafit.training import DivergenceError
+
+__all__ = ["AUTO_CANDIDATES", "candidates", "meta_fit_auto"]
+
+#: the algorithms ``"auto"`` compares on a table, in order of preference on a tie
+AUTO_CANDIDATES = ("maml", "alpaca")
+
+
+def candidates(est, X, y, groups, validation_tasks) -> tuple[str, ...]:
+    """The algorithms ``"auto"`` stands for with these ``meta_fit`` arguments."""
+    if groups is None and isinstance(X, GroupedTable):
+        X, y, groups = X.X, X.y, X.groups
+    held_out = validation_tasks is not None or bool(est.validation_fraction)
+    one_target = y is not None and (np.ndim(y) == 1 or np.shape(y)[1] == 1)
+    if groups is None or not est._target.regression or not held_out or not one_target:
+        return ("maml",)
+    return AUTO_CANDIDATES
+
+
+def meta_fit_auto(est, X, y, groups, validation_tasks, names) -> None:
+    """Meta-fit a clone of ``est`` per algorithm in ``names``, adopt the best into ``est``.
+
+    A candidate that diverges is scored infinite and the others go on (its error is
+    raised if none succeeds); an interrupt keeps the candidate it stopped and runs no
+    other. Any other error (bad data) is raised at once: it concerns every candidate.
+    """
+    scores, runs, failure, kept = {}, {}, None, None
+    for name in names:
+        keep = est.checkpoint_path if len(names) == 1 else None
+        run = clone(est).set_params(algorithm=name, checkpoint_path=keep)
+        if "_warm_state_" in est.__dict__:  # warm_start continues where est stopped
+            run._warm_state_ = est._warm_state_
+        try:
+            run.meta_fit(X, y, groups=groups, validation_tasks=validation_tasks)
+        except DivergenceError as exc:
+            failure = failure or exc
+            scores[name] = math.inf
+            if kept is None and hasattr(run, "meta_init_"):  # its last finite state
+                kept = (run, name)
+            continue
+        except BaseException:
+            if hasattr(run, "meta_init_"):  # Ctrl-C with on_interrupt="raise": keep it
+                _adopt(est, run, {}, name)
+            raise
+        score = run.meta_init_.metadata.get("validation_score")
+        scores[name] = math.inf if score is None else float(score)
+        runs[name] = run
+        if run.__dict__.get("_interrupted_run"):
+            break
+    if not runs:  # every candidate diverged: keep the first one's last finite state
+        if kept is not None:
+            _adopt(est, kept[0], scores if len(names) > 1 else {}, kept[1])
+        raise failure
+    best = min(runs, key=lambda n: (scores[n], names.index(n)))
+    if len(names) > 1 and not math.isfinite(scores[best]):
+        warnings.warn(
+            "algorithm='auto': no candidate had a finite validation loss; keeping "
+            f"{best!r}. Choose an algorithm, or check the validation groups.",
+            UserWarning, stacklevel=3,
+        )
+    _adopt(est, runs[best], scores if len(names) > 1 else {}, best)
+    if est.checkpoint_path is not None and len(names) > 1:  # the winner's, as asked for
+        est.meta_init_.save(est.checkpoint_path)
+
+
+def _adopt(est, run, scores: dict, name: str) -> None:
+    """Give ``est`` the fitted state of the candidate ``run``."""
+    for key in ("adapted_params_", "_learner", "_learner_key", "n_features_in_",
+                "adaptation_scores_"):
+        est.__dict__.pop(key, None)
+    for key, value in run.__dict__.items():
+        if key.endswith("_") and not key.startswith("__") or key == "_warm_state_":
+            est.__dict__[key] = value
+    est.algorithm_ = name
+    if scores:
+        est.algorithm_scores_ = dict(scores)
