@@ -12,6 +12,7 @@ from sklearn.base import clone
 
 from metafit import MetaInit, MetaInitializedClassifier, MetaInitializedRegressor
 from metafit.grouped import GroupEpisodes, Standardization, split_groups
+from metafit.tasks import SinusoidTasks, Task
 
 QUICK = dict(meta_iterations=30, meta_batch_size=4, hidden_sizes=(16,), random_state=0,
              verbose=0)
@@ -330,3 +331,73 @@ def test_fit_standardizes_in_float64_so_large_offsets_keep_their_digits():
     shifted = X[m][6:].copy()
     shifted[:, 0] += 5.0  # half a unit of the original column, below float32's spacing
     assert np.abs(est.predict(shifted) - pred).max() > 1e-3
+
+
+def _offset_tasks(n, seed=0):
+    """Sinusoid tasks far from standard units: x around 50, y around 1000."""
+    out = []
+    for t in SinusoidTasks(k_shot=5, k_query=10, random_state=seed).sample(n):
+        out.append(Task(t.X_support * 3 + 50, t.y_support * 100 + 1000,
+                        t.X_query * 3 + 50, t.y_query * 100 + 1000))
+    return out
+
+
+def test_task_mode_can_opt_in_to_standardization_and_predicts_in_raw_units():
+    from metafit.estimators._table_mode import _scaled
+
+    tasks = _offset_tasks(120)
+    kw = dict(algorithm="maml", hidden_sizes=(16,), meta_batch_size=4, meta_iterations=20,
+              random_state=0, verbose=0, inner_lr=0.01, inner_steps=3)
+    est = MetaInitializedRegressor(standardize=True, **kw).meta_fit(tasks)
+    scaling = Standardization.from_metadata(est.meta_init_.metadata["standardization"], 1)
+    head = tasks[:100]  # the statistics come from the first 100 tasks' rows
+    rows = np.concatenate([a for t in head for a in (t.X_support, t.X_query)])
+    targets = np.concatenate([a for t in head for a in (t.y_support, t.y_query)])
+    np.testing.assert_allclose(scaling.x_mean, rows.mean(0))
+    np.testing.assert_allclose(scaling.y_scale, [targets.std()])
+    # The same as training on the tasks standardized by hand, then undoing it.
+    by_hand = MetaInitializedRegressor(**kw).meta_fit([_scaled(t, scaling) for t in tasks])
+    new = _offset_tasks(1, seed=5)[0]
+    got = est.fit(new.X_support, new.y_support).predict(new.X_query)
+    z = by_hand.fit(scaling.transform_X(new.X_support), scaling.transform_y(new.y_support))
+    want = scaling.inverse_y(z.predict(scaling.transform_X(new.X_query)))
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert np.mean((got - new.y_query) ** 2) < np.var(new.y_query) * 4
+
+
+def test_task_mode_standardization_reads_a_stream_once_and_loses_no_task():
+    tasks = _offset_tasks(40)
+    kw = dict(algorithm="maml", hidden_sizes=(8,), meta_batch_size=4, meta_iterations=50,
+              random_state=0, verbose=0)
+    with pytest.warns(UserWarning, match="ran out after 10"):
+        est = MetaInitializedRegressor(standardize=True, **kw).meta_fit(iter(tasks))
+    assert len(est.meta_history_) == 10  # 40 tasks, 4 per meta-batch: none lost, none twice
+
+
+def test_task_mode_standardization_refuses_images_and_keeps_class_labels():
+    images = [Task(np.zeros((2, 1, 4, 4)), [0, 1], np.zeros((2, 1, 4, 4)), [0, 1])]
+    with pytest.raises(ValueError, match="standardize=True scales 2-D features"):
+        MetaInitializedClassifier(standardize=True, verbose=0).meta_fit(images)
+    rng = np.random.default_rng(0)
+    tasks = [Task(rng.normal(100, 10, (6, 2)), [0, 1, 0, 1, 0, 1],
+                  rng.normal(100, 10, (6, 2)), [1, 0, 1, 0, 1, 0]) for _ in range(8)]
+    clf = MetaInitializedClassifier(standardize=True, hidden_sizes=(8,), meta_batch_size=4,
+                                    meta_iterations=3, random_state=0, verbose=0)
+    clf.meta_fit(tasks)
+    assert "y_mean" not in clf.meta_init_.metadata["standardization"]
+    assert set(clf.fit(tasks[0].X_support, tasks[0].y_support).predict(
+        tasks[0].X_query)) <= {0, 1}
+
+
+def test_table_mode_standardize_false_trains_on_the_raw_values():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(12), 8)
+    X = rng.normal(5, 2, size=(96, 2))
+    y = X[:, 0] + rng.normal(size=12)[groups]
+    est = MetaInitializedRegressor(standardize=False, algorithm="maml", hidden_sizes=(8,),
+                                   meta_iterations=3, random_state=0, verbose=0)
+    est.meta_fit(X, y, groups=groups)
+    s = est.meta_init_.metadata["standardization"]
+    assert s["x_mean"] == [0.0, 0.0] and s["x_scale"] == [1.0, 1.0] and s["y_mean"] == [0.0]
+    with pytest.raises(ValueError, match='standardize must be "auto", True or False'):
+        MetaInitializedRegressor(standardize="yes").meta_fit(X, y, groups=groups)

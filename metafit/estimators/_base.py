@@ -39,6 +39,7 @@ from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done, warn
 from metafit.estimators._params import check_params
 from metafit.estimators._table_mode import TablePreprocessing, meta_fit_inputs
 from metafit.estimators._targets import TargetKind
+from metafit.grouped import GroupedTable
 from metafit.models import MLP, is_stateless
 from metafit.persistence import MetaInit
 from metafit.training import DivergenceError, data_scale
@@ -195,6 +196,13 @@ class MetaInitializedEstimator(BaseEstimator):
         encodes as zeros in ``fit`` and ``predict``), as scikit-learn's
         ``HistGradientBoostingRegressor`` reads them from the dtype. None refuses
         non-numeric columns.
+    standardize : {"auto", True, False}, default="auto"
+        Standardize the features (and a regressor's target) with statistics of the
+        meta-training rows, saved with the initialization and applied by ``fit`` and
+        ``predict``, which take and return the data's own units. ``"auto"``: in table
+        mode only. ``True`` in task mode takes the statistics from the first 100
+        meta-training tasks (2-D features); ``False`` in table mode trains on the raw
+        values.
     **kwargs
         ``module__<name>`` constructor arguments of a module class.
 
@@ -268,6 +276,7 @@ class MetaInitializedEstimator(BaseEstimator):
         support_range=(2, 10),
         validation_fraction=0.2,
         categorical_features="from_dtype",
+        standardize="auto",
         **kwargs,
     ):
         self.module = module
@@ -300,6 +309,7 @@ class MetaInitializedEstimator(BaseEstimator):
         self.support_range = support_range
         self.validation_fraction = validation_fraction
         self.categorical_features = categorical_features
+        self.standardize = standardize
         # Stored unvalidated (sklearn rule: __init__ only stores); any name other than
         # module__<name> is rejected by fit/meta_fit, not here.
         self._extra_params = tuple(k for k in kwargs if not k.startswith("module__"))
@@ -438,7 +448,8 @@ class MetaInitializedEstimator(BaseEstimator):
             meta_fit_auto(self, X, y, groups, validation_tasks, names)
             return self
         previous = None
-        if self.warm_start and groups is not None:
+        scaled = groups is not None or isinstance(X, GroupedTable) or self.standardize is True
+        if self.warm_start and scaled:
             previous = TablePreprocessing.of(
                 self.meta_init_ if hasattr(self, "meta_init_") else self._fit_init()
             )

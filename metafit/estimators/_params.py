@@ -280,6 +280,12 @@ def _check_fraction(name, value) -> None:
         )
 
 
+def _check_standardize(name, value) -> None:
+    if value is True or value is False or (isinstance(value, str) and value == "auto"):
+        return
+    raise ValueError(f'{name} must be "auto", True or False, got {value!r}.')
+
+
 def _no_check(name, value) -> None:
     """``meta_init`` is checked when it is read (a file's contents, a MetaInit's shape)."""
 
@@ -295,6 +301,7 @@ _SPECIAL = {
     "callbacks": _check_callbacks,
     "range": _check_range,
     "fraction": _check_fraction,
+    "standardize": _check_standardize,
     "any": _no_check,
 }
 
@@ -330,6 +337,7 @@ PARAMETERS: dict[str, Param] = {
     "support_range": Param("range"),
     "validation_fraction": Param("fraction", nullable=True),
     "categorical_features": Param("choice", choices=("from_dtype",), nullable=True),
+    "standardize": Param("standardize"),
 }
 
 

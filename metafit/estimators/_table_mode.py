@@ -11,6 +11,8 @@ own units.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -96,7 +98,11 @@ def meta_fit_inputs(est, X, y, groups, validation_tasks, *, regression: bool, pr
                 "meta_fit(tasks, validation_tasks) got validation tasks twice (second "
                 "argument and keyword); for a table, pass groups=."
             )
-        return X, (y if validation_tasks is None else validation_tasks), None
+        validation_tasks = y if validation_tasks is None else validation_tasks
+        if est.standardize is not True:
+            return X, validation_tasks, None
+        return scaled_task_inputs(X, validation_tasks, regression=regression,
+                                  previous=previous)
     table = table_tasks(est, X, y, groups, regression=regression, previous=previous)
     prep = table.preprocessing
     if validation_tasks is None:
@@ -104,15 +110,48 @@ def meta_fit_inputs(est, X, y, groups, validation_tasks, *, regression: bool, pr
     return table.episodes, standardize_tasks(validation_tasks, prep.scaling), prep
 
 
+#: task mode's ``standardize=True`` learns the statistics from this many first tasks
+_STATISTICS_TASKS = 100
+
+
+def scaled_task_inputs(tasks, validation_tasks, *, regression: bool, previous=None):
+    """Task mode with ``standardize=True``: ``(tasks, validation tasks, preprocessing)``
+    in standardized units, the statistics from the rows of the first
+    ``_STATISTICS_TASKS`` tasks (or ``previous``'s, for a warm start). The stream is read
+    lazily; the tasks peeked at come first."""
+    if isinstance(tasks, (Task, np.ndarray)) or not isinstance(tasks, Iterable):
+        return tasks, validation_tasks, None  # read_tasks says what is wrong
+    stream = iter(tasks)
+    head = [as_task(t) for t in itertools.islice(stream, _STATISTICS_TASKS)]
+    if not head:
+        return [], validation_tasks, None  # "tasks is empty", from read_tasks
+    if any(t.X_support.ndim != 2 for t in head):
+        raise ValueError(
+            "standardize=True scales 2-D features (n_samples, n_features); these tasks "
+            f"have X of shape {head[0].X_support.shape[1:]} per example. Leave it False "
+            "for images and other n-D inputs."
+        )
+    scaling = previous.scaling if previous is not None else None
+    if scaling is None:
+        X = np.concatenate([a for t in head for a in (t.X_support, t.X_query)])
+        y = None
+        if regression:
+            y = np.concatenate([a for t in head for a in (t.y_support, t.y_query)])
+        scaling = Standardization.fit(X, y)
+    scaled = (_scaled(t, scaling) for t in itertools.chain(head, map(as_task, stream)))
+    val = None if validation_tasks is None else standardize_tasks(validation_tasks, scaling)
+    return scaled, val, TablePreprocessing(scaling)
+
+
+def _scaled(task: Task, scaling: Standardization) -> Task:
+    return Task(scaling.transform_X(task.X_support), scaling.transform_y(task.y_support),
+                scaling.transform_X(task.X_query), scaling.transform_y(task.y_query),
+                task.info)
+
+
 def standardize_tasks(tasks, scaling: Standardization) -> list[Task]:
     """User-given validation tasks of table mode, in the standardized units."""
-    out = []
-    for task in map(as_task, tasks):
-        out.append(Task(
-            scaling.transform_X(task.X_support), scaling.transform_y(task.y_support),
-            scaling.transform_X(task.X_query), scaling.transform_y(task.y_query),
-        ))
-    return out
+    return [_scaled(task, scaling) for task in map(as_task, tasks)]
 
 
 def table_tasks(est, X, y, groups, *, regression: bool, previous=None) -> TableTasks:
@@ -150,6 +189,10 @@ def table_tasks(est, X, y, groups, *, regression: bool, previous=None) -> TableT
     rng = np.random.default_rng(seed_from(est.random_state))
     train, val = split_groups(groups, est.validation_fraction, rng)
     scaling = previous.scaling if previous is not None else None
+    if scaling is None and est.standardize is False:  # raw values, as asked
+        scaling = Standardization(np.zeros(X.shape[1]), np.ones(X.shape[1]),
+                                  np.zeros(1 if y.ndim == 1 else y.shape[1]),
+                                  np.ones(1 if y.ndim == 1 else y.shape[1]))
     if scaling is None:
         scaling = Standardization.fit(X[train], y[train])
     elif len(scaling.x_mean) != X.shape[1]:
