@@ -256,7 +256,7 @@ def run_table(name, folder, seeds, algorithms, quick):
 
 def report(name, results, times):
     anchors = ("pooled ridge", "pooled HGB", "per-group ridge", "MixedLM intercept",
-               "MixedLM slope", "GPBoost")
+               "MixedLM slope", "GPBoost", "joint + fine-tune")
     summary = []
     for k in sorted({k for k, _ in results}):
         print(f"\n{name}, k={k}: query MSE / var(y), mean ± s.e. over "

@@ -6,10 +6,11 @@ candidates are MAML (a network fine-tuned by gradient steps) and ALPACA (a Bayes
 linear head on learned features, adapted in closed form): neither wins on every table
 (on the benchmark's tables, MAML where the groups differ by more than a linear effect,
 ALPACA where a random-slopes model is nearly right), and the held-out groups tell them
-apart. Each candidate is an ordinary ``meta_fit`` of a clone with that algorithm; the
-winner's fitted state is adopted by the estimator, and every candidate's score is kept
-in ``algorithm_scores_``. Anywhere else (task mode, a classifier, no validation, several
-targets), ``"auto"`` is MAML.
+apart (the lower mean validation loss wins; a tie keeps MAML). Each candidate is an
+ordinary ``meta_fit`` of a clone with that algorithm; the winner's fitted state is
+adopted by the estimator, and every candidate's score is kept in ``algorithm_scores_``.
+Anywhere else (task mode, a classifier, no validation, several targets), ``"auto"`` is
+MAML.
 """
 
 from __future__ import annotations

@@ -394,6 +394,8 @@ class MetaFitRun:
             meta["adaptation"] = choice.to_metadata()
         score = choice.scores[(choice.inner_lr, choice.inner_steps)]
         meta["validation_score"] = float(score) if math.isfinite(score) else None
+        meta["validation_losses"] = [v if math.isfinite(v) else None
+                                     for v in choice.task_losses]
         return replace(meta_init, metadata=meta)
 
     def _outcome(self, result, resume, best, stopper, use_best: bool, val=None
