@@ -19,12 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from metafit import _torch_compat as compat
 from metafit._checks import is_number
 from metafit.losses import task_losses
+from metafit.training import DivergenceError, data_scale
 
 __all__ = [
     "AUTO",
     "AdaptationChoice",
+    "check_adapted",
     "choose_adaptation",
     "fit_settings",
     "search_grid",
@@ -162,3 +165,32 @@ def choose_adaptation(learner, tasks, rates: Sequence[float], counts: Sequence[i
     # school tables (it stopped adapting where adapting helps).
     lr, steps = min(scores, key=lambda k: (scores[k], k[0], k[1]))
     return AdaptationChoice(lr, steps, scores, tuple(per_task[(lr, steps)]))
+
+
+def check_adapted(params, X, y, lr: float, steps: int, *, regression: bool) -> None:
+    """Raise DivergenceError if ``fit``'s adaptation made a parameter NaN, infinite or
+    huge, naming the data's scale or the rate as the likely cause.
+
+    One fused norm per tensor and one sync; no forward pass, so no random numbers
+    (dropout) are drawn outside the seeded fork. A norm overflows (|w| > ~1e19) long
+    before the outputs of a diverging network stop being finite.
+    """
+    with torch.no_grad():
+        norms = compat.foreach_norm(list(params.values()))
+        finite = bool(torch.isfinite(torch.stack(norms)).all())
+    if finite:
+        return
+    scale = data_scale(y=[y] if regression else [], X=[X])
+    if scale is not None:
+        advice = (
+            f"most likely because of the data's scale: {scale[1]} reaches "
+            f"{scale[0]:.3g}; standardize it as in meta-training (e.g. StandardScaler, "
+            "TransformedTargetRegressor) rather than lowering inner_lr"
+        )
+    else:
+        advice = f"lower inner_lr (e.g. to {lr / 10:g}) or inner_steps"
+    raise DivergenceError(
+        f"fit diverged: {steps} inner steps at inner_lr={lr:g} made the "
+        f"parameters NaN or infinite; {advice}. The estimator was left as it was before "
+        "this fit."
+    )

@@ -31,7 +31,12 @@ AUTO_CANDIDATES = ("maml", "alpaca")
 
 
 def candidates(est, X, y, groups, validation_tasks) -> tuple[str, ...]:
-    """The algorithms ``"auto"`` stands for with these ``meta_fit`` arguments."""
+    """The algorithms ``"auto"`` stands for with these ``meta_fit`` arguments (a warm
+    start continues the one saved)."""
+    if est.warm_start:
+        init = est.meta_init_ if hasattr(est, "meta_init_") else est._fit_init()
+        if init is not None:
+            return (init.metadata.get("algorithm", "maml"),)
     if groups is None and isinstance(X, GroupedTable):
         X, y, groups = X.X, X.y, X.groups
     held_out = validation_tasks is not None or bool(est.validation_fraction)

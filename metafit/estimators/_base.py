@@ -28,10 +28,9 @@ from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from metafit import _torch_compat as compat
 from metafit._task_types import refuse_sparse
 from metafit._threads import threads_for, torch_threads
-from metafit.estimators._adaptation import fit_settings
+from metafit.estimators._adaptation import check_adapted, fit_settings
 from metafit.estimators._auto_algorithm import candidates, meta_fit_auto
 from metafit.estimators._inputs import SeededTorch, fast_X, fast_xy, seed_from, unchanged_on_error
 from metafit.estimators._learners import LearnerFactory, learner_factory
@@ -42,7 +41,7 @@ from metafit.estimators._targets import TargetKind
 from metafit.grouped import GroupedTable
 from metafit.models import MLP, is_stateless
 from metafit.persistence import MetaInit
-from metafit.training import DivergenceError, data_scale
+from metafit.training import DivergenceError
 
 __all__ = ["MetaInitializedEstimator", "NoMetaInitWarning"]
 
@@ -444,7 +443,7 @@ class MetaInitializedEstimator(BaseEstimator):
         """
         self._check_params()
         if self.algorithm == "auto":  # each candidate meta-fits a clone; the best is kept
-            names = self._auto_candidates(X, y, groups, validation_tasks)
+            names = candidates(self, X, y, groups, validation_tasks)
             meta_fit_auto(self, X, y, groups, validation_tasks, names)
             return self
         previous = None
@@ -487,14 +486,6 @@ class MetaInitializedEstimator(BaseEstimator):
             if self.on_interrupt == "raise":
                 raise KeyboardInterrupt
         return self
-
-    def _auto_candidates(self, X, y, groups, validation_tasks) -> tuple[str, ...]:
-        """The algorithms ``"auto"`` compares; a warm start continues the saved one."""
-        if self.warm_start:
-            init = self.meta_init_ if hasattr(self, "meta_init_") else self._fit_init()
-            if init is not None:
-                return (init.metadata.get("algorithm", "maml"),)
-        return candidates(self, X, y, groups, validation_tasks)
 
     def _store(self, outcome) -> None:
         """Keep a run's result; a previous ``fit`` no longer applies."""
@@ -669,36 +660,9 @@ class MetaInitializedEstimator(BaseEstimator):
         )
         with seeded, torch_threads(threads_for(learner.module, self.n_threads)):
             params = learner.adapt(Xt, yt, steps=steps, inner_lr=lr, track_graph=False)
-        self._check_adapted(params, X, y, lr, steps)
+        check_adapted(params, X, y, lr, steps, regression=self._target.regression)
         self.inner_lr_, self.inner_steps_ = lr, steps
         self.adapted_params_ = params
-
-    def _check_adapted(self, params, X, y, lr: float, steps: int) -> None:
-        """Raise DivergenceError if adaptation made a parameter NaN, infinite or huge.
-
-        One fused norm per tensor and one sync; no forward pass, so no random numbers
-        (dropout) are drawn outside the seeded fork. A norm overflows (|w| > ~1e19)
-        long before the outputs of a diverging network stop being finite.
-        """
-        with torch.no_grad():
-            norms = compat.foreach_norm(list(params.values()))
-            finite = bool(torch.isfinite(torch.stack(norms)).all())
-        if finite:
-            return
-        scale = data_scale(y=[y] if self._target.regression else [], X=[X])
-        if scale is not None:
-            advice = (
-                f"most likely because of the data's scale: {scale[1]} reaches "
-                f"{scale[0]:.3g}; standardize it as in meta-training (e.g. StandardScaler, "
-                "TransformedTargetRegressor) rather than lowering inner_lr"
-            )
-        else:
-            advice = f"lower inner_lr (e.g. to {lr / 10:g}) or inner_steps"
-        raise DivergenceError(
-            f"fit diverged: {steps} inner steps at inner_lr={lr:g} made the "
-            f"parameters NaN or infinite; {advice}. The estimator was left as it was before "
-            "this fit."
-        )
 
     # ------------------------------------------------------------------ prediction
 
