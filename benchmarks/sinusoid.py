@@ -10,7 +10,8 @@ because one step of Reptile is joint training), then prints:
    random initialization, and one network pretrained jointly on all tasks (MSE over all
    points of a meta-batch, Adam 1e-3) for the same number of gradient steps;
 2. meta-training throughput (tasks/s);
-3. memory of one meta-step with 1, 5 and 10 inner steps;
+3. memory and speed of one meta-step with 1, 5, 20 and 50 inner steps (second-order
+   MAML's graph grows with them; iMAML's, first order's and Reptile's do not);
 4. the speed of a second-order MAML meta-step against a straightforward per-task Python
    loop (``functional_call`` + ``autograd.grad(create_graph=True)`` task by task), measured
    in the same run, for the built-in ``"mlp"`` path and the generic ``"vmap"`` path.
@@ -42,9 +43,9 @@ from metafit.learner import MetaLearner
 from metafit.models import MLP
 from metafit.tasks import SinusoidTasks, TaskBatch
 
-ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd")
+ALGORITHMS = ("maml", "fomaml", "reptile", "anil", "metasgd", "imaml")
 EVAL_STEPS = (0, 1, 5, 10)
-MEMORY_STEPS = (1, 5, 10)
+MEMORY_STEPS = (1, 5, 20, 50)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -202,7 +203,11 @@ def memory_row(algorithm: str, args, batch: TaskBatch) -> list[str]:
         learner.meta_step([batch])
         graph = saved_graph_peak(lambda learner=learner: learner.meta_step([batch]))
         rss = rss_in_subprocess(algorithm, steps, args)
-        cells.append(f"{graph / 1e6:6.2f} / {rss:6.1f}")
+        start = time.thread_time()
+        for _ in range(3):
+            learner.meta_step([batch])
+        rate = 3 * batch.n_tasks / max(time.thread_time() - start, 1e-9)
+        cells.append(f"{graph / 1e6:.2f} / {rss:.1f} / {rate:,.0f}")
     return cells
 
 
@@ -350,11 +355,12 @@ def main(argv=None) -> None:
     if "memory" not in args.skip:
         batch = SinusoidTasks(10, 10).sample_batch(args.meta_batch, np.random.default_rng(1))
         emit()
-        emit("memory of one meta-step, MB: autograd graph peak / peak RSS growth (subprocess)")
-        emit("method        " + "".join(f"{f'{s} inner steps':>20}" for s in MEMORY_STEPS))
+        emit("one meta-step: autograd graph peak MB / peak RSS growth MB (subprocess) / "
+             "tasks/s")
+        emit("method        " + "".join(f"{f'{s} inner steps':>24}" for s in MEMORY_STEPS))
         for algorithm in args.algorithms:
             cells = memory_row(algorithm, args, batch)
-            emit(f"{algorithm:<14}" + "".join(f"{c:>20}" for c in cells))
+            emit(f"{algorithm:<14}" + "".join(f"{c:>24}" for c in cells))
         emit(
             "graph = distinct tensors autograd keeps for the backward pass (saved-tensor hooks); "
             "RSS = peak RSS (VmHWM, reset via /proc/self/clear_refs) minus RSS before the "

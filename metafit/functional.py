@@ -265,6 +265,7 @@ def reference_inner_loop(
     create_graph: bool = False,
     step_forward: StepForward | None = None,
     mask: Tensor | None = None,
+    proximal: float | None = None,
 ) -> Params:
     """The inner loop written plainly: the specification :func:`inner_loop` must meet.
 
@@ -281,6 +282,8 @@ def reference_inner_loop(
         loss = task_losses(loss_fn, out, y, mask).sum()
         grads = torch.autograd.grad(loss, [current[n] for n in names], create_graph=create_graph)
         for name, grad in zip(names, grads):
+            if proximal is not None:
+                grad = grad + proximal * (current[name] - params[name])
             current[name] = current[name] - _rate(rates[step], name) * grad
     return current
 
@@ -303,6 +306,7 @@ def inner_loop(
     keep_shared: bool = False,
     step_forward: StepForward | None = None,
     mask: Tensor | None = None,
+    proximal: float | None = None,
 ) -> Params:
     """Adapt batched parameters by ``steps`` steps of gradient descent on ``(X, y)``.
 
@@ -345,8 +349,16 @@ def inner_loop(
     mask : Tensor of shape (T, n), optional
         1 for a real support row, 0 for padding (a padded :class:`~metafit.tasks.TaskBatch`):
         each task's loss is the mean over its real rows, as if it had been alone.
+    proximal : float, optional
+        Add ``proximal / 2 * ||phi - params||^2`` to every task's loss (iMAML's inner
+        objective: the adapted parameters stay near the initialization).
     """
     names = list(params) if adapt is None else list(adapt)
+    if proximal is not None and ((create_graph and track_graph) or step_forward is not None):
+        raise ValueError(
+            "the proximal inner loop serves implicit meta-gradients (iMAML): it keeps no "
+            "graph and has one forward; pass create_graph=False and no step_forward."
+        )
     if step_forward is not None or (mask is not None and not isinstance(grad_fn, PreparedGradFn)):
         grad_fn = None  # the analytic gradients know one forward only, and masks if prepared
     layout = _Layout(names, X.shape[0], steps, grad_fn, shared, keep_shared)
@@ -361,6 +373,8 @@ def inner_loop(
             forward, loss_fn, current, X, y, layout, grad_fn, track_graph, grad_mode,
             step_forward, mask,
         )
+        if proximal is not None:
+            step_grads, factor = _proximal(step_grads, factor, proximal, current, layout)
         _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_graph, on_step)
     finally:
         mode.restore()
@@ -447,6 +461,20 @@ def _gradient_source(
         return [g[n] for n in names]
 
     return step_grads, 1.0
+
+
+def _proximal(step_grads, factor, strength: float, start: Params, layout):
+    """The step gradients of the proximal objective: ``factor * g + strength * (phi -
+    phi_0)`` for each adapted tensor, with the loop's starting values as ``phi_0``."""
+    anchor = {n: start[n] for n in layout.names}
+    autograd = isinstance(step_grads, _AutogradStep)
+
+    def with_pull(current, scale=None, step=0):
+        raw = step_grads(current, step=step) if autograd else step_grads(current)
+        f = 1.0 if autograd else factor
+        return [f * g + strength * (current[n] - anchor[n]) for n, g in zip(layout.names, raw)]
+
+    return with_pull, 1.0
 
 
 def _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_graph, on_step):

@@ -254,6 +254,7 @@ class MetaLearner:
             keep_shared=keep_shared,
             step_forward=self._step_forward if self.step_dependent else None,
             mask=mask,
+            proximal=self.algorithm.proximal,
         )
 
     @torch.no_grad()

@@ -303,7 +303,7 @@ def test_get_algorithm_by_name_and_errors():
     assert get_algorithm("MAML").name == "maml"
     inst = get_algorithm("anil")
     assert get_algorithm(inst) is inst
-    with pytest.raises(ValueError, match="one of alpaca, anil, cavia, fomaml, joint, maml, "):
+    with pytest.raises(ValueError, match="one of alpaca, anil, cavia, fomaml, imaml, joint, "):
         get_algorithm("mamll")
     with pytest.raises(NotImplementedError):
         MetaAlgorithm().meta_gradients(None, [])

@@ -10,6 +10,7 @@ from metafit.algorithms.alpaca import ALPACA
 from metafit.algorithms.anil import ANIL
 from metafit.algorithms.base import AdaptationContext, GradientMetaAlgorithm, MetaAlgorithm
 from metafit.algorithms.cavia import CAVIA
+from metafit.algorithms.imaml import IMAML
 from metafit.algorithms.joint import JointPretraining
 from metafit.algorithms.maml import FOMAML, MAML
 from metafit.algorithms.mamlpp import MAMLPlusPlus
@@ -20,6 +21,7 @@ __all__ = [
     "ALGORITHMS",
     "ALPACA",
     "CAVIA",
+    "IMAML",
     "ANIL",
     "AdaptationContext",
     "FOMAML",
@@ -36,7 +38,8 @@ __all__ = [
 ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
     cls.name: cls
     for cls in (
-        MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, ALPACA, CAVIA, JointPretraining
+        MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, ALPACA, CAVIA, JointPretraining,
+        IMAML,
     )
 }
 

@@ -152,6 +152,9 @@ class MetaAlgorithm:
     closed_form: ClassVar[bool] = False
     #: a model of real targets only (ALPACA's Gaussian likelihood)
     regression_only: ClassVar[bool] = False
+    #: strength of a proximal term ``lam / 2 ||phi - theta||^2`` added to the inner
+    #: objective, in meta-training and in ``fit`` (iMAML's); None for none
+    proximal: float | None = None
 
     @property
     def uses_inner_lr(self) -> bool:

@@ -76,7 +76,7 @@ class MetaInitializedEstimator(BaseEstimator):
     activation : str, default="relu"
         Activation of the default MLP.
     algorithm : {"auto", "maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", \
-"alpaca", "cavia", "joint"} or MetaAlgorithm, default="auto"
+"imaml", "alpaca", "cavia", "joint"} or MetaAlgorithm, default="auto"
         Meta-learning algorithm used by :meth:`meta_fit`. ``"auto"``: on a table with
         validation groups (table mode, one target), meta-train ``"maml"`` and
         ``"alpaca"`` and keep the one with the lower validation loss after ``fit``'s
@@ -90,6 +90,8 @@ class MetaInitializedEstimator(BaseEstimator):
         (closed-form ``fit``, ``predict(X, return_std=True)``; regression, one target).
         ``"cavia"`` adapts only a context vector fed to the network (its own
         ``context_lr``; the default network is :class:`metafit.models.ContextMLP`).
+        ``"imaml"`` (implicit MAML) adapts with a proximal term and meta-learns by
+        implicit gradients: memory flat in the inner steps.
         ``"joint"`` is the baseline without meta-learning: one network trained on all
         tasks' rows pooled, which ``fit`` fine-tunes.
     inner_lr : float or "auto", default="auto"
