@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch.func import functional_call
 
+from metafit.algorithms import MAML
 from metafit.learner import MetaLearner
 from metafit.models import MLP
 from metafit.tasks import SinusoidTasks, TaskBatch
@@ -89,7 +90,8 @@ def make_learner(algorithm: str, args, inner_steps: int | None = None, forward="
     learner = MetaLearner(
         make_net(args.seed),
         loss="mse",
-        algorithm=algorithm,
+        # "maml-checkpoint": MAML with gradient checkpointing of the inner steps
+        algorithm=MAML(checkpoint=True) if algorithm == "maml-checkpoint" else algorithm,
         inner_lr=0.01,
         inner_steps=steps if inner_steps is None else inner_steps,
         forward=forward,
@@ -358,7 +360,8 @@ def main(argv=None) -> None:
         emit("one meta-step: autograd graph peak MB / peak RSS growth MB (subprocess) / "
              "tasks/s")
         emit("method        " + "".join(f"{f'{s} inner steps':>24}" for s in MEMORY_STEPS))
-        for algorithm in args.algorithms:
+        extra = ["maml-checkpoint"] if "maml" in args.algorithms else []
+        for algorithm in [*args.algorithms, *extra]:
             cells = memory_row(algorithm, args, batch)
             emit(f"{algorithm:<14}" + "".join(f"{c:>24}" for c in cells))
         emit(

@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
@@ -307,6 +308,7 @@ def inner_loop(
     step_forward: StepForward | None = None,
     mask: Tensor | None = None,
     proximal: float | None = None,
+    checkpoint: bool = False,
 ) -> Params:
     """Adapt batched parameters by ``steps`` steps of gradient descent on ``(X, y)``.
 
@@ -352,6 +354,11 @@ def inner_loop(
     proximal : float, optional
         Add ``proximal / 2 * ||phi - params||^2`` to every task's loss (iMAML's inner
         objective: the adapted parameters stay near the initialization).
+    checkpoint : bool, default=False
+        With ``create_graph``: keep only each step's adapted parameters for the backward
+        pass and recompute the step's forward and inner gradient there
+        (:func:`torch.utils.checkpoint.checkpoint`): the same meta-gradient, with the
+        memory of the parameters instead of every step's activations.
     """
     names = list(params) if adapt is None else list(adapt)
     if proximal is not None and ((create_graph and track_graph) or step_forward is not None):
@@ -375,7 +382,8 @@ def inner_loop(
         )
         if proximal is not None:
             step_grads, factor = _proximal(step_grads, factor, proximal, current, layout)
-        _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_graph, on_step)
+        _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_graph, on_step,
+                   checkpoint and grad_mode)
     finally:
         mode.restore()
     return layout.result(current)
@@ -477,7 +485,23 @@ def _proximal(step_grads, factor, strength: float, start: Params, layout):
     return with_pull, 1.0
 
 
-def _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_graph, on_step):
+def _step_gradients(step_grads, current, step, rate, factor, autograd, grad_mode):
+    """One step's ``(gradients, rate, factor)`` for :class:`_SGDUpdate`."""
+    if autograd:
+        return step_grads(current, step=step), rate, factor
+    if grad_mode:
+        # Under a graph, scale the small output gradient inside the gradient function:
+        # folded into the updates, the constant would cost a multiply of every
+        # parameter-sized gradient in the backward pass.
+        number = is_number(rate)
+        grads = step_grads(current, -float(rate) * factor if number else factor)
+        # The gradients now hold -rate * factor * gradient for a number rate.
+        return (grads, 1.0, -1.0) if number else (grads, rate, 1.0)
+    return step_grads(current), rate, factor
+
+
+def _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_graph, on_step,
+               checkpointed=False):
     """The SGD steps, updating ``current`` (the loop's own dict)."""
     per_step = _per_step(lr)
     update = _SGDUpdate(layout.names, None if per_step else lr)
@@ -485,23 +509,28 @@ def _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_g
     # Outside autograd, once the first step made the adapted tensors the loop's own, later
     # steps update them in place (unless on_step may keep them).
     in_place, own = not track_graph and on_step is None, None
+    names = layout.names
     for step in range(layout.steps):
         rate = lr[step] if per_step else lr
+        if checkpointed:  # the step recomputed in the backward pass, its graph not kept
+
+            def one_step(*tensors, step=step, rate=rate):
+                state = {**current, **dict(zip(names, tensors))}
+                grads, rate_now, factor_now = _step_gradients(
+                    step_grads, state, step, rate, factor, autograd, grad_mode)
+                update(state, grads, rate_now, factor_now)
+                return tuple(state[n] for n in names)
+
+            outs = torch.utils.checkpoint.checkpoint(
+                one_step, *(current[n] for n in names), use_reentrant=False)
+            current.update(zip(names, outs))
+            layout.updated()
+            if on_step is not None:
+                on_step(step, layout.result(current))
+            continue
         mode.set(grad_mode)
-        if autograd:
-            grads = step_grads(current, step=step)
-            rate_now, factor_now = rate, factor
-        elif grad_mode:
-            # Under a graph, scale the small output gradient inside the gradient function:
-            # folded into the updates, the constant would cost a multiply of every
-            # parameter-sized gradient in the backward pass.
-            number = is_number(rate)
-            grads = step_grads(current, -float(rate) * factor if number else factor)
-            # The gradients now hold -rate * factor * gradient for a number rate.
-            rate_now, factor_now = (1.0, -1.0) if number else (rate, 1.0)
-        else:
-            grads = step_grads(current)
-            rate_now, factor_now = rate, factor
+        grads, rate_now, factor_now = _step_gradients(
+            step_grads, current, step, rate, factor, autograd, grad_mode)
         mode.set(track_graph)
         if own is not None:
             update.in_place(own, grads, rate_now, factor_now)

@@ -201,6 +201,7 @@ class MetaLearner:
         on_step=None,
         keep_shared: bool = False,
         mask: Tensor | None = None,
+        checkpoint: bool = False,
     ) -> Params:
         """Run the inner loop from ``theta`` on a batch of support sets.
 
@@ -225,6 +226,9 @@ class MetaLearner:
             :attr:`forward` only); see :func:`metafit.functional.inner_loop`.
         mask : Tensor of shape (T, n), optional
             The real rows of padded support sets (``TaskBatch.support_mask``).
+        checkpoint : bool, default=False
+            Recompute each inner step in the backward pass instead of keeping its graph
+            (second order only); see :func:`metafit.functional.inner_loop`.
 
         Returns
         -------
@@ -255,6 +259,7 @@ class MetaLearner:
             step_forward=self._step_forward if self.step_dependent else None,
             mask=mask,
             proximal=self.algorithm.proximal,
+            checkpoint=checkpoint,
         )
 
     @torch.no_grad()

@@ -334,3 +334,38 @@ def test_lean_adam_matches_torch_adam_and_its_state_dict():
     lean.register_step_post_hook(lambda *args: called.append(True))
     lean.fast_step()  # with a hook registered, the ordinary path runs it
     assert called == [True]
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn`` runs (their sum)."""
+    total = [0]
+
+    def pack(t):
+        total[0] += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total[0]
+
+
+@pytest.mark.parametrize(("name", "forward"), [("maml", "mlp"), ("maml", "vmap"),
+                                               ("mamlpp", "mlp")])
+def test_checkpointed_inner_steps_give_the_same_meta_gradients_with_less_graph(name, forward):
+    from metafit.algorithms import MAML, MAMLPlusPlus
+
+    tasks = sinusoids(n=4, k_shot=10, k_query=10)
+    results = {}
+    for checkpoint in (False, True):
+        algorithm = MAML(checkpoint=checkpoint) if name == "maml" else MAMLPlusPlus(
+            checkpoint=checkpoint)
+        learner = make_learner(algorithm, 8, forward)
+        batches = learner.batches(tasks)
+        saved = _saved_bytes(lambda: learner.algorithm.meta_gradients(learner, batches))
+        results[checkpoint] = (learner.algorithm.meta_gradients(learner, batches), saved)
+        assert learner.algorithm.keeps_inner_graph is (not checkpoint)
+    (loss, grads), plain_bytes = results[False]
+    (ck_loss, ck_grads), ck_bytes = results[True]
+    assert float(ck_loss) == pytest.approx(float(loss), rel=1e-12)
+    assert_close(ck_grads, grads, rtol=1e-10)
+    assert ck_bytes < 0.7 * plain_bytes, (ck_bytes, plain_bytes)

@@ -69,6 +69,7 @@ class AdaptationContext(Protocol):
         on_step: Callable[[int, Params], None] | None = None,
         keep_shared: bool = False,
         mask: Tensor | None = None,
+        checkpoint: bool = False,
     ) -> Params: ...
 
 
@@ -285,7 +286,17 @@ class GradientMetaAlgorithm(MetaAlgorithm):
     A ragged meta-batch arrives padded with row masks (or, for modules with batch
     statistics, as several equal-shape groups, whose losses are weighted by group size):
     either way the result equals the per-task computation averaged over all tasks.
+    ``checkpoint`` (an option of MAML and MAML++) recomputes each inner step in the
+    backward pass instead of keeping its graph.
     """
+
+    #: recompute the inner steps in the backward pass (gradient checkpointing)
+    checkpoint: bool = False
+
+    @property
+    def keeps_inner_graph(self) -> bool:
+        """Checkpointed steps keep only their parameters, not their graphs."""
+        return super().keeps_inner_graph and not self.checkpoint
 
     def meta_gradients(self, ctx, batches):
         total = sum(b.n_tasks for b in batches)
@@ -298,6 +309,7 @@ class GradientMetaAlgorithm(MetaAlgorithm):
                 create_graph=not self.first_order,
                 keep_shared=True,
                 mask=batch.support_mask,
+                checkpoint=self.checkpoint,
             )
             query = task_losses(
                 ctx.loss_fn, ctx.forward(phi, batch.X_query), batch.y_query, batch.query_mask

@@ -12,10 +12,26 @@ class MAML(GradientMetaAlgorithm):
 
     Memory grows linearly with the number of inner steps, since every step's graph is kept
     for the second derivatives.
+
+    Parameters
+    ----------
+    checkpoint : bool, default=False
+        Gradient checkpointing of the inner loop: keep only each step's adapted
+        parameters and recompute the step in the backward pass. The same meta-gradient;
+        the memory of the parameters per step instead of their activations, for about
+        one more forward and inner gradient per step.
     """
 
     name = "maml"
     first_order = False
+
+    def __init__(self, checkpoint: bool = False):
+        if not isinstance(checkpoint, bool):
+            raise ValueError(f"checkpoint must be True or False, got {checkpoint!r}.")
+        self.checkpoint = checkpoint
+
+    def get_config(self):
+        return {"checkpoint": self.checkpoint} if self.checkpoint else {}
 
 
 class FOMAML(GradientMetaAlgorithm):

@@ -84,6 +84,8 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
         over the meta-iterations (CA).
     min_meta_lr : float, default=1e-5
         The cosine's floor.
+    checkpoint : bool, default=False
+        Gradient checkpointing of the inner loop, as :class:`~metafit.algorithms.MAML`'s.
 
     Notes
     -----
@@ -106,6 +108,7 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
         first_order_iterations: int | float = 0,
         cosine_meta_lr: bool = True,
         min_meta_lr: float = 1e-5,
+        checkpoint: bool = False,
     ):
         _iterations(msl_iterations, 1, "msl_iterations")
         _iterations(first_order_iterations, 1, "first_order_iterations")
@@ -117,6 +120,7 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
         self.first_order_iterations = first_order_iterations
         self.cosine_meta_lr = bool(cosine_meta_lr)
         self.min_meta_lr = float(min_meta_lr)
+        self.checkpoint = bool(checkpoint)
 
     def get_config(self):
         return {
@@ -126,6 +130,7 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
             "first_order_iterations": self.first_order_iterations,
             "cosine_meta_lr": self.cosine_meta_lr,
             "min_meta_lr": self.min_meta_lr,
+            **({"checkpoint": True} if self.checkpoint else {}),
         }
 
     # ------------------------------------------------------------------ engine hooks
@@ -216,6 +221,7 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
                 on_step=on_step if weights is not None else None,
                 keep_shared=True,
                 mask=batch.support_mask,
+                checkpoint=self.checkpoint,
             )
             if weights is None:
                 out = query_forward(phi, batch.X_query)
