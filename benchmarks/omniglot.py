@@ -28,6 +28,12 @@ Usage::
     python benchmarks/omniglot.py --device cuda --configs 5w1s,5w5s,20w1s,20w5s \\
         --algorithms maml,fomaml,reptile,mamlpp --iterations 60000
     python benchmarks/omniglot.py --quick          # smoke run, a minute on a CPU
+    python benchmarks/omniglot.py --memory         # graph memory and tasks/s vs steps
+
+``--memory`` prints, for second-order MAML, MAML with checkpointed inner steps, MAML with
+``meta_batch_chunk=4``, first-order MAML and iMAML, the peak bytes autograd holds for the
+backward pass of one meta-step (saved-tensor hooks) and the tasks/s of that step, at each
+of ``--memory-steps`` inner steps.
 """
 
 from __future__ import annotations
@@ -120,6 +126,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="folder with the Omniglot files (default: $METAFIT_DATA, else this "
         "repository's ../shared/data)",
     )
+    p.add_argument("--memory", action="store_true",
+                   help="only the memory and speed of one 5-way 1-shot meta-step versus inner "
+                        "steps, on random images (no data needed)")
+    p.add_argument("--memory-steps", default="1,5,20", help="inner steps of --memory")
+    p.add_argument("--memory-batch", type=int, default=32, help="meta-batch of --memory")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also append the report to this file")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budget and net")
@@ -359,6 +370,41 @@ def compare(algorithm, n_way, k_shot, data, args, emit) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def memory_table(args, emit) -> None:
+    """Graph memory and speed of one meta-step against the number of inner steps."""
+    from sinusoid import saved_graph_peak  # the same measurement as the sinusoid table
+
+    from metafit.algorithms import MAML
+
+    n_way, k_query, size = 5, args.k_query, args.image_size
+    rng = torch.Generator().manual_seed(args.seed)
+    images = torch.rand(args.memory_batch, n_way * (1 + k_query), 1, size, size, generator=rng)
+    labels = torch.arange(n_way).repeat(1 + k_query).expand(args.memory_batch, -1)
+    batch = TaskBatch(images[:, :n_way].to(args.device), labels[:, :n_way].to(args.device),
+                      images[:, n_way:].to(args.device), labels[:, n_way:].to(args.device))
+    variants = {"maml": ("maml", None), "maml checkpoint": (MAML(checkpoint=True), None),
+                "maml chunk 4": ("maml", 4), "fomaml": ("fomaml", None),
+                "imaml": ("imaml", None)}
+    steps = [int(s) for s in args.memory_steps.split(",")]
+    emit(f"# one 5-way 1-shot meta-step of Conv4 ({args.hidden} filters), {args.memory_batch} "
+         f"tasks, {k_query} query images per class: graph MB / tasks/s")
+    emit(f"{'method':<18}" + "".join(f"{f'{s} steps':>22}" for s in steps))
+    for label, (algorithm, chunk) in variants.items():
+        cells = []
+        for n in steps:
+            torch.manual_seed(args.seed)
+            learner = MetaLearner(Conv4(n_way, (1, size, size), args.hidden),
+                                  loss="cross_entropy", algorithm=algorithm, inner_lr=0.4,
+                                  inner_steps=n, device=args.device, meta_batch_chunk=chunk)
+            learner.init_optimizer(1e-3, 10)
+            start = time.perf_counter()
+            peak = saved_graph_peak(lambda learner=learner: learner.meta_step([batch]))
+            sync(args.device)
+            rate = batch.n_tasks / (time.perf_counter() - start)
+            cells.append(f"{peak / 2**20:,.0f} / {rate:.1f}")
+        emit(f"{label:<18}" + "".join(f"{c:>22}" for c in cells))
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if torch.device(args.device).type == "cpu":
@@ -368,6 +414,10 @@ def main(argv=None) -> None:
     def emit(line: str = "") -> None:
         print(line, flush=True)
         lines.append(line)
+
+    if args.memory:
+        memory_table(args, emit)
+        return
 
     emit(
         f"# omniglot benchmark  {time.strftime('%Y-%m-%d %H:%M')}  device={args.device} "
