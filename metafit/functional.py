@@ -289,6 +289,8 @@ def reference_inner_loop(
     return current
 
 
+# Long function: the docstring documents every option of the one inner loop; the body is
+# about 30 lines, the rest of the work is in _Layout, _gradient_source and _run_steps.
 def inner_loop(
     forward: BatchedForward,
     loss_fn: Callable[[Tensor, Tensor], Tensor],

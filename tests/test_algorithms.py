@@ -361,7 +361,7 @@ def test_checkpointed_inner_steps_give_the_same_meta_gradients_with_less_graph(n
             checkpoint=checkpoint)
         learner = make_learner(algorithm, 8, forward)
         batches = learner.batches(tasks)
-        saved = _saved_bytes(lambda: learner.algorithm.meta_gradients(learner, batches))
+        saved = _saved_bytes(lambda ln=learner, bs=batches: ln.algorithm.meta_gradients(ln, bs))
         results[checkpoint] = (learner.algorithm.meta_gradients(learner, batches), saved)
         assert learner.algorithm.keeps_inner_graph is (not checkpoint)
     (loss, grads), plain_bytes = results[False]
