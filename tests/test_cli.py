@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from metafit import MetaInit
 from metafit.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -388,3 +389,25 @@ def test_an_unusable_search_space_is_refused_before_meta_training(tiny, capsys):
     code, out, err = _run(capsys, "tune", path)
     assert code == 2 and "nothing to tune in adaptation mode" in err
     assert "meta-training" not in out
+
+
+def test_a_table_config_meta_fits_in_table_mode_and_evaluate_names_what_auto_chose(
+        tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    shutil.copy(examples / "tabular.csv", tmp_path / "tabular.csv")
+    text = (examples / "tabular.yaml").read_text()
+    text = text.replace("    inner_lr: 0.01\n", "").replace("    inner_steps: 5\n", "")
+    text = text.replace("algorithm: maml", "algorithm: auto").replace(
+        "meta_iterations: 300", "meta_iterations: 20")
+    (tmp_path / "t.yaml").write_text(text)
+    code, out, _ = _run(capsys, "meta-fit", tmp_path / "t.yaml", "-o", tmp_path / "t.st")
+    assert code == 0, out
+    init = MetaInit.load(tmp_path / "t.st")
+    assert "standardization" in init.metadata  # table mode: the scaling is saved
+    assert init.metadata["algorithm"] in ("maml", "alpaca")
+    code, out, _ = _run(capsys, "evaluate", tmp_path / "t.yaml", "--init", tmp_path / "t.st")
+    assert code == 0
+    assert f"algorithm={init.metadata['algorithm']}" in out
+    if init.metadata["algorithm"] == "maml":
+        assert re.search(r"inner_lr=[0-9.e-]+, inner_steps=\d+", out)

@@ -335,7 +335,7 @@ class EvaluateCommand(Command):
         name = _metric(config.estimator_type)
         split = splits.test if args.split == "test" else splits.validation
         print(f"{args.split} {name} over {len(split)} tasks: {_summary(est, split)} "
-              f"({_params_line(_own(est))})")
+              f"({_params_line(_own(est, split[0] if split else None))})")
         if overrides:
             try:
                 est.set_params(**overrides)
@@ -367,9 +367,26 @@ class EvaluateCommand(Command):
         return overrides
 
 
-def _own(est) -> dict:
+def _own(est, task=None) -> dict:
+    """The estimator's inner_lr and inner_steps; an "auto" one with the value it stands for
+    (what a fit on ``task`` used), and the algorithm of the initialization."""
+    from sklearn.base import clone
+
     p = est.get_params()
-    return {"inner_lr": p["inner_lr"], "inner_steps": p["inner_steps"]}
+    own = {"inner_lr": p["inner_lr"], "inner_steps": p["inner_steps"]}
+    if task is None or "auto" not in (own["inner_lr"], own["inner_steps"], p["algorithm"]):
+        return own
+    from metafit.algorithms import get_algorithm
+
+    probe = clone(est).fit(task.X_support, task.y_support)
+    algorithm = get_algorithm(probe.algorithm_)
+    out = {"algorithm": algorithm.name}
+    if algorithm.uses_inner_lr:
+        out["inner_lr"] = own["inner_lr"] if own["inner_lr"] != "auto" else probe.inner_lr_
+    if algorithm.uses_inner_steps:
+        steps = own["inner_steps"]
+        out["inner_steps"] = steps if steps != "auto" else probe.inner_steps_
+    return out
 
 
 def _parse_value(text: str):

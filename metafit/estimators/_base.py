@@ -219,7 +219,7 @@ class MetaInitializedEstimator(BaseEstimator):
         Features seen by ``fit``.
     algorithm_ : str
         The algorithm :meth:`meta_fit` trained (``algorithm``, or the one ``"auto"``
-        kept).
+        kept), and the one :meth:`fit` adapts with (the initialization's).
     algorithm_scores_ : dict of str to float
         After ``algorithm="auto"`` compared candidates: each one's mean validation query
         loss after adaptation (infinite if it diverged).
@@ -664,6 +664,7 @@ class MetaInitializedEstimator(BaseEstimator):
             params = learner.adapt(Xt, yt, steps=steps, inner_lr=lr, track_graph=False)
         check_adapted(params, X, y, lr, steps, regression=self._target.regression)
         self.inner_lr_, self.inner_steps_ = lr, steps
+        self.algorithm_ = learner.algorithm.name
         self.adapted_params_ = params
 
     # ------------------------------------------------------------------ prediction
