@@ -34,6 +34,8 @@ Usage::
     python benchmarks/grouped_tables.py --algorithms fomaml anil metasgd
     python benchmarks/grouped_tables.py --speed              # table mode's wall times
     python benchmarks/grouped_tables.py --coverage           # ALPACA's intervals
+    python benchmarks/grouped_tables.py --tables mathach --seeds 2 \
+        --params '{"algorithm": "maml", "hidden_sizes": [64, 64]}'  # other settings
 
 The mixed models need statsmodels and GPBoost: ``pip install -e ".[bench]"`` (the
 GPBoost rows are left out where it is not installed).
@@ -45,6 +47,7 @@ seeds), the wall times of metafit, and a summary against the best anchor.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 import warnings
@@ -183,7 +186,7 @@ def score(predict, eps, Xz, yz):
 # ---------------------------------------------------------------- one data set
 
 
-def run_table(name, folder, seeds, algorithms, quick):
+def run_table(name, folder, seeds, algorithms, quick, params=None):
     X, y, groups, features = load(folder, name)
     z_cols = [features.index(SLOPE[name])]
     results: dict[tuple[int, str], list[float]] = {}
@@ -201,6 +204,8 @@ def run_table(name, folder, seeds, algorithms, quick):
             kw = {"random_state": seed, "verbose": 0}
             if algo != "maml":
                 kw["algorithm"] = algo
+            else:  # the defaults row, with --params on top
+                kw.update(params or {})
             if quick:
                 kw["meta_iterations"] = 50
             est = MetaInitializedRegressor(**kw)
@@ -338,6 +343,9 @@ def main(argv=None):
     parser.add_argument("--algorithms", nargs="*", default=[],
                         help="more metafit algorithms to run besides maml and joint")
     parser.add_argument("--quick", action="store_true", help="50 meta-iterations (smoke)")
+    parser.add_argument("--params", default="{}",
+                        help='estimator parameters of the "metafit" row, as JSON, e.g. '
+                             '\'{"algorithm": "maml", "hidden_sizes": [64, 64]}\'')
     parser.add_argument("--speed", action="store_true",
                         help="only the wall times of table mode on a synthetic table")
     parser.add_argument("--coverage", action="store_true",
@@ -355,7 +363,7 @@ def main(argv=None):
     summary = []
     for name in args.tables:
         results, times = run_table(name, folder, range(args.seeds), args.algorithms,
-                                   args.quick)
+                                   args.quick, params=json.loads(args.params))
         summary += report(name, results, times)
     print("\nmetafit's defaults against the best anchor of each data set and k:")
     ratios = []
