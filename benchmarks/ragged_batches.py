@@ -16,13 +16,12 @@ weights, interleaved, one torch thread, and prints the median of ``--repeats`` r
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import torch
+from grouped_tables import data_dir, load  # the same tables, read the same way
 
 from metafit.algorithms import ALPACA
 from metafit.learner import MetaLearner
@@ -30,23 +29,11 @@ from metafit.models import MLP
 from metafit.tasks import tasks_from_groups
 
 
-def data_dir(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    if os.environ.get("METAFIT_DATA"):
-        return Path(os.environ["METAFIT_DATA"]) / "grouped"
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "grouped"
-
-
 def table_tasks(folder: Path, name: str, k: int):
-    df = pd.read_csv(folder / f"{name}.csv")
-    group, target = df.columns[0], df.columns[-1]
-    X = df.drop(columns=[group, target]).to_numpy(float)
-    y = df[target].to_numpy(float)
+    X, y, groups, _ = load(folder, name)
     X = (X - X.mean(0)) / (X.std(0) + 1e-12)
     y = (y - y.mean()) / y.std()
-    return tasks_from_groups(X, y, df[group].to_numpy(), support_size=k, min_query=1,
-                             random_state=0)
+    return tasks_from_groups(X, y, groups, support_size=k, min_query=1, random_state=0)
 
 
 def time_path(tasks, algorithm: str, pad: bool, iterations: int, batch: int) -> float:

@@ -268,10 +268,8 @@ def _stack(tasks, index, device, dtype, target_dtype) -> TaskBatch:
         n = max(counts)
         mask = None
         if min(counts) != n:
-            mask = torch.zeros(len(tasks), n, dtype=dtype)
-            for j, c in enumerate(counts):
-                mask[j, :c] = 1
-            mask = mask.to(device)
+            rows = torch.arange(n, device=device)
+            mask = (rows < torch.tensor(counts, device=device)[:, None]).to(dtype)
         for name, dt in ((x_name, dtype), (y_name, target_dtype)):
             parts = [getattr(t, name) for t in tasks]
             first = parts[0]

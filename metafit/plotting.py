@@ -312,7 +312,8 @@ def plot_adaptation(est, tasks, steps: int = 10, ax=None, **kwargs):
     curves = adaptation_curves(est, tasks, steps, **kwargs)
     ax = _axes(ax)
     x = np.arange(len(curves["meta-learned"]))
-    algorithm = _meta_init(est).metadata.get("algorithm", "meta")
+    init = _meta_init(est)
+    algorithm = init.metadata.get("algorithm", "meta")
     styles = {
         "meta-learned": dict(color="C0", marker="o", label=f"meta-learned ({algorithm})"),
         "pretrained": dict(color="C2", marker="s", label="pretrained (all tasks pooled)"),
@@ -320,8 +321,8 @@ def plot_adaptation(est, tasks, steps: int = 10, ax=None, **kwargs):
     }
     for name in ("meta-learned", "pretrained", "random"):
         ax.plot(x, curves[name], ms=4, lw=1.8, **styles[name])
-    ax.set_xlabel(f"inner gradient steps (inner_lr={fit_settings(est, _meta_init(est))[0]:g})")
-    ax.set_ylabel(f"mean query {_loss_name(_meta_init(est))} over {len(_tasks(tasks))} tasks")
+    ax.set_xlabel(f"inner gradient steps (inner_lr={fit_settings(est, init)[0]:g})")
+    ax.set_ylabel(f"mean query {_loss_name(init)} over {len(_tasks(tasks))} tasks")
     ax.set_xticks(x if len(x) <= 11 else x[:: max(1, len(x) // 10)])
     finite = np.concatenate([c[np.isfinite(c)] for c in curves.values()])
     if len(finite) and finite.min() > 0 and finite.max() / finite.min() > 30:

@@ -76,9 +76,6 @@ class IMAML(MetaAlgorithm):
     def keeps_inner_graph(self) -> bool:
         return False
 
-    def step_dependent_forward(self, module) -> bool:
-        return False
-
     def meta_gradients(self, ctx, batches):
         total = sum(b.n_tasks for b in batches)
         theta = ctx.params()
@@ -130,9 +127,9 @@ class IMAML(MetaAlgorithm):
                 break
             ap = apply(p)
             pap = _dots(p, ap)
-            if step == 0:
-                x = [torch.where(_scaled(active & (pap <= 0), torch.ones_like(bi)) > 0, bi, xi)
-                     for xi, bi in zip(x, b)]
+            if step == 0:  # x is still 0: the tasks that stop now keep b
+                stop = (active & (pap <= 0)).to(rr.dtype)
+                x = [_scaled(stop, bi) for bi in b]
             active = active & (pap > 0)
             alpha = torch.where(active, rr / torch.where(active, pap, 1.0), 0.0)
             x = [xi + _scaled(alpha, pi) for xi, pi in zip(x, p)]

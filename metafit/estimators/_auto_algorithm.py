@@ -21,7 +21,6 @@ import warnings
 import numpy as np
 from sklearn.base import clone
 
-from metafit.grouped import GroupedTable
 from metafit.training import DivergenceError
 
 __all__ = ["AUTO_CANDIDATES", "candidates", "meta_fit_auto"]
@@ -30,18 +29,16 @@ __all__ = ["AUTO_CANDIDATES", "candidates", "meta_fit_auto"]
 AUTO_CANDIDATES = ("maml", "alpaca")
 
 
-def candidates(est, X, y, groups, validation_tasks) -> tuple[str, ...]:
-    """The algorithms ``"auto"`` stands for with these ``meta_fit`` arguments (a warm
-    start continues the one saved)."""
-    if est.warm_start:
-        init = est.meta_init_ if hasattr(est, "meta_init_") else est._fit_init()
-        if init is not None:
-            return (init.metadata.get("algorithm", "maml"),)
-    if groups is None and isinstance(X, GroupedTable):
-        X, y, groups = X.X, X.y, X.groups
+def candidates(est, y, groups, validation_tasks, *, continued, regression: bool
+               ) -> tuple[str, ...]:
+    """The algorithms ``"auto"`` stands for with these (normalized) ``meta_fit``
+    arguments; ``continued`` is the initialization a warm start continues, whose
+    algorithm it keeps."""
+    if continued is not None:
+        return (continued.metadata.get("algorithm", "maml"),)
     held_out = validation_tasks is not None or bool(est.validation_fraction)
     one_target = y is not None and (np.ndim(y) == 1 or np.shape(y)[1] == 1)
-    if groups is None or not est._target.regression or not held_out or not one_target:
+    if groups is None or not regression or not held_out or not one_target:
         return ("maml",)
     return AUTO_CANDIDATES
 
@@ -54,6 +51,7 @@ def meta_fit_auto(est, X, y, groups, validation_tasks, names) -> None:
     other. Any other error (bad data) is raised at once: it concerns every candidate.
     """
     scores, runs, failure, kept = {}, {}, None, None
+    shown = scores if len(names) > 1 else {}  # algorithm_scores_ only after a comparison
     for name in names:
         keep = est.checkpoint_path if len(names) == 1 else None
         run = clone(est).set_params(algorithm=name, checkpoint_path=keep)
@@ -64,12 +62,12 @@ def meta_fit_auto(est, X, y, groups, validation_tasks, names) -> None:
         except DivergenceError as exc:
             failure = failure or exc
             scores[name] = math.inf
-            if kept is None and hasattr(run, "meta_init_"):  # its last finite state
+            if kept is None and _trained(run, est):  # its last finite state
                 kept = (run, name)
             continue
         except BaseException:
-            if hasattr(run, "meta_init_"):  # Ctrl-C with on_interrupt="raise": keep it
-                _adopt(est, run, {}, name)
+            if _trained(run, est):  # Ctrl-C with on_interrupt="raise": keep it
+                _adopt(est, run, shown, name)
             raise
         score = run.meta_init_.metadata.get("validation_score")
         scores[name] = math.inf if score is None else float(score)
@@ -78,7 +76,7 @@ def meta_fit_auto(est, X, y, groups, validation_tasks, names) -> None:
             break
     if not runs:  # every candidate diverged: keep the first one's last finite state
         if kept is not None:
-            _adopt(est, kept[0], scores if len(names) > 1 else {}, kept[1])
+            _adopt(est, kept[0], shown, kept[1])
         raise failure
     best = min(runs, key=lambda n: (scores[n], names.index(n)))
     if len(names) > 1 and not math.isfinite(scores[best]):
@@ -87,19 +85,26 @@ def meta_fit_auto(est, X, y, groups, validation_tasks, names) -> None:
             f"{best!r}. Choose an algorithm, or check the validation groups.",
             UserWarning, stacklevel=3,
         )
-    _adopt(est, runs[best], scores if len(names) > 1 else {}, best)
+    _adopt(est, runs[best], shown, best)
     if est.checkpoint_path is not None and len(names) > 1:  # the winner's, as asked for
         est.meta_init_.save(est.checkpoint_path)
 
 
+def _trained(run, est) -> bool:
+    """Whether the candidate ``run`` has a state of its own (a clone starts with ``est``'s
+    initialization, which an error before any work leaves in place)."""
+    return getattr(run, "meta_init_", None) is not getattr(est, "meta_init_", None)
+
+
 def _adopt(est, run, scores: dict, name: str) -> None:
-    """Give ``est`` the fitted state of the candidate ``run``."""
-    for key in ("adapted_params_", "_learner", "_learner_key", "n_features_in_",
-                "adaptation_scores_"):
+    """Give ``est`` the fitted state of the candidate ``run`` (its attributes ending in
+    ``_``, the warm-start record included); a fitted state ``run`` lacks, such as an old
+    ``fit``'s, goes."""
+    fitted = {k: v for k, v in run.__dict__.items() if k.endswith("_")}
+    stale = [k for k in est.__dict__ if k.endswith("_") and k not in fitted]
+    for key in [*stale, "_learner", "_learner_key"]:
         est.__dict__.pop(key, None)
-    for key, value in run.__dict__.items():
-        if key.endswith("_") and not key.startswith("__") or key == "_warm_state_":
-            est.__dict__[key] = value
+    est.__dict__.update(fitted)
     est.algorithm_ = name
     if scores:
         est.algorithm_scores_ = dict(scores)

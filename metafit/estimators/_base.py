@@ -36,9 +36,12 @@ from metafit.estimators._inputs import SeededTorch, fast_X, fast_xy, seed_from, 
 from metafit.estimators._learners import LearnerFactory, learner_factory
 from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done, warn_kept
 from metafit.estimators._params import check_params
-from metafit.estimators._table_mode import TablePreprocessing, meta_fit_inputs
+from metafit.estimators._table_mode import (
+    TablePreprocessing,
+    meta_fit_arguments,
+    meta_fit_inputs,
+)
 from metafit.estimators._targets import TargetKind
-from metafit.grouped import GroupedTable
 from metafit.models import MLP, is_stateless
 from metafit.persistence import MetaInit
 from metafit.training import DivergenceError
@@ -444,19 +447,18 @@ class MetaInitializedEstimator(BaseEstimator):
             Only with ``on_interrupt="raise"``, after the state was kept.
         """
         self._check_params()
+        X, y, groups, validation_tasks = meta_fit_arguments(X, y, groups, validation_tasks)
+        continued = None
+        if self.warm_start:
+            continued = self.meta_init_ if hasattr(self, "meta_init_") else self._fit_init()
         if self.algorithm == "auto":  # each candidate meta-fits a clone; the best is kept
-            names = candidates(self, X, y, groups, validation_tasks)
+            names = candidates(self, y, groups, validation_tasks, continued=continued,
+                               regression=self._target.regression)
             meta_fit_auto(self, X, y, groups, validation_tasks, names)
             return self
-        previous = None
-        scaled = groups is not None or isinstance(X, GroupedTable) or self.standardize is True
-        if self.warm_start and scaled:
-            previous = TablePreprocessing.of(
-                self.meta_init_ if hasattr(self, "meta_init_") else self._fit_init()
-            )
         tasks, validation_tasks, prep = meta_fit_inputs(
             self, X, y, groups, validation_tasks, regression=self._target.regression,
-            previous=previous,
+            previous=TablePreprocessing.of(continued),
         )
         run = MetaFitRun(self, self._target, None if prep is None else prep.metadata())
         stream, val = run.read_tasks(tasks, validation_tasks)

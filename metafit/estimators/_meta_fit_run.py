@@ -385,17 +385,16 @@ class MetaFitRun:
         grid = search_grid(self.est, algorithm, float(meta["inner_lr"]),
                            int(meta_init.trained_inner_steps))
         learner = self.factory.from_init(meta_init)
-        if grid is None:  # what fit will use: the numbers given, or the closed form
+        searched = grid is not None
+        if not searched:  # score what fit will use: the numbers given, or the closed form
             lr, steps = fit_settings(self.est, meta_init)
             grid = [lr], [0 if algorithm.closed_form else steps]
         with torch_threads(threads_for(learner.module, self.est.n_threads)):
             choice = choose_adaptation(learner, val, *grid)
-        if len(choice.scores) > 1:
+        if searched:
             meta["adaptation"] = choice.to_metadata()
         score = choice.scores[(choice.inner_lr, choice.inner_steps)]
         meta["validation_score"] = float(score) if math.isfinite(score) else None
-        meta["validation_losses"] = [v if math.isfinite(v) else None
-                                     for v in choice.task_losses]
         return replace(meta_init, metadata=meta)
 
     def _outcome(self, result, resume, best, stopper, use_best: bool, val=None

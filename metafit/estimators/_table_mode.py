@@ -78,27 +78,36 @@ class TableTasks:
     preprocessing: TablePreprocessing
 
 
-def meta_fit_inputs(est, X, y, groups, validation_tasks, *, regression: bool, previous=None):
-    """``(tasks, validation tasks, TablePreprocessing or None)`` of ``meta_fit``'s modes.
+def meta_fit_arguments(X, y, groups, validation_tasks):
+    """``meta_fit``'s arguments as ``(X, y, groups, validation_tasks)`` of one of its two
+    modes: without ``groups``, ``y`` is the positional validation tasks of
+    ``meta_fit(tasks, validation_tasks)`` (then ``y`` is None), and a
+    :class:`~metafit.grouped.GroupedTable` as ``X`` is unpacked into table mode."""
+    if groups is not None:
+        return X, y, groups, validation_tasks
+    table = isinstance(X, GroupedTable)
+    if y is not None and validation_tasks is not None:
+        hint = "" if table else "; for a table, pass groups="
+        raise TypeError(
+            f"meta_fit({'table' if table else 'tasks'}, validation_tasks) got validation "
+            f"tasks twice (second argument and keyword){hint}."
+        )
+    validation_tasks = y if validation_tasks is None else validation_tasks
+    if table:
+        return X.X, X.y, X.groups, validation_tasks
+    return X, None, None, validation_tasks
 
-    Without ``groups``, ``X`` holds the tasks and ``y`` the validation tasks (the
-    positional form ``meta_fit(tasks, validation_tasks)``), unless ``X`` is a
-    :class:`~metafit.grouped.GroupedTable`, which is table mode. With ``groups``, the table is
-    encoded, split, standardized and sampled (:func:`table_tasks`; ``previous`` is the
-    preprocessing of a warm start), and user-given validation tasks are standardized.
+
+def meta_fit_inputs(est, X, y, groups, validation_tasks, *, regression: bool, previous=None):
+    """``(tasks, validation tasks, TablePreprocessing or None)`` of ``meta_fit``'s modes,
+    from the arguments of :func:`meta_fit_arguments`.
+
+    Without ``groups``, ``X`` holds the tasks (standardized when ``standardize=True``).
+    With ``groups``, the table is encoded, split, standardized and sampled
+    (:func:`table_tasks`), and user-given validation tasks are standardized.
+    ``previous`` is the preprocessing of the initialization a warm start continues.
     """
-    if groups is None and isinstance(X, GroupedTable):  # meta_fit(table, validation_tasks)
-        if y is not None and validation_tasks is not None:
-            raise TypeError("meta_fit(table, validation_tasks) got validation tasks twice.")
-        validation_tasks = y if validation_tasks is None else validation_tasks
-        X, y, groups = X.X, X.y, X.groups
     if groups is None:
-        if y is not None and validation_tasks is not None:
-            raise TypeError(
-                "meta_fit(tasks, validation_tasks) got validation tasks twice (second "
-                "argument and keyword); for a table, pass groups=."
-            )
-        validation_tasks = y if validation_tasks is None else validation_tasks
         if est.standardize is not True:
             return X, validation_tasks, None
         return scaled_task_inputs(X, validation_tasks, regression=regression,
