@@ -29,6 +29,9 @@ Usage::
         --algorithms maml,fomaml,reptile,mamlpp --iterations 60000
     python benchmarks/omniglot.py --quick          # smoke run, a minute on a CPU
     python benchmarks/omniglot.py --memory         # graph memory and tasks/s vs steps
+    python benchmarks/omniglot.py --device cuda --graph-compare   # eager/compile/CUDA graph
+    python benchmarks/omniglot.py --device cuda --graph cuda --minutes 8 \
+        --eval-minutes 1,2,4                        # accuracy against time, graphed step
 
 ``--memory`` prints, for second-order MAML, MAML with checkpointed inner steps, MAML with
 ``meta_batch_chunk=4``, first-order MAML and iMAML, the peak bytes autograd holds for the
@@ -50,6 +53,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _graphs import STEPS
 from torch import nn
 from torch.func import functional_call
 
@@ -131,6 +135,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "steps, on random images (no data needed)")
     p.add_argument("--memory-steps", default="1,5,20", help="inner steps of --memory")
     p.add_argument("--memory-batch", type=int, default=32, help="meta-batch of --memory")
+    p.add_argument("--graph", default="none", choices=sorted(STEPS),
+                   help="train with the meta-step captured whole: torch.compile "
+                        "(reduce-overhead) or one CUDA graph (CUDA only)")
+    p.add_argument("--graph-compare", action="store_true",
+                   help="only time one meta-step eager, compiled and (CUDA) graphed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="also append the report to this file")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny budget and net")
@@ -228,6 +237,7 @@ def train_and_evaluate(algorithm, n_way, k_shot, data, args, emit) -> None:
     val = Episodes(data["val"], n_way, k_shot, args.k_query, args.device) if "val" in data else None
     learner = make_learner(algorithm, n_way, s, args)
     rng = np.random.default_rng(args.seed)
+    step = None if args.graph == "none" else make_step(args.graph, learner, s, train, args)
     checkpoints = {int(x) for x in args.eval_at.split(",") if x}
     marks = sorted(float(x) * 60 for x in args.eval_minutes.split(",") if x)
     budget = math.inf if args.minutes is None else args.minutes * 60
@@ -236,7 +246,10 @@ def train_and_evaluate(algorithm, n_way, k_shot, data, args, emit) -> None:
         batch = train.sample(s.meta_batch, rng)
         sync(args.device)
         start, cpu0 = time.perf_counter(), time.thread_time()
-        learner.meta_step([batch])
+        if step is None:
+            learner.meta_step([batch])
+        else:
+            step(batch)
         sync(args.device)
         trained += time.perf_counter() - start
         cpu += time.thread_time() - cpu0
@@ -257,6 +270,48 @@ def train_and_evaluate(algorithm, n_way, k_shot, data, args, emit) -> None:
                 f"{acc:6.2f} +- {half:4.2f} %   (published "
                 f"{PUBLISHED[algorithm][CONFIGS.index(f'{n_way}w{k_shot}s')]}){val_note}"
             )
+
+
+def make_step(kind: str, learner: MetaLearner, s: Setting, train: Episodes, args):
+    """The meta-step of ``--graph``: compiled, or one CUDA graph of the fixed shapes."""
+    if kind == "cuda":
+        example = train.sample(s.meta_batch, np.random.default_rng(args.seed + 1))
+        return STEPS["cuda"](learner, example, s.meta_lr)
+    return STEPS[kind](learner)
+
+
+def graph_compare(algorithm, n_way, k_shot, data, args, emit) -> None:
+    """Milliseconds per meta-step, eager against compiled and (on CUDA) graphed, the same
+    batches, medians of interleaved repeats after warm-up."""
+    s = paper_setting(algorithm, n_way)
+    s.meta_batch = args.meta_batch or s.meta_batch
+    train = Episodes(data["train"], n_way, k_shot, args.k_query, args.device)
+    kinds = ["none", "compile"] + (["cuda"] if torch.device(args.device).type == "cuda" else [])
+    steps, first = {}, {}
+    batches = [train.sample(s.meta_batch, np.random.default_rng(i)) for i in range(4)]
+    for kind in kinds:
+        learner = make_learner(algorithm, n_way, s, args)
+        started = time.perf_counter()
+        steps[kind] = STEPS["none"](learner) if kind == "none" else make_step(
+            kind, learner, s, train, args)
+        steps[kind](batches[0])  # compiles / warms up
+        sync(args.device)
+        first[kind] = time.perf_counter() - started
+    times = {k: [] for k in kinds}
+    for _ in range(3 if args.quick else 7):
+        for kind in kinds:
+            sync(args.device)
+            start = time.perf_counter()
+            for b in batches:
+                steps[kind](b)
+            sync(args.device)
+            times[kind].append((time.perf_counter() - start) / len(batches) * 1e3)
+    base = float(np.median(times["none"]))
+    for kind in kinds:
+        ms = float(np.median(times[kind]))
+        emit(f"{n_way}-way {k_shot}-shot {algorithm} meta-batch {s.meta_batch}, "
+             f"--graph {kind:8s}: {ms:8.2f} ms per meta-step ({base / ms:4.2f}x eager); "
+             f"first step incl. compile/capture {first[kind]:6.1f} s")
 
 
 # ----------------------------------------------------------------------------- baseline
@@ -448,6 +503,9 @@ def main(argv=None) -> None:
             raise SystemExit(f"unknown config {config!r}; use {', '.join(CONFIGS)}")
         n_way, k_shot = int(config.split("w")[0]), int(config.split("w")[1][:-1])
         for algorithm in args.algorithms.split(","):
+            if args.graph_compare:
+                graph_compare(algorithm, n_way, k_shot, data, args, emit)
+                continue
             if (args.compare or args.compare_only) and algorithm in ("maml", "fomaml"):
                 compare(algorithm, n_way, k_shot, data, args, emit)
             if not args.compare_only:

@@ -16,10 +16,17 @@ because one step of Reptile is joint training), then prints:
    loop (``functional_call`` + ``autograd.grad(create_graph=True)`` task by task), measured
    in the same run, for the built-in ``"mlp"`` path and the generic ``"vmap"`` path.
 
+5. with ``--compare``: tasks/s of second-order MAML meta-steps on wider networks (up to
+   1-256-256-1), metafit's default path against its previous, dense path
+   (``MetaLearner(low_rank=False)``) and against learn2learn, higher (where installed),
+   the torch.func ``vmap`` recipe and a plain loop, all on the same batches and initial
+   weights, median of 7 interleaved repeats at one thread.
+
 Usage::
 
     python benchmarks/sinusoid.py --iterations 3000 --out sinusoid_3000.txt
     python benchmarks/sinusoid.py --quick            # a smoke run of a few seconds
+    python benchmarks/sinusoid.py --compare --skip training,memory,speed  # the peers only
 
 Timings are CPU time of the running thread (``time.thread_time``) with one intra-op
 thread, minimum over interleaved repeats: robust to other processes on a shared machine.
@@ -37,6 +44,7 @@ import weakref
 
 import numpy as np
 import torch
+from _peers import PEERS, regression_batch
 from torch.func import functional_call
 
 from metafit.algorithms import MAML
@@ -62,7 +70,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--reptile-lr", type=float, default=1.0, help="Reptile's initial outer step")
     p.add_argument("--eval-tasks", type=int, default=500)
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    p.add_argument("--skip", default="", help="comma-separated: baselines,memory,speed")
+    p.add_argument("--skip", default="",
+                   help="comma-separated: training,baselines,memory,speed")
+    p.add_argument("--compare", action="store_true",
+                   help="wider networks against the dense path and other libraries")
     p.add_argument("--_rss", nargs=2, help=argparse.SUPPRESS)  # internal: ALGORITHM STEPS
     args = p.parse_args(argv)
     if args.quick:
@@ -296,6 +307,77 @@ def speed_table(args, batch: TaskBatch) -> tuple[dict[str, float], dict[str, flo
     return {k: min(v) for k, v in cpu.items()}, {k: min(v) for k, v in wall.items()}
 
 
+#: (name, input features, width, K, inner steps, first order, meta-batch)
+COMPARE = [
+    ("1-40-40-1, K=10, 1 step", 1, 40, 10, 1, False, 25),
+    ("1-40-40-1, K=10, 5 steps", 1, 40, 10, 5, False, 25),
+    ("1-40-40-1, K=10, 5 steps, FO", 1, 40, 10, 5, True, 25),
+    ("20-128-128-1, K=20, 5 steps", 20, 128, 20, 5, False, 32),
+    ("1-256-256-1, K=10, 5 steps", 1, 256, 10, 5, False, 25),
+    ("20-256-256-1, K=10, 1 step", 20, 256, 10, 1, False, 25),
+]
+
+
+def compare_table(args, emit) -> None:
+    """Tasks/s of metafit's meta-step on wider networks against its dense path and peers."""
+    torch.set_num_threads(1)
+    emit()
+    emit("second-order MAML meta-steps (FO: first order), tasks/s at 1 thread, median of "
+         f"{3 if args.quick else 7} interleaved repeats, same batches and initial weights;")
+    emit("tasks/s: metafit's default path; 'x dense': its speed-up over its previous, dense "
+         "path (MetaLearner(low_rank=False)); 'x NAME': over each contender (n/a: not "
+         "installed)")
+    names = list(PEERS)
+    emit(f"{'network, task':<30}{'tasks/s':>9}{'x dense':>9}"
+         + "".join(f"{'x ' + n:>15}" for n in names))
+    configs = COMPARE[:2] if args.quick else COMPARE
+    for label, d, width, k, steps, first_order, tasks in configs:
+        batch = (SinusoidTasks(k, 10).sample_batch(tasks, np.random.default_rng(2))
+                 if d == 1 else regression_batch(d, k, tasks))
+
+        def net(d=d, width=width):
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(args.seed)
+                return MLP(d, 1, (width, width))
+
+        fns = {}
+        for policy, key in ((None, "metafit"), (False, "dense")):
+            learner = MetaLearner(net(), loss="mse", algorithm="fomaml" if first_order else "maml",
+                                  inner_lr=0.01, inner_steps=steps, low_rank=policy)
+            learner.init_optimizer(1e-3, 1000)
+            fns[key] = lambda learner=learner, batch=batch: learner.meta_step([batch])
+        for name in names:
+            fn = PEERS[name](net(), batch, steps, first_order)
+            if fn is not None:
+                fns[name] = fn
+        ms = median_ms(fns, 3 if args.quick else 7, 0.05 if args.quick else 0.25)
+        rate = {k: tasks / (v / 1e3) for k, v in ms.items()}
+        cells = "".join(
+            f"{rate['metafit'] / rate[n]:>14.2f}x" if n in rate else f"{'n/a':>15}"
+            for n in names
+        )
+        emit(f"{label:<30}{rate['metafit']:>9.0f}{rate['metafit'] / rate['dense']:>8.2f}x"
+             + cells)
+
+
+def median_ms(fns: dict, repeats: int, seconds: float) -> dict[str, float]:
+    """Median over interleaved repeats of the CPU ms per call of each function."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            n, start = 0, time.thread_time()
+            while True:
+                fn()
+                n += 1
+                elapsed = time.thread_time() - start
+                if elapsed > seconds:
+                    break
+            times[name].append(elapsed / n * 1e3)
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -303,28 +385,8 @@ def _num(x: float) -> str:
     return f"{x:10.3f}" if abs(x) < 1e5 else f"{x:10.2g}"
 
 
-def main(argv=None) -> None:
-    args = parse_args(argv)
-    if args._rss:
-        _rss_child(args)
-        return
-    torch.set_num_threads(args.threads)
-    lines: list[str] = []
-
-    def emit(line: str = "") -> None:
-        print(line, flush=True)
-        lines.append(line)
-
-    emit(
-        f"metafit sinusoid benchmark: {args.iterations} meta-iterations, meta-batch "
-        f"{args.meta_batch}, K=10 (+10 query), inner lr 0.01, 1 inner step "
-        f"(reptile {args.reptile_steps}), Adam 1e-3 (reptile SGD {args.reptile_lr} annealed "
-        f"linearly to 0), {args.eval_tasks} held-out tasks x 100 query points"
-    )
-    emit(
-        f"torch {torch.__version__}, device {args.device}, {args.threads} thread(s), "
-        f"{platform.processor() or platform.machine()}, seed {args.seed}"
-    )
+def training_table(args, emit) -> None:
+    """Meta-train every algorithm; print held-out losses after 0-10 steps and speed."""
     held_out = SinusoidTasks(10, 100).sample_batch(
         args.eval_tasks, np.random.default_rng(10_000 + args.seed), device=args.device
     )
@@ -353,6 +415,32 @@ def main(argv=None) -> None:
         "Adaptation uses SGD at lr 0.01 on all parameters, except anil (head only) and "
         "metasgd (its learned per-parameter rates)."
     )
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args._rss:
+        _rss_child(args)
+        return
+    torch.set_num_threads(args.threads)
+    lines: list[str] = []
+
+    def emit(line: str = "") -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    emit(
+        f"metafit sinusoid benchmark: {args.iterations} meta-iterations, meta-batch "
+        f"{args.meta_batch}, K=10 (+10 query), inner lr 0.01, 1 inner step "
+        f"(reptile {args.reptile_steps}), Adam 1e-3 (reptile SGD {args.reptile_lr} annealed "
+        f"linearly to 0), {args.eval_tasks} held-out tasks x 100 query points"
+    )
+    emit(
+        f"torch {torch.__version__}, device {args.device}, {args.threads} thread(s), "
+        f"{platform.processor() or platform.machine()}, seed {args.seed}"
+    )
+    if "training" not in args.skip:
+        training_table(args, emit)
 
     if "memory" not in args.skip:
         batch = SinusoidTasks(10, 10).sample_batch(args.meta_batch, np.random.default_rng(1))
@@ -385,6 +473,9 @@ def main(argv=None) -> None:
         }
         for k, label in labels.items():
             emit(f"{label:<34}{cpu[k]:9.3f}{wall[k]:9.3f}{cpu['loop'] / cpu[k]:9.1f}x")
+
+    if args.compare:
+        compare_table(args, emit)
 
     if args.out:
         with open(args.out, "w") as f:

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metafit._inner_types import Params, PreparedGradFn
+from metafit._inner_types import LowRankWeight, Params, PreparedGradFn
 from metafit.losses import cross_entropy_loss, mse_loss
 
 __all__ = ["MLPPath", "MLPGradient", "PreparedGrad"]
@@ -117,7 +117,11 @@ class MLPPath:
         h = X.flatten(2) if X.dim() > 3 else X
         last = len(self.names) - 1
         for i, (w, b) in enumerate(self.names):
-            h = _linear(h, params[w], params[b])
+            weight = params[w]
+            if type(weight) is LowRankWeight:  # adapted by the low-rank inner loop
+                h = weight.linear(h, params[b])
+            else:
+                h = _linear(h, weight, params[b])
             if i < last:
                 h = self.act(h)
         return h
@@ -144,23 +148,11 @@ class MLPPath:
         its module shape: the task dimension is dropped and each layer is one
         ``F.linear`` forward and two ``mm`` backward, without batched kernels.
         """
-        first, plan = self._plan(names)
+        plan, body, output_grad, target, factor = self.start(loss_fn, params, X, y, names,
+                                                             single, mask)
         if not plan:
-            return (lambda current: []), 1.0
-        if single:
-            X, y = X[0], y[0]
-            mask = None if mask is None else mask[0]
-            h = X.flatten(1) if X.dim() > 2 else X
-        else:
-            h = X.flatten(2) if X.dim() > 3 else X
+            return (lambda current, scale=None: []), 1.0
         act, act_grad, keep_pre = self.act, self.act_grad, self.saves_input
-        for w, b in self.names[:first]:  # the frozen body: once, not every step
-            h = act(_linear(h, params[w], params[b]))
-        body = h
-        n, n_out = h.shape[-2], params[self.names[-1][0]].shape[-2]
-        output_grad, target, factor = _output_gradient(loss_fn, y, h, n, n_out)
-        if mask is not None:
-            output_grad, factor = _masked(output_grad, target, factor, n, mask, h.dtype)
         if single:  # module-shaped parameters: plain 2-D kernels
             linear, mm, back = F.linear, torch.mm, torch.mm
         else:
@@ -172,14 +164,22 @@ class MLPPath:
         backward_plan = plan[::-1]
         hidden, n_names = len(plan) - 1, len(names)
 
-        def step(current: Mapping[str, Tensor], scale: float | None = None) -> list[Tensor]:
+        def step(
+            current: Mapping[str, Tensor], scale: float | None = None, factored=frozenset()
+        ) -> list[Tensor]:
             # inputs[j] is layer j's input, so inputs[j] (j >= 1) is also the activation
             # output of layer j - 1; pre holds the activation inputs where they are needed.
+            # The weights named in ``factored`` get their gradient as the pair (D, A) of
+            # output gradients and inputs, D^T A (the low-rank loop keeps the factors).
             h = body
             inputs, pre = [], []
             for j, w, b, _, _ in plan:
                 inputs.append(h)
-                h = linear(h, current[w], current[b])
+                weight = current[w]
+                if type(weight) is LowRankWeight:
+                    h = weight.linear(h, current[b])
+                else:
+                    h = linear(h, weight, current[b])
                 if j < hidden:
                     if keep_pre:
                         pre.append(h)
@@ -190,14 +190,55 @@ class MLPPath:
             grads = [None] * n_names
             for j, w, _, sw, sb in backward_plan:
                 if sw is not None:
-                    grads[sw] = mm(d.mT, inputs[j])
+                    grads[sw] = (d, inputs[j]) if w in factored else mm(d.mT, inputs[j])
                 if sb is not None:
                     grads[sb] = d.sum(-2)
                 if j:
-                    d = act_grad(back(d, current[w]), pre[j - 1] if keep_pre else inputs[j])
+                    weight = current[w]
+                    if type(weight) is LowRankWeight:
+                        d = weight.backward_input(d)
+                    else:
+                        d = back(d, weight)
+                    d = act_grad(d, pre[j - 1] if keep_pre else inputs[j])
             return grads
 
         return step, factor
+
+    def start(
+        self,
+        loss_fn: Callable,
+        params: Mapping[str, Tensor],
+        X: Tensor,
+        y: Tensor,
+        names: Sequence[str],
+        single: bool = False,
+        mask: Tensor | None = None,
+    ) -> tuple:
+        """What every inner step shares: ``(plan, body, output_grad, target, factor)``.
+
+        ``plan`` lists the layers from the first adapted one (see :meth:`_plan`), ``body``
+        is that layer's input (the frozen layers applied once), and the loss's gradient at
+        the outputs is ``factor * output_grad(out)``, or ``factor * (out - target)`` when
+        ``output_grad`` is None.
+        """
+        first, plan = self._plan(names)
+        if not plan:
+            return plan, None, None, None, 1.0
+        if single:
+            X, y = X[0], y[0]
+            mask = None if mask is None else mask[0]
+            h = X.flatten(1) if X.dim() > 2 else X
+        else:
+            h = X.flatten(2) if X.dim() > 3 else X
+        act = self.act
+        for w, b in self.names[:first]:  # the frozen body: once, not every step
+            h = act(_linear(h, params[w], params[b]))
+        body = h
+        n, n_out = h.shape[-2], params[self.names[-1][0]].shape[-2]
+        output_grad, target, factor = _output_gradient(loss_fn, y, h, n, n_out)
+        if mask is not None:
+            output_grad, factor = _masked(output_grad, target, factor, n, mask, h.dtype)
+        return plan, body, output_grad, target, factor
 
 
 def _output_gradient(loss_fn: Callable, y: Tensor, h: Tensor, n: int, n_out: int):

@@ -204,6 +204,48 @@ class TaskBatch:
         """Number of tasks in the batch."""
         return int(self.X_support.shape[0])
 
+    def __len__(self) -> int:
+        return self.n_tasks
+
+    def __getitem__(self, i: int) -> Task:
+        """Task ``i`` as a :class:`Task` of numpy arrays (its real rows only)."""
+        i = range(self.n_tasks)[i]
+
+        def rows(x, mask):
+            part = x[i] if mask is None else x[i][: int(mask[i].sum())]
+            return part.detach().cpu().numpy()
+
+        support, query = self.support_mask, self.query_mask
+        return Task(rows(self.X_support, support), rows(self.y_support, support),
+                    rows(self.X_query, query), rows(self.y_query, query))
+
+    def __iter__(self) -> Iterator[Task]:
+        """The tasks one by one (:meth:`__getitem__`): a batch serves as a sequence of
+        tasks where one is read, e.g. to describe a meta-batch that diverged."""
+        return (self[i] for i in range(self.n_tasks))
+
+    def select(self, indices: Sequence[int]) -> TaskBatch:
+        """The tasks at ``indices``, in that order (copies)."""
+        index = torch.as_tensor(list(indices), dtype=torch.long, device=self.X_support.device)
+
+        def part(t):
+            return None if t is None else t.index_select(0, index)
+
+        return TaskBatch(part(self.X_support), part(self.y_support), part(self.X_query),
+                         part(self.y_query), [self._index[i] for i in indices] if self._index
+                         else list(indices), part(self.support_mask), part(self.query_mask))
+
+    def to(self, device, dtype: torch.dtype, target_dtype: torch.dtype) -> TaskBatch:
+        """This batch on ``device``, inputs and masks in ``dtype``, targets in
+        ``target_dtype`` (the tensors themselves where nothing changes)."""
+
+        def move(t, dt):
+            return None if t is None else t.to(device=device, dtype=dt)
+
+        return TaskBatch(move(self.X_support, dtype), move(self.y_support, target_dtype),
+                         move(self.X_query, dtype), move(self.y_query, target_dtype),
+                         self._index, move(self.support_mask, dtype), move(self.query_mask, dtype))
+
     def take(self, start: int, stop: int) -> TaskBatch:
         """Tasks ``start:stop`` of this batch (views, no copy)."""
 
@@ -281,8 +323,40 @@ def _stack(tasks, index, device, dtype, target_dtype) -> TaskBatch:
     return TaskBatch(*fields, list(index), *masks)
 
 
-def iter_meta_batches(tasks: Iterable, batch_size: int) -> Iterator[list[Task]]:
-    """Yield lists of ``batch_size`` tasks (the last one may be shorter) from any iterable."""
+_FIELDS = ("X_support", "y_support", "X_query", "y_query")
+
+
+def check_finite_batch(batch: TaskBatch) -> dict[str, float]:
+    """Raise a ValueError if a stacked meta-batch holds NaN or infinity (what
+    :class:`Task` checks task by task); return each field's largest magnitude.
+
+    One reduction per tensor and a single synchronization for the four.
+    """
+    tensors = [getattr(batch, name) for name in _FIELDS]
+    largest = torch.stack([
+        t.abs().amax().double() if t.numel() else t.new_zeros((), dtype=torch.float64)
+        for t in tensors
+    ]).tolist()
+    for what, value in zip(_FIELDS, largest):
+        if not np.isfinite(value):
+            raise ValueError(
+                f"a meta-batch's {what} contains NaN or infinity; clean or impute it first."
+            )
+    return dict(zip(_FIELDS, largest))
+
+
+def iter_meta_batches(
+    tasks: Iterable, batch_size: int, *, stacked: bool = False
+) -> Iterator[list[Task] | TaskBatch]:
+    """Yield lists of ``batch_size`` tasks (the last one may be shorter) from any iterable.
+
+    With ``stacked``, a source that has a ``meta_batches(batch_size)`` method (the
+    built-in samplers) yields its whole :class:`TaskBatch` es instead: the same tasks,
+    drawn and stacked without one :class:`Task` object each (meta-training's data path).
+    """
+    if stacked and callable(getattr(tasks, "meta_batches", None)):
+        yield from tasks.meta_batches(batch_size)
+        return
     batch: list[Task] = []
     for obj in tasks:
         batch.append(as_task(obj))

@@ -37,7 +37,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
-from metafit._task_types import Task
+from metafit._task_types import Task, TaskBatch
 from metafit.callbacks import Checkpoint, ProgressBar
 from metafit.learner import MetaLearner
 from metafit.training import HistoryRecord, TrainingCallback
@@ -409,7 +409,11 @@ class DistributedMetaTraining:
                     "dropping the last meta-batch: %d task(s) for %d processes", n, self.world_size
                 )
                 return
-            local = [batch[j] for j in shard_indices(n, self.rank, self.world_size)]
+            mine = shard_indices(n, self.rank, self.world_size)
+            if isinstance(batch, TaskBatch):
+                local = batch.select(mine)
+            else:
+                local = [batch[j] for j in mine]
             self._n_local, self._n_global = len(local), n
             yield local
 

@@ -41,6 +41,7 @@ from torch.func import functional_call, vmap
 from metafit import _torch_compat as compat
 from metafit._checks import is_number
 from metafit._inner_types import Params, PreparedGradFn, StepGradients
+from metafit._low_rank import low_rank_inner_loop
 from metafit._mlp_path import MLPGradient, MLPPath
 from metafit.losses import LOSSES, cross_entropy_loss, mse_loss, task_losses
 
@@ -311,6 +312,8 @@ def inner_loop(
     mask: Tensor | None = None,
     proximal: float | None = None,
     checkpoint: bool = False,
+    factored: bool = False,
+    low_rank: bool | None = None,
 ) -> Params:
     """Adapt batched parameters by ``steps`` steps of gradient descent on ``(X, y)``.
 
@@ -361,6 +364,17 @@ def inner_loop(
         pass and recompute the step's forward and inner gradient there
         (:func:`torch.utils.checkpoint.checkpoint`): the same meta-gradient, with the
         memory of the parameters instead of every step's activations.
+    factored : bool, default=False
+        The caller passes the results only to the ``"mlp"`` forward, so wide adapted
+        weights may come back as :class:`~metafit._inner_types.LowRankWeight` (the
+        initialization plus the rank-``n`` change of every step) instead of ``T`` dense
+        copies: the exact low-rank loop of :mod:`metafit._low_rank`, used with the
+        ``"mlp"`` gradient function, several tasks, scalar rates and neither
+        ``proximal`` nor ``checkpoint``.
+    low_rank : bool, optional
+        With ``factored``: None keeps a layer factored while that is measured faster
+        (:func:`metafit._low_rank.rank_limit`), True keeps every layer it can factored,
+        False never factors.
     """
     names = list(params) if adapt is None else list(adapt)
     if proximal is not None and ((create_graph and track_graph) or step_forward is not None):
@@ -370,6 +384,16 @@ def inner_loop(
         )
     if step_forward is not None or (mask is not None and not isinstance(grad_fn, PreparedGradFn)):
         grad_fn = None  # the analytic gradients know one forward only, and masks if prepared
+    if (factored and low_rank is not False and steps > 0 and shared and X.shape[0] > 1
+            and isinstance(grad_fn, MLPGradient) and proximal is None and not checkpoint):
+        rates = [{n: _rate(r, n) for n in names} for r in (lr if _per_step(lr) else [lr] * steps)]
+        adapted = low_rank_inner_loop(
+            grad_fn.path, grad_fn.loss_fn, params, X, y, names=names, rates=rates,
+            create_graph=create_graph, track_graph=track_graph, on_step=on_step, mask=mask,
+            keep_shared=keep_shared, policy=low_rank,
+        )
+        if adapted is not None:
+            return adapted
     layout = _Layout(names, X.shape[0], steps, grad_fn, shared, keep_shared)
     current = layout.start(params, track_graph)
     if steps <= 0:

@@ -61,6 +61,11 @@ class MetaLearner:
         Compute each meta-gradient over at most this many tasks at a time and sum the
         pieces, weighted by their share: the same meta-gradient, with the memory of one
         piece (second-order graphs are freed after each).
+    low_rank : bool, optional
+        How the ``"mlp"`` strategy adapts a meta-batch's wide layers: None (default) keeps
+        a layer as the initialization plus the low-rank change of every step while that
+        is measured faster, True wherever it can, False never (dense per-task copies).
+        The results are the same to rounding; see :mod:`metafit._low_rank`.
     """
 
     def __init__(
@@ -76,7 +81,12 @@ class MetaLearner:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         meta_batch_chunk: int | None = None,
+        low_rank: bool | None = None,
     ):
+        if low_rank not in (None, True, False):
+            raise ValueError(f"low_rank must be None, True or False, got {low_rank!r}.")
+        #: the low-rank policy of the inner loop (see :mod:`metafit._low_rank`)
+        self.low_rank = low_rank
         self.device = torch.device(device)
         #: tasks per piece of a meta-step (memory of one piece at a time), None: all
         self.meta_batch_chunk = meta_batch_chunk
@@ -179,11 +189,14 @@ class MetaLearner:
         y_dtype = torch.long if self.loss_name == "cross_entropy" else self.dtype
         return X, torch.as_tensor(y, dtype=y_dtype, device=self.device)
 
-    def batches(self, tasks: Sequence[Task]) -> list[TaskBatch]:
+    def batches(self, tasks: Sequence[Task] | TaskBatch) -> list[TaskBatch]:
         """Stack tasks into batches on the learner's device: tasks that differ in their
         numbers of rows padded into one, with row masks (unless the module's rows are not
-        independent, :attr:`pad_ragged`; then one batch per shape)."""
+        independent, :attr:`pad_ragged`; then one batch per shape). A :class:`TaskBatch`
+        (a source's own) is moved to the device and dtypes as it is."""
         target = torch.long if self.loss_name == "cross_entropy" else self.dtype
+        if isinstance(tasks, TaskBatch):  # stacked by its source already
+            return [tasks.to(self.device, self.dtype, target)]
         return TaskBatch.from_tasks(
             tasks, device=self.device, dtype=self.dtype, target_dtype=target,
             pad=self.pad_ragged,
@@ -202,6 +215,7 @@ class MetaLearner:
         keep_shared: bool = False,
         mask: Tensor | None = None,
         checkpoint: bool = False,
+        factored: bool = False,
     ) -> Params:
         """Run the inner loop from ``theta`` on a batch of support sets.
 
@@ -229,6 +243,10 @@ class MetaLearner:
         checkpoint : bool, default=False
             Recompute each inner step in the backward pass instead of keeping its graph
             (second order only); see :func:`metafit.functional.inner_loop`.
+        factored : bool, default=False
+            The caller reads the results only through :attr:`forward` (or
+            :meth:`predict`), so wide layers may come back factored
+            (:class:`~metafit._inner_types.LowRankWeight`), as :attr:`low_rank` says.
 
         Returns
         -------
@@ -260,6 +278,8 @@ class MetaLearner:
             mask=mask,
             proximal=self.algorithm.proximal,
             checkpoint=checkpoint,
+            factored=factored,
+            low_rank=self.low_rank,
         )
 
     @torch.no_grad()
@@ -283,7 +303,7 @@ class MetaLearner:
         steps = self.inner_steps if steps is None else int(steps)
         for batch in self.batches(tasks):
             phi = self.adapt(batch.X_support, batch.y_support, steps=steps, track_graph=False,
-                             mask=batch.support_mask)
+                             mask=batch.support_mask, factored=True)
             with torch.no_grad():
                 q = self.algorithm.evaluation_losses(self, phi, batch, self.last_step(steps))
             loss += float(q.sum())

@@ -209,6 +209,7 @@ def _batch_curve(learner: MetaLearner, batch, steps: int) -> list[float]:
         track_graph=False,
         on_step=lambda step, params: losses.append(query_loss(params)),
         mask=mask,
+        factored=True,
     )
     if len(losses) != steps + 1:  # pragma: no cover - on_step runs after every step
         raise RuntimeError("the inner loop did not report every step")

@@ -121,6 +121,33 @@ class SinusoidTasks(_TaskSource):
         info = {"function": "sinusoid", "amplitude": float(amplitude), "phase": float(phase)}
         return Task(x[:k], y[:k], x[k:], y[k:], info=info)
 
+    def meta_batches(self, size: int) -> Iterator[TaskBatch]:
+        """The endless stream of :meth:`__iter__` as meta-batches of ``size`` tasks.
+
+        The very tasks iteration yields, in the same order (the same draws from the same
+        seed), stacked as float32 tensors without a :class:`Task` object each: what
+        ``meta_fit`` reads from this source. Unlike :meth:`sample_batch`, which draws
+        in another order.
+        """
+        size = check_int("size", size)
+        rng = _rng(self.random_state)
+        n, k = self.k_shot + self.k_query, self.k_shot
+
+        def scaled(u, bounds):  # what Generator.uniform computes from the same doubles
+            return bounds[0] + (bounds[1] - bounds[0]) * u
+
+        while True:
+            # _sample_one draws amplitude, phase and n inputs per task: one row each here
+            u = rng.random((size, 2 + n))
+            amplitude = scaled(u[:, :1], self.amplitude_range)
+            phase = scaled(u[:, 1:2], self.phase_range)
+            x = scaled(u[:, 2:], self.input_range)
+            y = (amplitude * np.sin(x - phase)).astype(np.float32)
+            x = x.astype(np.float32)[:, :, None]
+            yield TaskBatch(torch.from_numpy(x[:, :k].copy()), torch.from_numpy(y[:, :k].copy()),
+                            torch.from_numpy(x[:, k:].copy()), torch.from_numpy(y[:, k:].copy()),
+                            list(range(size)))
+
     def sample_batch(
         self,
         n: int,
@@ -245,6 +272,33 @@ class NWayKShotTasks(_TaskSource):
         Xs = self.X[np.concatenate(support)].astype(np.float32, copy=False)
         Xq = self.X[np.concatenate(query)].astype(np.float32, copy=False)
         return Task(Xs, ys, Xq, yq)
+
+    def meta_batches(self, size: int) -> Iterator[TaskBatch]:
+        """The endless stream of :meth:`__iter__` as meta-batches of ``size`` episodes.
+
+        The same episodes in the same order (the same draws from the same seed), drawn
+        as index arrays and gathered from ``X`` once per meta-batch, without a
+        :class:`Task` object each: what ``meta_fit`` reads from this source.
+        """
+        size = check_int("size", size)
+        rng = _rng(self.random_state)
+        k, q, way = self.k_shot, self.k_query, self.n_way
+        ys = torch.from_numpy(np.tile(np.repeat(np.arange(way), k), (size, 1)))
+        yq = torch.from_numpy(np.tile(np.repeat(np.arange(way), q), (size, 1)))
+        while True:
+            support = np.empty((size, way, k), dtype=np.intp)
+            query = np.empty((size, way, q), dtype=np.intp)
+            for i in range(size):  # _sample_one's draws, in its order
+                chosen = rng.choice(len(self._by_class), size=way, replace=False)
+                for j, c in enumerate(chosen):
+                    picked = rng.choice(self._by_class[c], size=k + q, replace=False)
+                    support[i, j], query[i, j] = picked[:k], picked[k:]
+
+            def gather(index):
+                rows = self.X[index.reshape(-1)].astype(np.float32, copy=False)
+                return torch.from_numpy(rows.reshape(size, -1, *self.X.shape[1:]))
+
+            yield TaskBatch(gather(support), ys, gather(query), yq, list(range(size)))
 
 
 def check_group_labels(groups) -> None:

@@ -34,6 +34,7 @@ from metafit.distributed import (
     is_main_process,
     shard_indices,
 )
+from metafit.tasks import TaskBatch
 
 ROOT = Path(__file__).resolve().parents[1]
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -110,6 +111,14 @@ def test_shard_takes_stride_and_drops_a_short_last_batch(fake_rank1):
     assert weights == [0.4, 0.4]
     with pytest.raises(ValueError, match="at least one task per process"):
         list(parallel.shard(iter([["a"]])))
+    # a source's stacked batch is shared out the same way, as a batch
+    stacked = next(SinusoidTasks(2, 3, random_state=0).meta_batches(7))
+    (share,) = list(parallel.shard(iter([stacked])))
+    mine = list(shard_indices(7, parallel.rank, parallel.world_size))
+    assert isinstance(share, TaskBatch) and share.n_tasks == len(mine) == 3
+    assert parallel.weight == 3 / 7
+    for got, i in zip(share, mine):
+        np.testing.assert_array_equal(got.X_query, stacked[i].X_query)
 
 
 def test_bad_settings_are_value_errors(fake_rank1, monkeypatch):

@@ -26,6 +26,7 @@ from metafit.estimators._base import NoMetaInitWarning
 from metafit.functional import inner_loop
 from metafit.models import MLP
 from metafit.persistence import MetaInit, module_spec
+from metafit.tasks import TaskBatch
 
 # Reptile meta-trains a useful sinusoid initialization in ~2 s on one core.
 META = dict(
@@ -605,3 +606,101 @@ def test_bad_parameters_are_reported_at_fit():
     ]:
         with pytest.raises(exc, match=match):
             MetaInitializedRegressor(**params).fit(X, y)
+
+
+# ---------------------------------------------------------------------------- data path
+
+
+def test_a_built_in_source_trains_on_its_stacked_batches_exactly_as_on_its_tasks():
+    kw = dict(hidden_sizes=(16,), meta_iterations=6, meta_batch_size=4, inner_steps=2,
+              random_state=0)
+    stacked = MetaInitializedRegressor(**kw).meta_fit(SinusoidTasks(5, 5, random_state=3))
+    plain = MetaInitializedRegressor(**kw).meta_fit(
+        t for t in SinusoidTasks(5, 5, random_state=3))  # a generator: Task objects
+    for k, v in stacked.meta_init_.tensors.items():
+        torch.testing.assert_close(v, plain.meta_init_.tensors[k], rtol=1e-6, atol=1e-7)
+    X, y = small_classification()
+    source = NWayKShotTasks(X, y, n_way=3, k_shot=2, k_query=3, random_state=0)
+    kw = dict(hidden_sizes=(16,), meta_iterations=5, meta_batch_size=4, inner_lr=0.1,
+              random_state=0)
+    a = MetaInitializedClassifier(**kw).meta_fit(source)
+    b = MetaInitializedClassifier(**kw).meta_fit(t for t in source)
+    for k, v in a.meta_init_.tensors.items():
+        torch.testing.assert_close(v, b.meta_init_.tensors[k], rtol=1e-6, atol=1e-7)
+
+
+class _StackedSource:
+    """A source with its own stacked meta-batches: good ones, then ``bad`` ones."""
+
+    def __init__(self, bad, after=2):
+        self.bad, self.after = bad, after
+
+    def __iter__(self):
+        return iter(SinusoidTasks(3, 3, random_state=0))
+
+    def meta_batches(self, size):
+        good = SinusoidTasks(3, 3, random_state=0).meta_batches(size)
+        for _ in range(self.after):
+            yield next(good)
+        batch = next(good)
+        yield self.bad(batch)
+
+
+def _nan(batch):
+    batch.y_query[0, 1] = float("nan")
+    return batch
+
+
+def _wide(batch):
+    return TaskBatch(batch.X_support.repeat(1, 1, 2), batch.y_support,
+                     batch.X_query.repeat(1, 1, 2), batch.y_query)
+
+
+def _huge(batch):
+    batch.y_support[1, 0] = 1e30
+    return batch
+
+
+@pytest.mark.parametrize("bad, match", [(_nan, "y_query contains NaN"),
+                                        (_wide, "feature shape"),
+                                        (_huge, "targets reach 1e\\+30")])
+def test_a_bad_stacked_batch_is_refused_first_or_later(bad, match):
+    est = MetaInitializedRegressor(hidden_sizes=(8,), meta_iterations=10, meta_batch_size=3,
+                                   random_state=0)
+    if bad is not _wide:  # a first batch sets the feature shape
+        with pytest.raises(ValueError, match="NaN" if bad is _nan else match):
+            est.meta_fit(_StackedSource(bad, after=0))  # the first batch: before any work
+        assert not hasattr(est, "meta_init_")
+    with pytest.warns(UserWarning, match="stopped after"):
+        with pytest.raises(ValueError, match=match):
+            est.meta_fit(_StackedSource(bad, after=2))
+    assert est.meta_init_.metadata["iteration"] == 2
+
+
+def test_a_stacked_classification_batch_with_bad_labels_is_refused():
+    X, y = small_classification()
+    source = NWayKShotTasks(X, y, n_way=3, k_shot=2, k_query=3, random_state=0)
+
+    class Relabelled:
+        def __init__(self, change):
+            self.change = change
+
+        def __iter__(self):
+            return iter(source)
+
+        def meta_batches(self, size):
+            batches = source.meta_batches(size)
+            yield next(batches)
+            yield self.change(next(batches))
+
+    est = MetaInitializedClassifier(hidden_sizes=(8,), meta_iterations=5, meta_batch_size=2,
+                                    random_state=0)
+    for change, match in [(lambda b: TaskBatch(b.X_support, b.y_support + 3, b.X_query,
+                                               b.y_query), "class index 5"),
+                          (lambda b: TaskBatch(b.X_support, b.y_support - 1, b.X_query,
+                                               b.y_query), "integer class indices >= 0"),
+                          (lambda b: TaskBatch(b.X_support, b.y_support.double(), b.X_query,
+                                               b.y_query), "integer class indices")]:
+        with pytest.warns(UserWarning, match="stopped after"):
+            with pytest.raises(ValueError, match=match):
+                clone(est).meta_fit(Relabelled(change))

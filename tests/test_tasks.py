@@ -253,3 +253,65 @@ def test_task_batch_pads_tasks_that_differ_only_in_rows_and_masks_the_padding():
     (same,) = TaskBatch.from_tasks([tasks[0], tasks[0]], pad=True)
     assert same.support_mask is None and same.query_mask is None
     assert len(TaskBatch.from_tasks(tasks)) == 3
+
+
+# --------------------------------------------------------------------------- stacked sources
+
+
+def _same_tasks(batch: TaskBatch, tasks: list[Task]) -> None:
+    assert batch.n_tasks == len(tasks) == len(batch)
+    for got, want in zip(batch, tasks):
+        for name in ("X_support", "y_support", "X_query", "y_query"):
+            a, b = getattr(got, name), getattr(want, name)
+            assert a.shape == b.shape and a.dtype.kind == b.dtype.kind
+            np.testing.assert_array_equal(a, b)  # the very same draws
+
+
+@pytest.mark.parametrize("seed", [0, 7])
+@pytest.mark.parametrize("size", [1, 4])
+def test_sinusoid_meta_batches_are_the_tasks_of_iteration_in_order(seed, size):
+    source = SinusoidTasks(3, 5, amplitude_range=(0.5, 2.0), input_range=(-1.0, 3.0),
+                           random_state=seed)
+    stream, batches = iter(source), source.meta_batches(size)
+    for _ in range(3):
+        batch = next(batches)
+        assert batch.X_support.dtype == torch.float32 and batch.support_mask is None
+        _same_tasks(batch, [next(stream) for _ in range(size)])
+
+
+def test_nway_kshot_meta_batches_are_the_episodes_of_iteration_in_order():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(60, 2, 3))  # image-like trailing shape
+    y = np.repeat(np.arange(6), 10)
+    source = NWayKShotTasks(X, y, n_way=3, k_shot=2, k_query=3, random_state=4)
+    stream, batches = iter(source), source.meta_batches(5)
+    for _ in range(2):
+        batch = next(batches)
+        assert tuple(batch.X_support.shape) == (5, 6, 2, 3)
+        _same_tasks(batch, [next(stream) for _ in range(5)])
+
+
+def test_iter_meta_batches_takes_a_sources_stacked_batches_only_when_asked():
+    source = SinusoidTasks(2, 2, random_state=0)
+    assert isinstance(next(iter_meta_batches(source, 3, stacked=True)), TaskBatch)
+    plain = next(iter_meta_batches(source, 3))
+    assert isinstance(plain, list) and len(plain) == 3
+    _same_tasks(next(iter_meta_batches(source, 3, stacked=True)), plain)
+    with pytest.raises(ValueError, match="size"):
+        next(source.meta_batches(0))
+
+
+def test_task_batch_as_a_sequence_of_tasks_select_and_to():
+    tasks = [Task(np.full((n, 1), n, np.float32), np.arange(n, dtype=np.float32),
+                  np.zeros((2, 1), np.float32), np.ones(2, np.float32)) for n in (2, 4, 3)]
+    (batch,) = TaskBatch.from_tasks(tasks, pad=True)
+    _same_tasks(batch, tasks)  # padding rows dropped again
+    assert batch[-1].n_support == 3
+    with pytest.raises(IndexError):
+        batch[3]
+    picked = batch.select([2, 0])
+    _same_tasks(picked, [tasks[2], tasks[0]])
+    assert picked.support_mask.shape == (2, 4)
+    moved = batch.to("cpu", torch.float64, torch.long)
+    assert moved.X_support.dtype == torch.float64 and moved.y_support.dtype == torch.long
+    assert moved.support_mask.dtype == torch.float64

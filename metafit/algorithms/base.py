@@ -70,6 +70,7 @@ class AdaptationContext(Protocol):
         keep_shared: bool = False,
         mask: Tensor | None = None,
         checkpoint: bool = False,
+        factored: bool = False,
     ) -> Params: ...
 
 
@@ -310,6 +311,7 @@ class GradientMetaAlgorithm(MetaAlgorithm):
                 keep_shared=True,
                 mask=batch.support_mask,
                 checkpoint=self.checkpoint,
+                factored=True,
             )
             query = task_losses(
                 ctx.loss_fn, ctx.forward(phi, batch.X_query), batch.y_query, batch.query_mask

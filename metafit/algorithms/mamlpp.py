@@ -222,6 +222,7 @@ class MAMLPlusPlus(GradientMetaAlgorithm):
                 keep_shared=True,
                 mask=batch.support_mask,
                 checkpoint=self.checkpoint,
+                factored=True,
             )
             if weights is None:
                 out = query_forward(phi, batch.X_query)

@@ -161,7 +161,8 @@ def choose_adaptation(learner, tasks, rates: Sequence[float], counts: Sequence[i
 
             with np.errstate(all="ignore"):
                 learner.adapt(batch.X_support, batch.y_support, steps=most, inner_lr=rate,
-                              track_graph=False, on_step=record, mask=batch.support_mask)
+                              track_graph=False, on_step=record, mask=batch.support_mask,
+                              factored=True)
     scores = {k: (v / n_tasks if math.isfinite(v) else math.inf) for k, v in totals.items()}
     lr, steps = min(scores, key=lambda k: (scores[k], k[0], k[1]))
     return AdaptationChoice(lr, steps, scores)

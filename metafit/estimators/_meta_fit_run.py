@@ -23,7 +23,7 @@ import torch
 
 from metafit._checks import is_number
 from metafit._memory import available_memory, check_inner_graph_memory, inner_graph_bytes
-from metafit._task_types import Task, iter_meta_batches
+from metafit._task_types import Task, TaskBatch, check_finite_batch, iter_meta_batches
 from metafit._threads import threads_for, torch_threads
 from metafit.algorithms import get_algorithm
 from metafit.callbacks import (
@@ -134,20 +134,24 @@ class MetaFitRun:
                 "tasks must be an iterable of Task or (X_support, y_support, X_query, "
                 f"y_query) tuples, got {type(tasks).__name__}."
             )
-        batches = iter_meta_batches(tasks, self.est.meta_batch_size)
+        # A built-in sampler yields stacked TaskBatches (the same tasks, no Task objects).
+        batches = iter_meta_batches(tasks, self.est.meta_batch_size, stacked=True)
         first = next(batches, None)
-        if first is None:
+        if first is None or not len(first):
             raise ValueError("tasks is empty: meta_fit needs at least one task.")
-        first = [self.target.prepare_task(t) for t in first]
-        self._first = first
-        self.feature_shape = first[0].feature_shape
-        self.n_outputs = self.target.meta_outputs(first)
+        first_tasks = [self.target.prepare_task(t) for t in first]  # a batch's, one by one
+        self._first = first_tasks
+        self.feature_shape = first_tasks[0].feature_shape
+        self.n_outputs = self.target.meta_outputs(first_tasks)
+        self._checked(first_tasks)  # all against the first one
+        if not isinstance(first, TaskBatch):
+            first = first_tasks
         val = None
         if validation_tasks is not None:
             val = next(iter_meta_batches(validation_tasks, _MAX_VALIDATION_TASKS), [])
             if not val:
                 raise ValueError("validation_tasks is empty; pass None or at least one task.")
-        val = self._checked([*first, *(val or [])])[len(first) :] or None
+        val = self._checked(val) if val else None
         if self.est.patience is not None and val is None:
             raise ValueError(
                 "patience (early stopping) needs validation_tasks: call "
@@ -159,7 +163,17 @@ class MetaFitRun:
         self.prepare_user_callbacks(val is not None)
         return stream, val
 
-    def _checked(self, batch) -> list[Task]:
+    def _checked(self, batch) -> list[Task] | TaskBatch:
+        if isinstance(batch, TaskBatch):  # in bulk: one reduction per tensor
+            if tuple(batch.X_support.shape[2:]) != self.feature_shape:
+                raise ValueError(
+                    f"a meta-batch has feature shape {tuple(batch.X_support.shape[2:])} but "
+                    f"the first task had {self.feature_shape}; all tasks must share their "
+                    "features."
+                )
+            largest = check_finite_batch(batch)
+            self.target.check_batch(batch, self.n_outputs, largest)
+            return batch
         out = []
         for t in batch:
             t = self.target.prepare_task(t)

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+import torch
 from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
 from torch import nn
 
-from metafit._task_types import Task
+from metafit._task_types import Task, TaskBatch
 from metafit.persistence import MetaInit
 
 __all__ = ["ClassificationTarget", "EncodedTarget", "RegressionTarget", "TargetKind"]
@@ -55,6 +56,10 @@ class TargetKind:
 
     def check_task(self, task: Task, n_outputs: int) -> None:
         """Raise if a later task does not fit a network with ``n_outputs`` outputs."""
+
+    def check_batch(self, batch: TaskBatch, n_outputs: int, largest: dict[str, float]) -> None:
+        """:meth:`check_task` for every task of a stacked meta-batch, in bulk
+        (``largest``: each field's largest magnitude, from ``check_finite_batch``)."""
 
     def encode(self, y: np.ndarray, fast: bool) -> EncodedTarget:
         """``fit``'s validated ``y`` (``fast``: it skipped ``validate_data``)."""
@@ -112,6 +117,18 @@ class RegressionTarget(TargetKind):
                 f"the first task had {n_outputs}. All tasks must share their targets."
             )
         check_target_scale("a meta-training task", task.y_support, task.y_query)
+
+    def check_batch(self, batch, n_outputs, largest):
+        y = batch.y_support
+        got = 1 if y.dim() == 2 else int(y.shape[2])
+        if got != n_outputs or not (y.is_floating_point() or y.dtype == torch.long):
+            raise ValueError(
+                f"a meta-batch has {got} numeric target column(s) (dtype {y.dtype}); the "
+                f"first task had {n_outputs}. All tasks must share their targets."
+            )
+        top = max(largest["y_support"], largest["y_query"])
+        if top > _MAX_TARGET:
+            check_target_scale("a meta-training task", np.array([top]))
 
     def encode(self, y, fast):
         check_target_scale("fit", y)
@@ -183,6 +200,15 @@ class ClassificationTarget(TargetKind):
                 "within each task; remap the labels (NWayKShotTasks does)."
             )
         return top + 1
+
+    def check_batch(self, batch, n_outputs, largest):
+        for y in (batch.y_support, batch.y_query):
+            if y.is_floating_point() or y.is_complex() or y.dim() != 2 or int(y.min()) < 0:
+                raise ValueError(
+                    "classification tasks need 1-D integer class indices >= 0 as targets "
+                    f"(got a meta-batch of dtype {y.dtype}, shape {tuple(y.shape)})."
+                )
+        self.check_task(batch, n_outputs)
 
     def check_task(self, task, n_outputs):
         top = int(max(task.y_support.max(), task.y_query.max()))
