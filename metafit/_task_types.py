@@ -258,6 +258,16 @@ class TaskBatch:
                          part(self.query_mask))
 
     @staticmethod
+    def gather(X: np.ndarray, y: np.ndarray, support: np.ndarray, query: np.ndarray
+               ) -> TaskBatch:
+        """Episodes of one table by row indices: task ``t`` has the support rows
+        ``support[t]`` and the query rows ``query[t]`` of ``(X, y)`` (index arrays of shape
+        (T, n_support) and (T, n_query)), gathered at once."""
+        X, y = torch.from_numpy(np.ascontiguousarray(X)), torch.from_numpy(np.ascontiguousarray(y))
+        s, q = torch.from_numpy(support), torch.from_numpy(query)
+        return TaskBatch(X[s], y[s], X[q], y[q], list(range(len(support))))
+
+    @staticmethod
     def from_tasks(
         tasks: Sequence[Task],
         *,

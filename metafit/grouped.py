@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from metafit._task_types import Task, refuse_sparse
+from metafit._task_types import Task, TaskBatch, refuse_sparse
 from metafit.task_sources import check_group_labels
 
 __all__ = [
@@ -404,23 +404,33 @@ class GroupEpisodes:
 
     def block(self) -> list[Task]:
         """One meta-batch of episodes with equal shapes."""
+        support, query = self._draw(self.batch_size)
+        return [Task(self.X[s], self.y[s], self.X[q], self.y[q]) for s, q in zip(support, query)]
+
+    def meta_batches(self, size: int) -> Iterator[TaskBatch]:
+        """The endless stream of :meth:`block` s of ``size`` episodes, stacked: the same
+        episodes (the same draws), gathered from the table as index arrays at once,
+        without a :class:`Task` object each (what ``meta_fit`` reads)."""
+        while True:
+            yield TaskBatch.gather(self.X, self.y, *self._draw(int(size)))
+
+    def _draw(self, size: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row indices ``(support (size, k), query (size, query_size))`` of one block."""
         lo, hi = self.support_range
         k = int(self.rng.integers(lo, hi + 1))
         eligible = np.flatnonzero(self.sizes >= k + 1)
         if len(eligible) == 0:  # k above every group: the largest k some group allows
             k = int(self.sizes.max()) - 1
             eligible = np.flatnonzero(self.sizes >= k + 1)
-        chosen = self.rng.choice(
-            eligible, self.batch_size, replace=len(eligible) < self.batch_size
-        )
-        tasks = []
-        for g in chosen:
+        chosen = self.rng.choice(eligible, size, replace=len(eligible) < size)
+        support = np.empty((size, k), dtype=np.int64)
+        query = np.empty((size, self.query_size), dtype=np.int64)
+        for i, g in enumerate(chosen):
             rows = self.rng.permutation(self.rows[g])
-            support, rest = rows[:k], rows[k:]
-            replace = len(rest) < self.query_size
-            query = self.rng.choice(rest, self.query_size, replace=replace)
-            tasks.append(Task(self.X[support], self.y[support], self.X[query], self.y[query]))
-        return tasks
+            rest = rows[k:]
+            support[i] = rows[:k]
+            query[i] = self.rng.choice(rest, self.query_size, replace=len(rest) < self.query_size)
+        return support, query
 
 
 def validation_episodes(X, y, groups, *, support_sizes, rng, limit: int = 100) -> list[Task]:

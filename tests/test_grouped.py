@@ -12,7 +12,7 @@ from sklearn.base import clone
 
 from metafit import MetaInit, MetaInitializedClassifier, MetaInitializedRegressor
 from metafit.grouped import GroupEpisodes, Standardization, split_groups
-from metafit.tasks import SinusoidTasks, Task
+from metafit.tasks import SinusoidTasks, Task, TaskBatch
 
 QUICK = dict(meta_iterations=30, meta_batch_size=4, hidden_sizes=(16,), random_state=0,
              verbose=0)
@@ -57,6 +57,21 @@ def test_episodes_are_resampled_share_shapes_per_block_and_cover_the_range():
         s = {row_of[tuple(r)] for r in task.X_support}
         q = {row_of[tuple(r)] for r in task.X_query}
         assert not s & q and len({groups[i] for i in s | q}) == 1
+
+
+def test_stacked_episodes_are_the_blocks_of_iteration_in_order():
+    X, y, groups = grouped_table()
+    plain, stacked = (GroupEpisodes(X, y, groups, support_range=(2, 6), query_size=5,
+                                    batch_size=4, random_state=np.random.default_rng(3))
+                      for _ in range(2))
+    tasks, batches = iter(plain), stacked.meta_batches(4)
+    for _ in range(5):
+        batch = next(batches)
+        assert isinstance(batch, TaskBatch) and batch.support_mask is None
+        for got in batch:
+            want = next(tasks)
+            for name in ("X_support", "y_support", "X_query", "y_query"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(want, name))
 
 
 def test_tiny_groups_are_skipped_and_counted():
