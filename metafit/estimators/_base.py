@@ -106,8 +106,8 @@ class MetaInitializedEstimator(BaseEstimator):
     inner_steps : int or "auto", default="auto"
         Gradient steps of ``fit``, and of meta-training unless ``meta_inner_steps`` is
         set. ``"auto"``: meta-training uses 5, and ``fit`` the count :meth:`meta_fit`
-        chose on the validation tasks among 0 (no adaptation), 1, 2, 5, 10, 20 and the
-        meta-training count; without validation tasks, the meta-training count. The
+        chose on the validation tasks among 0 (no adaptation), 1, 2, 5, 10, 20, 50, 100
+        and the meta-training count; without validation tasks, the meta-training count. The
         value used is ``inner_steps_``.
     meta_inner_lr : float or None, default=None
         Inner learning rate during meta-training; None means a numeric ``inner_lr``, else
