@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import sys
+import time
 import types
 
 import torch
@@ -21,6 +22,25 @@ from torch.func import functional_call, grad, vmap
 from metafit.tasks import TaskBatch
 
 LR = 0.01
+
+
+def interleaved_ms(fns: dict, repeats: int, seconds: float) -> dict[str, list[float]]:
+    """CPU ms per call of each function (``time.thread_time``), one entry per repeat: the
+    functions take turns, each for at least ``seconds``, after one warm-up call each."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for fn in fns.values():
+        fn()
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            n, start = 0, time.thread_time()
+            while True:
+                fn()
+                n += 1
+                elapsed = time.thread_time() - start
+                if elapsed > seconds:
+                    break
+            times[name].append(elapsed / n * 1e3)
+    return times
 
 
 def regression_batch(n_features: int, k: int, n_tasks: int, n_query: int = 10) -> TaskBatch:

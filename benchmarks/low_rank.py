@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import torch
-from _peers import regression_batch
+from _peers import interleaved_ms, regression_batch
 
 from metafit._low_rank import RANK_RATIO
 from metafit.learner import MetaLearner
@@ -55,24 +54,6 @@ def learner_for(n_features: int, width: int, steps: int, low_rank) -> MetaLearne
     return learner
 
 
-def time_steps(fns: dict, repeats: int, seconds: float) -> dict[str, float]:
-    """Min over interleaved repeats of the CPU ms per call of each function."""
-    best = {k: float("inf") for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            n, start = 0, time.thread_time()
-            while True:
-                fn()
-                n += 1
-                elapsed = time.thread_time() - start
-                if elapsed > seconds:
-                    break
-            best[name] = min(best[name], elapsed / n * 1e3)
-    return best
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true")
@@ -92,7 +73,7 @@ def main(argv=None) -> None:
         for policy in (False, True, None):
             learner = learner_for(d, w, s, policy)
             fns[policy] = lambda learner=learner, batch=batch: learner.meta_step([batch])
-        ms = time_steps(fns, repeats, seconds)
+        ms = {k: min(v) for k, v in interleaved_ms(fns, repeats, seconds).items()}
         print(f"{f'{d}-{w}-{w}-1':>14} {k:>3} {s:>5} {s * k / (w / 2):>10.2f} "
               f"{ms[False]:>9.3f} {ms[True]:>11.3f} {ms[False] / ms[True]:>7.2f}x "
               f"{ms[None]:>10.3f} {ms[False] / ms[None]:>8.2f}x", flush=True)

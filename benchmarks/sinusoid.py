@@ -44,7 +44,7 @@ import weakref
 
 import numpy as np
 import torch
-from _peers import PEERS, regression_batch
+from _peers import PEERS, interleaved_ms, regression_batch
 from torch.func import functional_call
 
 from metafit.algorithms import MAML
@@ -350,7 +350,8 @@ def compare_table(args, emit) -> None:
             fn = PEERS[name](net(), batch, steps, first_order)
             if fn is not None:
                 fns[name] = fn
-        ms = median_ms(fns, 3 if args.quick else 7, 0.05 if args.quick else 0.25)
+        times = interleaved_ms(fns, 3 if args.quick else 7, 0.05 if args.quick else 0.25)
+        ms = {k: float(np.median(v)) for k, v in times.items()}
         rate = {k: tasks / (v / 1e3) for k, v in ms.items()}
         cells = "".join(
             f"{rate['metafit'] / rate[n]:>14.2f}x" if n in rate else f"{'n/a':>15}"
@@ -358,24 +359,6 @@ def compare_table(args, emit) -> None:
         )
         emit(f"{label:<30}{rate['metafit']:>9.0f}{rate['metafit'] / rate['dense']:>8.2f}x"
              + cells)
-
-
-def median_ms(fns: dict, repeats: int, seconds: float) -> dict[str, float]:
-    """Median over interleaved repeats of the CPU ms per call of each function."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for fn in fns.values():
-        fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            n, start = 0, time.thread_time()
-            while True:
-                fn()
-                n += 1
-                elapsed = time.thread_time() - start
-                if elapsed > seconds:
-                    break
-            times[name].append(elapsed / n * 1e3)
-    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 # --------------------------------------------------------------------------- report

@@ -100,8 +100,5 @@ class LowRankWeight:
             self.base, torch.cat((self.left, left), -2), torch.cat((self.right, right), -2)
         )
 
-    def detach(self) -> LowRankWeight:
-        return LowRankWeight(self.base.detach(), self.left.detach(), self.right.detach())
-
     def __repr__(self) -> str:
         return f"LowRankWeight(shape={self.shape}, rank={self.rank})"

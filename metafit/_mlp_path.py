@@ -69,11 +69,21 @@ def _linear(h: Tensor, w: Tensor, b: Tensor) -> Tensor:
     With a shared ``w`` and ``b`` this is one ``F.linear``, whatever the dimensions of
     ``h`` (a single task's ``(n, in)`` too).
     """
+    if type(w) is LowRankWeight:  # adapted by the low-rank inner loop
+        return w.linear(h, b)
     if w.dim() == 2:
         if b.dim() == 1:
             return F.linear(h, w, b)
         return F.linear(h, w) + b.unsqueeze(1)
     return torch.baddbmm(b.unsqueeze(-2), h, w.mT)
+
+
+def _back(d: Tensor, w: Tensor) -> Tensor:
+    """``d @ w`` for batched output gradients ``d`` (T, n, out) and shared, batched or
+    factored ``w``: the gradient at a layer's input."""
+    if type(w) is LowRankWeight:
+        return w.backward_input(d)
+    return torch.matmul(d, w) if w.dim() == 2 else torch.bmm(d, w)
 
 
 #: A prepared gradient: ``step(params, scale=None) -> raw gradients`` (a list in the order
@@ -117,11 +127,7 @@ class MLPPath:
         h = X.flatten(2) if X.dim() > 3 else X
         last = len(self.names) - 1
         for i, (w, b) in enumerate(self.names):
-            weight = params[w]
-            if type(weight) is LowRankWeight:  # adapted by the low-rank inner loop
-                h = weight.linear(h, params[b])
-            else:
-                h = _linear(h, weight, params[b])
+            h = _linear(h, params[w], params[b])
             if i < last:
                 h = self.act(h)
         return h
@@ -148,18 +154,27 @@ class MLPPath:
         its module shape: the task dimension is dropped and each layer is one
         ``F.linear`` forward and two ``mm`` backward, without batched kernels.
         """
-        plan, body, output_grad, target, factor = self.start(loss_fn, params, X, y, names,
-                                                             single, mask)
+        first, plan = self._plan(names)
         if not plan:
-            return (lambda current, scale=None: []), 1.0
+            return (lambda current, scale=None, factored=frozenset(): []), 1.0
+        if single:
+            X, y = X[0], y[0]
+            mask = None if mask is None else mask[0]
+            h = X.flatten(1) if X.dim() > 2 else X
+        else:
+            h = X.flatten(2) if X.dim() > 3 else X
         act, act_grad, keep_pre = self.act, self.act_grad, self.saves_input
+        for w, b in self.names[:first]:  # the frozen body: once, not every step
+            h = act(_linear(h, params[w], params[b]))
+        body = h
+        n, n_out = h.shape[-2], params[self.names[-1][0]].shape[-2]
+        output_grad, target, factor = _output_gradient(loss_fn, y, h, n, n_out)
+        if mask is not None:
+            output_grad, factor = _masked(output_grad, target, factor, n, mask, h.dtype)
         if single:  # module-shaped parameters: plain 2-D kernels
             linear, mm, back = F.linear, torch.mm, torch.mm
-        else:
-            linear, mm = _linear, torch.bmm
-
-            def back(d, w):
-                return torch.matmul(d, w) if w.dim() == 2 else torch.bmm(d, w)
+        else:  # batched; these also take the low-rank loop's factored weights
+            linear, mm, back = _linear, torch.bmm, _back
 
         backward_plan = plan[::-1]
         hidden, n_names = len(plan) - 1, len(names)
@@ -175,11 +190,7 @@ class MLPPath:
             inputs, pre = [], []
             for j, w, b, _, _ in plan:
                 inputs.append(h)
-                weight = current[w]
-                if type(weight) is LowRankWeight:
-                    h = weight.linear(h, current[b])
-                else:
-                    h = linear(h, weight, current[b])
+                h = linear(h, current[w], current[b])
                 if j < hidden:
                     if keep_pre:
                         pre.append(h)
@@ -194,51 +205,10 @@ class MLPPath:
                 if sb is not None:
                     grads[sb] = d.sum(-2)
                 if j:
-                    weight = current[w]
-                    if type(weight) is LowRankWeight:
-                        d = weight.backward_input(d)
-                    else:
-                        d = back(d, weight)
-                    d = act_grad(d, pre[j - 1] if keep_pre else inputs[j])
+                    d = act_grad(back(d, current[w]), pre[j - 1] if keep_pre else inputs[j])
             return grads
 
         return step, factor
-
-    def start(
-        self,
-        loss_fn: Callable,
-        params: Mapping[str, Tensor],
-        X: Tensor,
-        y: Tensor,
-        names: Sequence[str],
-        single: bool = False,
-        mask: Tensor | None = None,
-    ) -> tuple:
-        """What every inner step shares: ``(plan, body, output_grad, target, factor)``.
-
-        ``plan`` lists the layers from the first adapted one (see :meth:`_plan`), ``body``
-        is that layer's input (the frozen layers applied once), and the loss's gradient at
-        the outputs is ``factor * output_grad(out)``, or ``factor * (out - target)`` when
-        ``output_grad`` is None.
-        """
-        first, plan = self._plan(names)
-        if not plan:
-            return plan, None, None, None, 1.0
-        if single:
-            X, y = X[0], y[0]
-            mask = None if mask is None else mask[0]
-            h = X.flatten(1) if X.dim() > 2 else X
-        else:
-            h = X.flatten(2) if X.dim() > 3 else X
-        act = self.act
-        for w, b in self.names[:first]:  # the frozen body: once, not every step
-            h = act(_linear(h, params[w], params[b]))
-        body = h
-        n, n_out = h.shape[-2], params[self.names[-1][0]].shape[-2]
-        output_grad, target, factor = _output_gradient(loss_fn, y, h, n, n_out)
-        if mask is not None:
-            output_grad, factor = _masked(output_grad, target, factor, n, mask, h.dtype)
-        return plan, body, output_grad, target, factor
 
 
 def _output_gradient(loss_fn: Callable, y: Tensor, h: Tensor, n: int, n_out: int):

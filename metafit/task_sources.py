@@ -260,17 +260,22 @@ class NWayKShotTasks(_TaskSource):
         order = np.argsort(inverse, kind="stable")
         self._by_class = np.split(order, np.cumsum(counts)[:-1])
 
-    def _sample_one(self, rng: np.random.Generator) -> Task:
+    def _draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """One episode's rows of ``X``: ``(support (n_way, k_shot), query (n_way,
+        k_query))``, class by class in the order the classes were drawn."""
         chosen = rng.choice(len(self._by_class), size=self.n_way, replace=False)
-        support, query = [], []
-        for members in (self._by_class[c] for c in chosen):
-            picked = rng.choice(members, size=self.k_shot + self.k_query, replace=False)
-            support.append(picked[: self.k_shot])
-            query.append(picked[self.k_shot :])
+        picked = np.stack([
+            rng.choice(self._by_class[c], size=self.k_shot + self.k_query, replace=False)
+            for c in chosen
+        ])
+        return picked[:, : self.k_shot], picked[:, self.k_shot :]
+
+    def _sample_one(self, rng: np.random.Generator) -> Task:
+        support, query = self._draw(rng)
         ys = np.repeat(np.arange(self.n_way), self.k_shot)
         yq = np.repeat(np.arange(self.n_way), self.k_query)
-        Xs = self.X[np.concatenate(support)].astype(np.float32, copy=False)
-        Xq = self.X[np.concatenate(query)].astype(np.float32, copy=False)
+        Xs = self.X[support.reshape(-1)].astype(np.float32, copy=False)
+        Xq = self.X[query.reshape(-1)].astype(np.float32, copy=False)
         return Task(Xs, ys, Xq, yq)
 
     def meta_batches(self, size: int) -> Iterator[TaskBatch]:
@@ -282,23 +287,18 @@ class NWayKShotTasks(_TaskSource):
         """
         size = check_int("size", size)
         rng = _rng(self.random_state)
-        k, q, way = self.k_shot, self.k_query, self.n_way
-        ys = torch.from_numpy(np.tile(np.repeat(np.arange(way), k), (size, 1)))
-        yq = torch.from_numpy(np.tile(np.repeat(np.arange(way), q), (size, 1)))
+        way, trailing = self.n_way, self.X.shape[1:]
+        ys = torch.from_numpy(np.tile(np.repeat(np.arange(way), self.k_shot), (size, 1)))
+        yq = torch.from_numpy(np.tile(np.repeat(np.arange(way), self.k_query), (size, 1)))
+
+        def gather(index):  # (size, n_way, n) rows -> (size, n_way * n, *trailing)
+            rows = self.X[index.reshape(-1)].astype(np.float32, copy=False)
+            return torch.from_numpy(rows.reshape(size, -1, *trailing))
+
         while True:
-            support = np.empty((size, way, k), dtype=np.intp)
-            query = np.empty((size, way, q), dtype=np.intp)
-            for i in range(size):  # _sample_one's draws, in its order
-                chosen = rng.choice(len(self._by_class), size=way, replace=False)
-                for j, c in enumerate(chosen):
-                    picked = rng.choice(self._by_class[c], size=k + q, replace=False)
-                    support[i, j], query[i, j] = picked[:k], picked[k:]
-
-            def gather(index):
-                rows = self.X[index.reshape(-1)].astype(np.float32, copy=False)
-                return torch.from_numpy(rows.reshape(size, -1, *self.X.shape[1:]))
-
-            yield TaskBatch(gather(support), ys, gather(query), yq, list(range(size)))
+            support, query = zip(*(self._draw(rng) for _ in range(size)))
+            yield TaskBatch(gather(np.stack(support)), ys, gather(np.stack(query)), yq,
+                            list(range(size)))
 
 
 def check_group_labels(groups) -> None:

@@ -143,7 +143,7 @@ class MetaFitRun:
         self._first = first_tasks
         self.feature_shape = first_tasks[0].feature_shape
         self.n_outputs = self.target.meta_outputs(first_tasks)
-        self._checked(first_tasks)  # all against the first one
+        self._checked(first_tasks, prepared=True)  # all against the first one
         if not isinstance(first, TaskBatch):
             first = first_tasks
         val = None
@@ -163,7 +163,9 @@ class MetaFitRun:
         self.prepare_user_callbacks(val is not None)
         return stream, val
 
-    def _checked(self, batch) -> list[Task] | TaskBatch:
+    def _checked(self, batch, prepared: bool = False) -> list[Task] | TaskBatch:
+        """``batch`` (a list of tasks, ``prepared`` already, or a source's TaskBatch)
+        checked against the first task's features and targets."""
         if isinstance(batch, TaskBatch):  # in bulk: one reduction per tensor
             if tuple(batch.X_support.shape[2:]) != self.feature_shape:
                 raise ValueError(
@@ -176,7 +178,7 @@ class MetaFitRun:
             return batch
         out = []
         for t in batch:
-            t = self.target.prepare_task(t)
+            t = t if prepared else self.target.prepare_task(t)
             if t.feature_shape != self.feature_shape:
                 raise ValueError(
                     f"a task has feature shape {t.feature_shape} but the first task had "
