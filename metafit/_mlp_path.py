@@ -43,18 +43,32 @@ def _kernel(op):
     return getattr(op, "_op", op)
 
 
-_threshold_backward = _kernel(torch.ops.aten.threshold_backward.default)
 _tanh_backward = _kernel(torch.ops.aten.tanh_backward.default)
 _sigmoid_backward = _kernel(torch.ops.aten.sigmoid_backward.default)
 _gelu_backward = _kernel(torch.ops.aten.gelu_backward.default)
 _elu_backward = _kernel(torch.ops.aten.elu_backward.default)
+_sign = _kernel(torch.ops.aten.sign.default)
+
+
+def _relu_grad(d: Tensor, a: Tensor) -> Tensor:
+    """``d * relu'(z)`` from the output ``a = relu(z)``: ``d`` times the detached 0/1 mask
+    ``sign(a)``.
+
+    The same values as ``threshold_backward(d, a, 0)``, but a cheaper second-order graph:
+    the mask is constant, so the backward is one multiplication, where threshold_backward's
+    adds a zero gradient for ``a`` and, with the transposed gradient that a weight
+    gradient ``d^T a`` sends back to ``d``, runs a strided kernel up to 25x slower
+    (``python benchmarks/sinusoid.py --compare``, 20-128-128-1: 1.2x faster meta-steps).
+    """
+    return d * _sign(a.detach())
+
 
 # Derivatives as (grad, saved) -> grad * act'(z), one kernel each and no Python frame where
-# possible (ReLU: d * (a > 0) in one op instead of two). ``saved`` is the activation's
-# output a, or its input z for the activations in _SAVES_INPUT. The aten backward kernels
-# are themselves differentiable, which second-order MAML needs.
+# possible. ``saved`` is the activation's output a, or its input z for the activations in
+# _SAVES_INPUT. The aten backward kernels are themselves differentiable, which
+# second-order MAML needs.
 _ACTIVATION_GRADS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "relu": functools.partial(_threshold_backward, threshold=0.0),
+    "relu": _relu_grad,
     "tanh": _tanh_backward,
     "sigmoid": _sigmoid_backward,
     "gelu": functools.partial(_gelu_backward, approximate="none"),

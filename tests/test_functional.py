@@ -84,6 +84,26 @@ def test_analytic_gradient_and_its_derivative_equal_autograd(activation, loss, s
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
+def test_relu_derivative_is_autograds_to_second_order_at_exact_zeros_too():
+    """The analytic ReLU derivative multiplies by a constant 0/1 mask: the values of
+    threshold_backward (0 where the activation is exactly 0), and a backward that passes
+    the incoming gradient through the same mask and sends nothing to the activation."""
+    from metafit._mlp_path import _ACTIVATION_GRADS
+
+    z = torch.tensor([[-1.0, 0.0, 2.0], [3.0, -0.0, 0.5]], dtype=torch.float64)
+    z = z.requires_grad_(True)
+    a = torch.relu(z)
+    d = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    got = _ACTIVATION_GRADS["relu"](d, a)
+    want = torch.ops.aten.threshold_backward(d, a, 0.0)
+    assert torch.equal(got, want)
+    assert torch.equal(got, torch.autograd.grad(a, z, d, create_graph=True)[0])
+    probe = torch.randn(2, 3, dtype=torch.float64)
+    d_got, z_got = torch.autograd.grad(got, [d, z], probe, allow_unused=True)
+    assert torch.equal(d_got, torch.ops.aten.threshold_backward(probe, a, 0.0))
+    assert z_got is None  # the mask is constant: no second derivative through it
+
+
 def test_analytic_gradient_of_a_subset_skips_the_rest():
     net = _net()
     X, y = _data("mse")
