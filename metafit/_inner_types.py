@@ -13,6 +13,8 @@ __all__ = ["LowRankWeight", "Params", "PreparedGradFn", "StepGradients"]
 
 Params = dict[str, Tensor]
 #: ``step(current, scale=None) -> gradients in names order`` (without the loss's factor).
+#: A prepared step (:meth:`PreparedGradFn.prepare`) also takes ``update=True`` with a
+#: ``scale``: it then returns ``current[name] + scale * gradient`` instead, fused.
 StepGradients = Callable[..., list[Tensor]]
 
 

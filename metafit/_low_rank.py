@@ -15,8 +15,9 @@ meta-gradients).
 A layer is kept low rank while its rank stays at most :data:`RANK_RATIO` times
 ``in * out / (in + out)`` (the rank at which the factors hold as many numbers as the
 weight); the step that would pass the limit turns it into dense per-task weights, and
-the loop goes on with those. A layer that would pass :data:`SWITCH_FACTOR` times the
-limit by the last step stays dense throughout. Layers whose inner rate is a tensor per
+the loop goes on with those, where the layer has at least :data:`SWITCH_MIN_WEIGHTS`
+weights; a smaller one, or one that would pass :data:`SWITCH_FACTOR` times the limit by
+the last step, stays dense throughout. Layers whose inner rate is a tensor per
 weight (Meta-SGD's) stay dense.
 """
 
@@ -31,7 +32,14 @@ from metafit._checks import is_number
 from metafit._inner_types import LowRankWeight, Params
 from metafit._mlp_path import MLPPath
 
-__all__ = ["RANK_RATIO", "SWITCH_FACTOR", "rank_limit", "low_rank_layers", "low_rank_inner_loop"]
+__all__ = [
+    "RANK_RATIO",
+    "SWITCH_FACTOR",
+    "SWITCH_MIN_WEIGHTS",
+    "rank_limit",
+    "low_rank_layers",
+    "low_rank_inner_loop",
+]
 
 #: A layer stays low rank while ``rank <= RANK_RATIO * in * out / (in + out)``. Measured
 #: by ``python benchmarks/low_rank.py`` (second-order MAML meta-steps, one thread, 2-core
@@ -40,8 +48,14 @@ __all__ = ["RANK_RATIO", "SWITCH_FACTOR", "rank_limit", "low_rank_layers", "low_
 RANK_RATIO = 1.0
 #: A layer whose rank after all steps would pass ``SWITCH_FACTOR`` times its limit stays
 #: dense from the start (same benchmark: 1-40-40-1 with 5 steps of 10 rows, 2.5 times the
-#: limit, was 5% slower switched than dense; 1.56 times was 7-21% faster switched).
+#: limit, was 5% slower switched than dense; 1.56 times was 12-20% faster switched for
+#: 256x256 and 512x512 layers).
 SWITCH_FACTOR = 2.0
+#: Only a layer of at least this many weights switches half-way; a smaller one whose rank
+#: would pass its limit stays dense from the start (same benchmark, with the fused dense
+#: updates: switched at 1.56 times the limit was 0.85-0.99x of dense for 64x64 and
+#: 128x128 layers, 1.12-1.20x for 256x256 and 512x512).
+SWITCH_MIN_WEIGHTS = 256 * 256
 
 
 def rank_limit(n_in: int, n_out: int) -> int:
@@ -79,8 +93,10 @@ def low_rank_layers(
         final = n_rows * len(rates)
         limit = final if policy else rank_limit(weight.shape[1], weight.shape[0])
         # A layer that would turn dense half-way pays for the switch with its dense steps
-        # after it: factored only when the final rank is within twice the limit (measured).
-        if n_rows <= limit and final <= SWITCH_FACTOR * limit:
+        # after it: only a wide one, and only when the final rank is within twice the
+        # limit (measured).
+        switches = final <= SWITCH_FACTOR * limit and weight.numel() >= SWITCH_MIN_WEIGHTS
+        if n_rows <= limit and (final <= limit or switches):
             limits[w] = limit
     return limits
 
@@ -125,16 +141,20 @@ def low_rank_inner_loop(
             values = [step_rates[n] for n in names]
             torch.set_grad_enabled(grad_mode)
             if all(is_number(v) for v in values) and len({float(v) for v in values}) == 1:
-                # One number for all: folded into the output gradient, as the dense loop does.
-                grads = step_grads(current, -float(values[0]) * factor, factored)
+                # One number for all: folded into the output gradient, as the dense loop does;
+                # the dense layers come back updated where the update has the step's grad mode.
+                fused = grad_mode == track_graph
+                grads = step_grads(current, -float(values[0]) * factor, factored, update=fused)
                 coefs = [None] * len(names)
             else:
-                grads = step_grads(current, factor, factored)
+                fused, grads = False, step_grads(current, factor, factored)
                 coefs = [-v for v in values]
             torch.set_grad_enabled(track_graph)
             for name, grad, coef in zip(names, grads, coefs):
                 if type(grad) is tuple:
                     current[name] = _appended(current[name], grad, coef, limits[name])
+                elif fused:  # already the updated tensor
+                    current[name] = grad
                 else:
                     current[name] = current[name] + (grad if coef is None else coef * grad)
             factored = frozenset(n for n in factored if type(current[n]) is LowRankWeight)

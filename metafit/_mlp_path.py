@@ -170,7 +170,7 @@ class MLPPath:
         """
         first, plan = self._plan(names)
         if not plan:
-            return (lambda current, scale=None, factored=frozenset(): []), 1.0
+            return (lambda current, scale=None, factored=frozenset(), update=False: []), 1.0
         if single:
             X, y = X[0], y[0]
             mask = None if mask is None else mask[0]
@@ -186,20 +186,26 @@ class MLPPath:
         if mask is not None:
             output_grad, factor = _masked(output_grad, target, factor, n, mask, h.dtype)
         if single:  # module-shaped parameters: plain 2-D kernels
-            linear, mm, back = F.linear, torch.mm, torch.mm
+            linear, mm, addmm, back = F.linear, torch.mm, torch.addmm, torch.mm
         else:  # batched; these also take the low-rank loop's factored weights
-            linear, mm, back = _linear, torch.bmm, _back
+            linear, mm, addmm, back = _linear, torch.bmm, torch.baddbmm, _back
 
         backward_plan = plan[::-1]
         hidden, n_names = len(plan) - 1, len(names)
 
         def step(
-            current: Mapping[str, Tensor], scale: float | None = None, factored=frozenset()
+            current: Mapping[str, Tensor],
+            scale: float | None = None,
+            factored=frozenset(),
+            update: bool = False,
         ) -> list[Tensor]:
             # inputs[j] is layer j's input, so inputs[j] (j >= 1) is also the activation
             # output of layer j - 1; pre holds the activation inputs where they are needed.
             # The weights named in ``factored`` get their gradient as the pair (D, A) of
             # output gradients and inputs, D^T A (the low-rank loop keeps the factors).
+            # With ``update`` the results are the updated parameters current + (scaled)
+            # gradient, a weight's in one (b)addmm: in a second-order graph, one
+            # parameter-sized tensor and one node less per layer and step.
             h = body
             inputs, pre = [], []
             for j, w, b, _, _ in plan:
@@ -213,11 +219,16 @@ class MLPPath:
             if scale is not None:
                 d = d * scale
             grads = [None] * n_names
-            for j, w, _, sw, sb in backward_plan:
+            for j, w, b, sw, sb in backward_plan:
                 if sw is not None:
-                    grads[sw] = (d, inputs[j]) if w in factored else mm(d.mT, inputs[j])
+                    if w in factored:
+                        grads[sw] = (d, inputs[j])
+                    elif update:
+                        grads[sw] = addmm(current[w], d.mT, inputs[j])
+                    else:
+                        grads[sw] = mm(d.mT, inputs[j])
                 if sb is not None:
-                    grads[sb] = d.sum(-2)
+                    grads[sb] = current[b] + d.sum(-2) if update else d.sum(-2)
                 if j:
                     d = act_grad(back(d, current[w]), pre[j - 1] if keep_pre else inputs[j])
             return grads

@@ -409,7 +409,7 @@ def inner_loop(
         if proximal is not None:
             step_grads, factor = _proximal(step_grads, factor, proximal, current, layout)
         _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_graph, on_step,
-                   checkpoint and grad_mode)
+                   checkpoint and grad_mode, fused=layout.prepared and proximal is None)
     finally:
         mode.restore()
     return layout.result(current)
@@ -527,8 +527,9 @@ def _step_gradients(step_grads, current, step, rate, factor, autograd, grad_mode
 
 
 def _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_graph, on_step,
-               checkpointed=False):
-    """The SGD steps, updating ``current`` (the loop's own dict)."""
+               checkpointed=False, fused=False):
+    """The SGD steps, updating ``current`` (the loop's own dict); ``fused``: the step
+    function can return the updated parameters itself (a prepared step's ``update``)."""
     per_step = _per_step(lr)
     update = _SGDUpdate(layout.names, None if per_step else lr)
     autograd = isinstance(step_grads, _AutogradStep)
@@ -555,6 +556,15 @@ def _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_g
                 on_step(step, layout.result(current))
             continue
         mode.set(grad_mode)
+        # The update inside the step where both run in one grad mode (second order, or no
+        # graph at all); first order computes the step without a graph but not the update.
+        if fused and grad_mode == track_graph and is_number(rate):
+            current.update(zip(names, step_grads(current, -float(rate) * factor, update=True)))
+            layout.updated()
+            if on_step is not None:
+                mode.set(mode.caller)
+                on_step(step, layout.result(current))
+            continue
         grads, rate_now, factor_now = _step_gradients(
             step_grads, current, step, rate, factor, autograd, grad_mode)
         mode.set(track_graph)

@@ -131,6 +131,7 @@ def test_the_default_switches_a_layer_to_dense_once_its_rank_passes_the_limit(mo
     # 12-wide hidden layer: limit RANK_RATIO * 6; 5 rows per step, 3 steps
     net = _net()
     data = _data()
+    monkeypatch.setattr(_low_rank, "SWITCH_MIN_WEIGHTS", 144)  # a 12 x 12 layer may switch
     monkeypatch.setattr(_low_rank, "RANK_RATIO", 1.5)  # limit 9: factored 1 step, then dense
     assert _low_rank.rank_limit(12, 12) == 9
     switched = _run(net, mse_loss, data, policy=None, lr=0.1)
@@ -143,6 +144,21 @@ def test_the_default_switches_a_layer_to_dense_once_its_rank_passes_the_limit(mo
     _assert_same(kept, dense)
 
 
+def test_only_wide_layers_switch_half_way():
+    """Rank 10 a step: a 128 x 128 layer (limit 64) is factored for 6 steps and dense from
+    the start beyond; a 256 x 256 layer (limit 128) is factored up to 12 steps and switches
+    half-way up to 25 (twice the limit)."""
+    for width, factored_up_to, switched_up_to in ((128, 6, 6), (256, 12, 25)):
+        net = MLP(1, 1, (width, width))
+        params = dict(net.named_parameters())
+        path = make_grad_fn(net, "mlp", mse_loss).path
+        for steps in (1, factored_up_to, factored_up_to + 1, switched_up_to,
+                      switched_up_to + 1):
+            rates = [{n: 0.1 for n in params}] * steps
+            got = _low_rank.low_rank_layers(path, params, list(params), rates, 10)
+            assert ("layers.1.weight" in got) == (steps <= switched_up_to), (width, steps)
+
+
 def test_narrow_layers_tensor_rates_and_single_tasks_stay_dense():
     net = _net()
     params = dict(net.named_parameters())
@@ -150,10 +166,13 @@ def test_narrow_layers_tensor_rates_and_single_tasks_stay_dense():
     names = list(params)
     rates = [{n: 0.1 for n in names}] * 2
     # by default only the 12 x 12 layer can be factored, and only with few rows
-    assert set(_low_rank.low_rank_layers(path, params, names, rates, 5)) == {"layers.1.weight"}
-    assert _low_rank.low_rank_layers(path, params, names, rates, 7) == {}
-    # three steps of 5 rows would pass twice the limit of 6: dense from the start
-    assert _low_rank.low_rank_layers(path, params, names, rates * 2, 5) == {}
+    one_step = rates[:1]
+    assert set(_low_rank.low_rank_layers(path, params, names, one_step, 5)) == {
+        "layers.1.weight"
+    }
+    assert _low_rank.low_rank_layers(path, params, names, one_step, 7) == {}
+    # two steps of 5 rows would pass the limit of 6 of this small layer: dense from the start
+    assert _low_rank.low_rank_layers(path, params, names, rates, 5) == {}
     meta_sgd = [{n: torch.full_like(p, 0.1) for n, p in params.items()}] * 2
     assert _low_rank.low_rank_layers(path, params, names, meta_sgd, 5, policy=True) == {}
     X, y, _, _ = _data(n_tasks=1)
