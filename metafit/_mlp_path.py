@@ -177,21 +177,25 @@ class MLPPath:
             h = X.flatten(1) if X.dim() > 2 else X
         else:
             h = X.flatten(2) if X.dim() > 3 else X
-        act, act_grad, keep_pre = self.act, self.act_grad, self.saves_input
         for w, b in self.names[:first]:  # the frozen body: once, not every step
-            h = act(_linear(h, params[w], params[b]))
+            h = self.act(_linear(h, params[w], params[b]))
         body = h
         n, n_out = h.shape[-2], params[self.names[-1][0]].shape[-2]
         output_grad, target, factor = _output_gradient(loss_fn, y, h, n, n_out)
         if mask is not None:
             output_grad, factor = _masked(output_grad, target, factor, n, mask, h.dtype)
+        return self._step_function(plan, body, output_grad, target, len(names), single), factor
+
+    def _step_function(self, plan, body, output_grad, target, n_names: int, single: bool):
+        """The step of :meth:`prepare`: ``step(current, scale=None, factored=frozenset(),
+        update=False)``, one forward and the analytic backward of ``plan``'s layers."""
+        act, act_grad, keep_pre = self.act, self.act_grad, self.saves_input
         if single:  # module-shaped parameters: plain 2-D kernels
             linear, mm, addmm, back = F.linear, torch.mm, torch.addmm, torch.mm
         else:  # batched; these also take the low-rank loop's factored weights
             linear, mm, addmm, back = _linear, torch.bmm, torch.baddbmm, _back
-
         backward_plan = plan[::-1]
-        hidden, n_names = len(plan) - 1, len(names)
+        hidden = len(plan) - 1
 
         def step(
             current: Mapping[str, Tensor],
@@ -233,7 +237,7 @@ class MLPPath:
                     d = act_grad(back(d, current[w]), pre[j - 1] if keep_pre else inputs[j])
             return grads
 
-        return step, factor
+        return step
 
 
 def _output_gradient(loss_fn: Callable, y: Tensor, h: Tensor, n: int, n_out: int):

@@ -9,11 +9,14 @@ batch statistics, one batch per shape).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from metafit import _torch_compat as compat
 
 __all__ = ["Task", "TaskBatch", "as_task", "chunk_batches", "iter_meta_batches"]
 
@@ -343,10 +346,13 @@ def check_finite_batch(batch: TaskBatch) -> dict[str, float]:
     One reduction per tensor and a single synchronization for the four.
     """
     tensors = [getattr(batch, name) for name in _FIELDS]
-    largest = torch.stack([
-        t.abs().amax().double() if t.numel() else t.new_zeros((), dtype=torch.float64)
-        for t in tensors
-    ]).tolist()
+    if all(t.numel() and t.is_floating_point() for t in tensors):
+        largest = torch.stack(compat.foreach_norm(tensors, math.inf)).tolist()  # one kernel
+    else:  # integer class labels, or an empty field (the inf-norm has no identity)
+        largest = torch.stack([
+            t.abs().amax().double() if t.numel() else t.new_zeros((), dtype=torch.float64)
+            for t in tensors
+        ]).tolist()
     for what, value in zip(_FIELDS, largest):
         if not np.isfinite(value):
             raise ValueError(

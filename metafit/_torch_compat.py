@@ -22,6 +22,7 @@ __all__ = [
     "foreach_add_",
     "foreach_addcmul",
     "foreach_addcmul_",
+    "foreach_copy_",
     "foreach_norm",
     "fused_adam_",
     "optimizer_hooks_registered",
@@ -35,6 +36,7 @@ HAS_FOREACH = all(
         "_foreach_addcmul",
         "_foreach_addcmul_",
         "_foreach_norm",
+        "_foreach_copy_",
     )
 )
 
@@ -87,11 +89,21 @@ def foreach_addcmul_(
         t.addcmul_(r, o, value=value)
 
 
-def foreach_norm(tensors: list[Tensor]) -> list:
-    """The 2-norm of every tensor (one fused kernel where possible)."""
+def foreach_copy_(tensors: list[Tensor], sources: list[Tensor]) -> None:
+    """In place: ``t.copy_(s)`` for every pair."""
     if HAS_FOREACH:
-        return torch._foreach_norm(tensors)
-    return [torch.linalg.vector_norm(t) for t in tensors]
+        torch._foreach_copy_(tensors, sources)
+        return
+    for t, s in zip(tensors, sources):
+        t.copy_(s)
+
+
+def foreach_norm(tensors: list[Tensor], ord: float = 2) -> list:
+    """The ``ord``-norm of every tensor, 2 or ``math.inf`` (the largest magnitude); one
+    fused kernel where possible."""
+    if HAS_FOREACH:
+        return torch._foreach_norm(tensors, ord)
+    return [torch.linalg.vector_norm(t, ord) for t in tensors]
 
 
 def optimizer_hooks_registered(optimizer: torch.optim.Optimizer) -> bool:

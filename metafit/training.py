@@ -235,6 +235,80 @@ class TrainingState:
         )
 
 
+class _Snapshots:
+    """One run's per-iteration :class:`TrainingState`\\ s, reusing the tensors of the
+    state that the newest one replaces.
+
+    A full capture clones every parameter and optimizer moment and builds two state
+    dicts, 5-10% of a small meta-step. A snapshot into an object this run captured before
+    instead copies the learner's current tensors into that object's own with one foreach
+    copy. The module's tensors stay the same objects for a run (restores copy into them);
+    the optimizer's state tensors are looked up anew each time, since ``load_state_dict``
+    replaces them, and any change of structure falls back to a full capture.
+    """
+
+    def __init__(self, learner: MetaLearner):
+        self.learner = learner
+        self.module_sources: list[torch.Tensor] | None = None
+        # id(state) -> (state, its optimizer entries as (parameter index, key) pairs)
+        self.layouts: dict[int, tuple[TrainingState, list[tuple[int, str]] | None]] = {}
+
+    def capture(self, iteration: int, spare: TrainingState | None = None) -> TrainingState:
+        """A snapshot of the learner now, written into ``spare`` where possible."""
+        if spare is not None:
+            layout = self.layouts.get(id(spare))
+            if layout is not None and layout[0] is spare and self._refill(spare, layout[1]):
+                spare.iteration = int(iteration)
+                return spare
+            self.layouts.pop(id(spare), None)
+        state = TrainingState.capture(self.learner, iteration)
+        self._remember(state)
+        return state
+
+    def _remember(self, state: TrainingState) -> None:
+        learner = self.learner
+        if self.module_sources is None:
+            live = learner.module.state_dict(keep_vars=True)
+            self.module_sources = [
+                learner.extras[k[len("extra."):]] if k.startswith("extra.") else live[k]
+                for k in state.tensors
+            ]
+        pairs = None
+        if state.optimizer is not None:
+            pairs = [(i, key) for i, entry in state.optimizer["state"].items() for key in entry]
+        if len(self.layouts) >= 3:  # the loop keeps two states (and the first) at a time
+            self.layouts.pop(next(iter(self.layouts)))
+        self.layouts[id(state)] = (state, pairs)
+
+    def _refill(self, state: TrainingState, pairs) -> bool:
+        learner, opt = self.learner, self.learner.optimizer
+        state.iteration = -1  # never mistaken for a completed iteration while half-written
+        targets, sources = list(state.tensors.values()), list(self.module_sources)
+        if pairs is not None:
+            saved = state.optimizer["state"]
+            if opt is None or len(opt.state) != len(saved):
+                return False
+            params = [p for group in opt.param_groups for p in group["params"]]
+            for i, key in pairs:
+                value = opt.state[params[i]].get(key)
+                if isinstance(saved[i][key], torch.Tensor):
+                    if not isinstance(value, torch.Tensor):
+                        return False
+                    targets.append(saved[i][key])
+                    sources.append(value)
+                else:
+                    saved[i][key] = value
+            for saved_group, group in zip(state.optimizer["param_groups"], opt.param_groups):
+                saved_group.update(
+                    (k, _copy_tree(v)) for k, v in group.items() if k != "params"
+                )
+        with torch.no_grad():
+            compat.foreach_copy_(targets, sources)
+        sched = learner.scheduler
+        state.scheduler = None if sched is None else _copy_tree(_scheduler_state(sched))
+        return True
+
+
 def _copy_tree(obj, to_cpu: bool = False):
     """Copy nested dicts and lists, cloning tensors (10x faster than ``copy.deepcopy``)."""
     if isinstance(obj, torch.Tensor):
@@ -527,9 +601,8 @@ class _Loop:
     def __init__(self, learner: MetaLearner, start_iteration: int, grad_hook, check_finite):
         self.learner = learner
         self.result = TrainingResult()
-        self.result.last_state = self.first_state = TrainingState.capture(
-            learner, start_iteration
-        )
+        self.snapshots = _Snapshots(learner)
+        self.result.last_state = self.first_state = self.snapshots.capture(start_iteration)
         self.start_iteration = start_iteration
         self.previous_state: TrainingState | None = None
         self.grad_hook = grad_hook
@@ -565,7 +638,9 @@ class _Loop:
         if diverged is not None:
             self.diverged(batch, iteration, diverged)
         record = HistoryRecord(iteration, loss, val, time.perf_counter() - self.start)
-        state = TrainingState.capture(learner, iteration)
+        # the state this one replaces lends its tensors (never the run's first state)
+        spare = self.previous_state if self.previous_state is not self.first_state else None
+        state = self.snapshots.capture(iteration, spare)
         self.previous_state, self.result.last_state = self.result.last_state, state
         self.result.history.append(record)
         logger.debug("iteration %d: meta_loss=%.4g validation_loss=%s", iteration, loss, val)

@@ -538,3 +538,56 @@ def test_meta_history_is_a_list_of_dicts_that_becomes_a_frame():
     assert type(back) is MetaHistory and back == h
     with pytest.raises(KeyError, match="meta_loss"):
         h.column("loss")
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def _assert_same_state(a: TrainingState, b: TrainingState) -> None:
+    assert a.iteration == b.iteration and list(a.tensors) == list(b.tensors)
+    for k in a.tensors:
+        assert torch.equal(a.tensors[k], b.tensors[k]), k
+    assert a.optimizer["param_groups"] == b.optimizer["param_groups"]
+    assert a.optimizer["state"].keys() == b.optimizer["state"].keys()
+    for i, entry in a.optimizer["state"].items():
+        assert entry.keys() == b.optimizer["state"][i].keys()
+        for key, value in entry.items():
+            assert torch.equal(value, b.optimizer["state"][i][key]), (i, key)
+    assert a.scheduler == b.scheduler
+
+
+@pytest.mark.parametrize("algorithm", ["maml", "metasgd", "reptile"])
+def test_reused_snapshots_equal_full_captures_and_stay_copies(algorithm):
+    """A snapshot written into an earlier state's tensors holds exactly what a fresh
+    capture holds (parameters, extras, optimizer moments and settings, scheduler), and
+    later steps do not change it; after a restore (which replaces the optimizer's state
+    tensors) it still reads the live ones."""
+    from metafit.training import _Snapshots
+
+    torch.manual_seed(0)
+    learner = MetaLearner(MLP(1, 1, (8, 8)), loss="mse", algorithm=algorithm, inner_lr=0.01,
+                          inner_steps=2)
+    learner.init_optimizer(1e-2, 10)
+    batch = SinusoidTasks(5, 5, random_state=0).sample_batch(4, np.random.default_rng(0))
+    snapshots = _Snapshots(learner)
+    first = snapshots.capture(0)
+    learner.meta_step([batch])
+    spare = snapshots.capture(1)
+    for iteration in (2, 3):
+        learner.meta_step([batch])
+        tensors = dict(spare.tensors)
+        state = snapshots.capture(iteration, spare)
+        assert state is spare and all(state.tensors[k] is v for k, v in tensors.items())
+        _assert_same_state(state, TrainingState.capture(learner, iteration))
+    frozen = TrainingState.capture(learner, 3)
+    learner.meta_step([batch])
+    _assert_same_state(state, frozen)  # a copy, not a view of the live tensors
+    first.restore(learner)  # back to iteration 0: no optimizer state at all
+    learner.meta_step([batch])
+    again = snapshots.capture(1, state)  # the optimizer's state was rebuilt: still exact
+    _assert_same_state(again, TrainingState.capture(learner, 1))
+    had_state = bool(again.optimizer["state"])  # Reptile's SGD keeps none
+    learner.optimizer.state.clear()  # a structure the spare does not have: a full capture
+    fresh = snapshots.capture(5, again)
+    assert (fresh is not again) == had_state and fresh.optimizer["state"] == {}
+    _assert_same_state(fresh, TrainingState.capture(learner, 5))
