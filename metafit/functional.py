@@ -556,9 +556,10 @@ def _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_g
                 on_step(step, layout.result(current))
             continue
         mode.set(grad_mode)
-        # The update inside the step where both run in one grad mode (second order, or no
-        # graph at all); first order computes the step without a graph but not the update.
-        if fused and grad_mode == track_graph and is_number(rate):
+        # Second order: the update inside the step (first order computes the step without
+        # a graph but not the update; without any graph, the in-place updates below are
+        # faster for small networks).
+        if fused and grad_mode and is_number(rate):
             current.update(zip(names, step_grads(current, -float(rate) * factor, update=True)))
             layout.updated()
             if on_step is not None:
