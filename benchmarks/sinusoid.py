@@ -20,7 +20,8 @@ because one step of Reptile is joint training), then prints:
    1-256-256-1), metafit's default path against its previous, dense path
    (``MetaLearner(low_rank=False)``) and against learn2learn, higher (where installed),
    the torch.func ``vmap`` recipe and a plain loop, all on the same batches and initial
-   weights, median of 7 interleaved repeats at one thread.
+   weights, at one thread: 15 interleaved rounds, each speed-up the median of the rounds'
+   paired ratios, and the rounds' range against learn2learn.
 
 Usage::
 
@@ -323,13 +324,14 @@ def compare_table(args, emit) -> None:
     torch.set_num_threads(1)
     emit()
     emit("second-order MAML meta-steps (FO: first order), tasks/s at 1 thread, median of "
-         f"{3 if args.quick else 7} interleaved repeats, same batches and initial weights;")
+         f"{3 if args.quick else 15} interleaved rounds, same batches and initial weights;")
     emit("tasks/s: metafit's default path; 'x dense': its speed-up over its previous, dense "
          "path (MetaLearner(low_rank=False)); 'x NAME': over each contender (n/a: not "
-         "installed)")
+         "installed), the median over the rounds of each round's ratio; 'l2l range': the "
+         "rounds' lowest and highest ratio to learn2learn")
     names = list(PEERS)
     emit(f"{'network, task':<30}{'tasks/s':>9}{'x dense':>9}"
-         + "".join(f"{'x ' + n:>15}" for n in names))
+         + "".join(f"{'x ' + n:>15}" for n in names) + f"{'l2l range':>14}")
     configs = COMPARE[:2] if args.quick else COMPARE
     for label, d, width, k, steps, first_order, tasks in configs:
         batch = (SinusoidTasks(k, 10).sample_batch(tasks, np.random.default_rng(2))
@@ -350,15 +352,21 @@ def compare_table(args, emit) -> None:
             fn = PEERS[name](net(), batch, steps, first_order)
             if fn is not None:
                 fns[name] = fn
-        times = interleaved_ms(fns, 3 if args.quick else 7, 0.05 if args.quick else 0.25)
-        ms = {k: float(np.median(v)) for k, v in times.items()}
-        rate = {k: tasks / (v / 1e3) for k, v in ms.items()}
+        times = interleaved_ms(fns, 3 if args.quick else 15, 0.05 if args.quick else 0.12)
+        own = np.array(times["metafit"])
+        # Speed-ups as the median of each round's paired ratio: the rounds share the
+        # machine's load, so pairing cancels most of it (single rounds still spread by
+        # 20-40% on a busy VM; the learn2learn column's range is printed).
+        ratio = {k: float(np.median(np.array(v) / own)) for k, v in times.items()}
         cells = "".join(
-            f"{rate['metafit'] / rate[n]:>14.2f}x" if n in rate else f"{'n/a':>15}"
-            for n in names
+            f"{ratio[n]:>14.2f}x" if n in ratio else f"{'n/a':>15}" for n in names
         )
-        emit(f"{label:<30}{rate['metafit']:>9.0f}{rate['metafit'] / rate['dense']:>8.2f}x"
-             + cells)
+        spread = "n/a"
+        if "learn2learn" in times:
+            paired = np.array(times["learn2learn"]) / own
+            spread = f"{paired.min():.1f}-{paired.max():.1f}x"
+        emit(f"{label:<30}{tasks / (np.median(own) / 1e3):>9.0f}{ratio['dense']:>8.2f}x"
+             + cells + f"{spread:>14}")
 
 
 # --------------------------------------------------------------------------- report

@@ -48,13 +48,13 @@ __all__ = [
 RANK_RATIO = 1.0
 #: A layer whose rank after all steps would pass ``SWITCH_FACTOR`` times its limit stays
 #: dense from the start (same benchmark: 1-40-40-1 with 5 steps of 10 rows, 2.5 times the
-#: limit, was 5% slower switched than dense; 1.56 times was 12-20% faster switched for
+#: limit, was 5% slower switched than dense; 1.56 times was 7-22% faster switched for
 #: 256x256 and 512x512 layers).
 SWITCH_FACTOR = 2.0
 #: Only a layer of at least this many weights switches half-way; a smaller one whose rank
 #: would pass its limit stays dense from the start (same benchmark, with the fused dense
 #: updates: switched at 1.56 times the limit was 0.85-0.99x of dense for 64x64 and
-#: 128x128 layers, 1.12-1.20x for 256x256 and 512x512).
+#: 128x128 layers, 1.07-1.22x for 256x256 and 512x512 in two runs).
 SWITCH_MIN_WEIGHTS = 256 * 256
 
 
