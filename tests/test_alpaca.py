@@ -216,3 +216,74 @@ def test_alpaca_refuses_classification_and_a_skorch_export_of_its_posterior():
     est.fit(task.X_support, task.y_support)
     with pytest.raises(ValueError, match="posterior over its head"):
         est.to_skorch()
+
+
+def test_calibration_scales_the_variance_only_and_to_the_held_out_residuals():
+    """The calibrated noise makes the mean of (y - mean)^2 / var over the held-out query
+    rows exactly 1 and changes neither the posterior mean nor the variance's shape."""
+    learner = _learner()
+    g = torch.Generator().manual_seed(3)
+    Xs, Xq = (torch.randn(5, n, 3, generator=g, dtype=torch.float64) for n in (6, 9))
+    ys, yq = torch.randn(5, 6, generator=g, dtype=torch.float64), 3 * torch.randn(
+        5, 9, generator=g, dtype=torch.float64)
+    from metafit.tasks import TaskBatch
+
+    mask = torch.ones(5, 9, dtype=torch.float64)
+    mask[2, 6:] = 0  # padding rows do not count
+    batch = TaskBatch(Xs, ys, Xq, yq, query_mask=mask)
+    before = learner.predict_distribution(learner.adapt(Xs, ys, track_graph=False), Xq)
+    new = learner.algorithm.calibrated_extras(learner, [batch])
+    assert set(new) == {"alpaca_log_noise"}
+    with torch.no_grad():
+        learner.extras["alpaca_log_noise"].copy_(new["alpaca_log_noise"])
+    mean, var = learner.predict_distribution(learner.adapt(Xs, ys, track_graph=False), Xq)
+    torch.testing.assert_close(mean, before[0])
+    scale = var / before[1]
+    torch.testing.assert_close(scale, torch.full_like(scale, float(scale[0, 0])))
+    ratio = ((yq - mean) ** 2 / var * mask).sum() / mask.sum()
+    assert float(ratio) == pytest.approx(1.0, rel=1e-9)
+    assert learner.algorithm.calibrated_extras(learner, []) == {}
+
+
+def test_meta_fit_calibrates_the_intervals_on_the_validation_groups():
+    """Training groups far less noisy than new ones (noise 0.05 against 0.6): the noise
+    meta-learned on them gives intervals too narrow for new groups; refitted on the
+    validation groups (which are like the new ones) they cover about 95% again."""
+    rng = np.random.default_rng(1)
+
+    def groups(n_groups, noise, first):
+        X, y, g = [], [], []
+        for i in range(n_groups):
+            x = rng.normal(size=(20, 1))
+            b0, b1 = rng.normal(0, 1.0), rng.normal(0, 0.5)
+            X.append(x)
+            y.append(b0 + (1.5 + b1) * x[:, 0] + rng.normal(0, noise, 20))
+            g += [first + i] * 20
+        return np.vstack(X), np.concatenate(y), np.array(g)
+
+    Xt, yt, gt = groups(40, 0.05, 0)
+    Xv, yv, gv = groups(15, 0.6, 100)
+    Xn, yn, gn = groups(15, 0.6, 200)
+    from metafit import tasks_from_groups
+
+    val = tasks_from_groups(Xv, yv, gv, support_size=6)
+    kw = dict(algorithm="alpaca", hidden_sizes=(8,), meta_iterations=120, meta_batch_size=8,
+              random_state=0, verbose=0, standardize=False)
+    plain = MetaInitializedRegressor(**kw).meta_fit(
+        tasks_from_groups(Xt, yt, gt, support_size=6) * 25)
+    est = MetaInitializedRegressor(**kw).meta_fit(
+        tasks_from_groups(Xt, yt, gt, support_size=6) * 25, validation_tasks=val)
+    assert est.meta_init_.metadata["calibrated_extras"] == ["alpaca_log_noise"]
+
+    def coverage(model):
+        inside = []
+        for group in np.unique(gn):
+            m = np.flatnonzero(gn == group)
+            mean, std = clone(model).fit(Xn[m[:6]], yn[m[:6]]).predict(Xn[m[6:]],
+                                                                      return_std=True)
+            inside += list(np.abs(yn[m[6:]] - mean) / std < 1.96)
+        return np.mean(inside)
+
+    narrow, calibrated = coverage(plain), coverage(est)
+    assert narrow < 0.8
+    assert 0.88 < calibrated < 0.99

@@ -198,6 +198,12 @@ class MetaAlgorithm:
             f"algorithm {self.name!r} has no predictive distribution; 'alpaca' has one."
         )
 
+    def calibrated_extras(self, ctx: AdaptationContext, batches) -> dict[str, Tensor]:
+        """New values of extra tensors fitted on held-out meta-batches after meta-training
+        (ALPACA's noise level, so that its predictive variance matches new tasks' query
+        residuals); none by default. Reads ``ctx``, changes nothing."""
+        return {}
+
     def predict(self, ctx: AdaptationContext, adapted, X: Tensor, step: int | None = None):
         """Outputs for ``X`` (leading task dimension) from adapted parameters: the
         network's forward (of inner step ``step`` where the forward depends on it)."""

@@ -407,11 +407,19 @@ class MetaFitRun:
             grid = [lr], [0 if algorithm.closed_form else steps]
         with torch_threads(threads_for(learner.module, self.est.n_threads)):
             choice = choose_adaptation(learner, val, *grid)
+            calibrated = learner.algorithm.calibrated_extras(learner, learner.batches(val))
         if searched:
             meta["adaptation"] = choice.to_metadata()
         score = choice.scores[(choice.inner_lr, choice.inner_steps)]
         meta["validation_score"] = float(score) if math.isfinite(score) else None
-        return replace(meta_init, metadata=meta)
+        tensors = meta_init.tensors
+        if calibrated:  # fitted on the validation tasks, saved with the initialization
+            tensors = dict(tensors)
+            for name, value in calibrated.items():
+                key = f"extra.{name}"
+                tensors[key] = value.detach().to(tensors[key].device, tensors[key].dtype)
+            meta["calibrated_extras"] = sorted(calibrated)
+        return replace(meta_init, tensors=tensors, metadata=meta)
 
     def _outcome(self, result, resume, best, stopper, use_best: bool, val=None
                  ) -> MetaFitOutcome:
