@@ -1,9 +1,10 @@
 """Time fit()+predict of one few-shot task: metafit vs MLPRegressor vs skorch.
 
-One 10-point sinusoid task, 5 gradient steps, the 1-40-40-1 network, the same run for all
-three. This is the unit of work that ``GridSearchCV`` and tuning repeat thousands of times.
+One 10-point sinusoid task, 5 gradient steps, the 1-40-40-1 network (``--width`` for
+another hidden width), the same run for all three. This is the unit of work that
+``GridSearchCV`` and tuning repeat thousands of times.
 
-    python3 benchmarks/bench_fit.py [--repeats 7] [--number 200] [--threads 1]
+    python3 benchmarks/bench_fit.py [--repeats 7] [--number 200] [--threads 1] [--width 40]
 
 torch runs single-threaded by default (``--threads``): on a small shared machine torch's
 intra-op thread pool stalls for milliseconds whenever another process holds a core, and
@@ -29,7 +30,7 @@ def _task():
     return task.X_support, task.y_support, task.X_query
 
 
-def _candidates(X, y, Xq):
+def _candidates(X, y, Xq, width: int = 40):
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.neural_network import MLPRegressor
     from skorch import NeuralNetRegressor
@@ -39,11 +40,13 @@ def _candidates(X, y, Xq):
     warnings.filterwarnings("ignore", category=ConvergenceWarning)
 
     meta = MetaInitializedRegressor(
-        hidden_sizes=(40, 40), inner_lr=0.01, inner_steps=5, meta_iterations=2, random_state=0
+        hidden_sizes=(width, width), inner_lr=0.01, inner_steps=5, meta_iterations=2,
+        random_state=0,
     ).meta_fit(SinusoidTasks(random_state=0))
-    scratch = MetaInitializedRegressor(hidden_sizes=(40, 40), inner_steps=5, random_state=0)
+    scratch = MetaInitializedRegressor(hidden_sizes=(width, width), inner_steps=5,
+                                       random_state=0)
     mlp = MLPRegressor(
-        hidden_layer_sizes=(40, 40),
+        hidden_layer_sizes=(width, width),
         solver="sgd",
         learning_rate_init=0.01,
         max_iter=5,
@@ -57,11 +60,11 @@ def _candidates(X, y, Xq):
         def __init__(self):
             super().__init__()
             self.seq = torch.nn.Sequential(
-                torch.nn.Linear(1, 40),
+                torch.nn.Linear(1, width),
                 torch.nn.ReLU(),
-                torch.nn.Linear(40, 40),
+                torch.nn.Linear(width, width),
                 torch.nn.ReLU(),
-                torch.nn.Linear(40, 1),
+                torch.nn.Linear(width, 1),
             )
 
         def forward(self, X):
@@ -111,11 +114,12 @@ def main(argv=None) -> dict[str, float]:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--number", type=int, default=200)
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument("--width", type=int, default=40, help="hidden width of both layers")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     X, y, Xq = _task()
-    cands = _candidates(X, y, Xq)
+    cands = _candidates(X, y, Xq, args.width)
     medians, spreads = {}, {}
     # Interleave the repeats so that a burst of load from elsewhere hits all candidates.
     times: dict[str, list[float]] = {k: [] for k in cands}
@@ -130,7 +134,8 @@ def main(argv=None) -> dict[str, float]:
     mlp = medians["sklearn MLPRegressor"]
     sk = medians["skorch NeuralNetRegressor"]
     print(
-        f"fit()+predict, one 10-point sinusoid task, 5 steps, 1-40-40-1 net; "
+        f"fit()+predict, one 10-point sinusoid task, 5 steps, 1-{args.width}-{args.width}-1 "
+        "net; "
         f"torch threads={torch.get_num_threads()}, torch {torch.__version__}, "
         f"{args.repeats} repeats"
     )
