@@ -536,6 +536,9 @@ def _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_g
     # Outside autograd, once the first step made the adapted tensors the loop's own, later
     # steps update them in place (unless on_step may keep them).
     in_place, own = not track_graph and on_step is None, None
+    # Second order only: first order computes the step without a graph but not the update,
+    # and without any graph the in-place updates are faster for small networks.
+    fuse_steps = fused and grad_mode
     names = layout.names
     for step in range(layout.steps):
         rate = lr[step] if per_step else lr
@@ -556,26 +559,20 @@ def _run_steps(current, step_grads, factor, lr, layout, mode, grad_mode, track_g
                 on_step(step, layout.result(current))
             continue
         mode.set(grad_mode)
-        # Second order: the update inside the step (first order computes the step without
-        # a graph but not the update; without any graph, the in-place updates below are
-        # faster for small networks).
-        if fused and grad_mode and is_number(rate):
+        if fuse_steps and is_number(rate):  # the step returns the updated parameters
             current.update(zip(names, step_grads(current, -float(rate) * factor, update=True)))
             layout.updated()
-            if on_step is not None:
-                mode.set(mode.caller)
-                on_step(step, layout.result(current))
-            continue
-        grads, rate_now, factor_now = _step_gradients(
-            step_grads, current, step, rate, factor, autograd, grad_mode)
-        mode.set(track_graph)
-        if own is not None:
-            update.in_place(own, grads, rate_now, factor_now)
         else:
-            update(current, grads, rate_now, factor_now)
-            layout.updated()
-            if in_place:
-                own = [current[n] for n in layout.names]
+            grads, rate_now, factor_now = _step_gradients(
+                step_grads, current, step, rate, factor, autograd, grad_mode)
+            mode.set(track_graph)
+            if own is not None:
+                update.in_place(own, grads, rate_now, factor_now)
+            else:
+                update(current, grads, rate_now, factor_now)
+                layout.updated()
+                if in_place:
+                    own = [current[n] for n in layout.names]
         if on_step is not None:
             mode.set(mode.caller)
             on_step(step, layout.result(current))

@@ -240,8 +240,8 @@ class _Snapshots:
     state that the newest one replaces.
 
     A full capture clones every parameter and optimizer moment and builds two state
-    dicts, 5-10% of a small meta-step. A snapshot into an object this run captured before
-    instead copies the learner's current tensors into that object's own with one foreach
+    dicts, 5-10% of a small meta-step. A snapshot into a state this run captured before
+    instead copies the learner's current tensors into that state's own with one foreach
     copy. The module's tensors stay the same objects for a run (restores copy into them);
     the optimizer's state tensors are looked up anew each time, since ``load_state_dict``
     replaces them, and any change of structure falls back to a full capture.
@@ -249,55 +249,45 @@ class _Snapshots:
 
     def __init__(self, learner: MetaLearner):
         self.learner = learner
-        self.module_sources: list[torch.Tensor] | None = None
-        # id(state) -> (state, its optimizer entries as (parameter index, key) pairs)
-        self.layouts: dict[int, tuple[TrainingState, list[tuple[int, str]] | None]] = {}
+        self.module_sources: list[torch.Tensor] | None = None  # in ``tensors`` order
 
     def capture(self, iteration: int, spare: TrainingState | None = None) -> TrainingState:
-        """A snapshot of the learner now, written into ``spare`` where possible."""
-        if spare is not None:
-            layout = self.layouts.get(id(spare))
-            if layout is not None and layout[0] is spare and self._refill(spare, layout[1]):
-                spare.iteration = int(iteration)
-                return spare
-            self.layouts.pop(id(spare), None)
+        """A snapshot of the learner now, written into ``spare`` (a state this run
+        captured) where possible."""
+        if spare is not None and self._refill(spare):
+            spare.iteration = int(iteration)
+            return spare
         state = TrainingState.capture(self.learner, iteration)
-        self._remember(state)
-        return state
-
-    def _remember(self, state: TrainingState) -> None:
-        learner = self.learner
         if self.module_sources is None:
-            live = learner.module.state_dict(keep_vars=True)
+            live = self.learner.module.state_dict(keep_vars=True)
             self.module_sources = [
-                learner.extras[k[len("extra."):]] if k.startswith("extra.") else live[k]
+                self.learner.extras[k[len("extra."):]] if k.startswith("extra.") else live[k]
                 for k in state.tensors
             ]
-        pairs = None
-        if state.optimizer is not None:
-            pairs = [(i, key) for i, entry in state.optimizer["state"].items() for key in entry]
-        if len(self.layouts) >= 3:  # the loop keeps two states (and the first) at a time
-            self.layouts.pop(next(iter(self.layouts)))
-        self.layouts[id(state)] = (state, pairs)
+        return state
 
-    def _refill(self, state: TrainingState, pairs) -> bool:
+    def _refill(self, state: TrainingState) -> bool:
         learner, opt = self.learner, self.learner.optimizer
+        if self.module_sources is None or len(self.module_sources) != len(state.tensors):
+            return False
         state.iteration = -1  # never mistaken for a completed iteration while half-written
         targets, sources = list(state.tensors.values()), list(self.module_sources)
-        if pairs is not None:
+        if state.optimizer is not None:
             saved = state.optimizer["state"]
             if opt is None or len(opt.state) != len(saved):
                 return False
             params = [p for group in opt.param_groups for p in group["params"]]
-            for i, key in pairs:
-                value = opt.state[params[i]].get(key)
-                if isinstance(saved[i][key], torch.Tensor):
-                    if not isinstance(value, torch.Tensor):
+            for i, entry in saved.items():
+                live = opt.state[params[i]]
+                for key, old in entry.items():
+                    value = live.get(key)
+                    if not isinstance(old, torch.Tensor):
+                        entry[key] = value
+                    elif isinstance(value, torch.Tensor):
+                        targets.append(old)
+                        sources.append(value)
+                    else:
                         return False
-                    targets.append(saved[i][key])
-                    sources.append(value)
-                else:
-                    saved[i][key] = value
             for saved_group, group in zip(state.optimizer["param_groups"], opt.param_groups):
                 saved_group.update(
                     (k, _copy_tree(v)) for k, v in group.items() if k != "params"
