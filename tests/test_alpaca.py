@@ -13,10 +13,10 @@ from metafit.learner import MetaLearner
 from metafit.models import MLP
 
 
-def _learner(n_in=3, n_features=4, hidden=(8,), seed=0, linear=True):
+def _learner(n_in=3, n_features=4, hidden=(8,), seed=0, linear=True, noise="per_task"):
     torch.manual_seed(seed)
     net = MLP(n_in, n_features, hidden_sizes=hidden)
-    algorithm = ALPACA(n_features, linear_features=linear)
+    algorithm = ALPACA(n_features, linear_features=linear, noise=noise)
     learner = MetaLearner(net, loss="mse", algorithm=algorithm, inner_lr=0.01,
                           inner_steps=1, dtype=torch.float64)
     with torch.no_grad():
@@ -25,17 +25,29 @@ def _learner(n_in=3, n_features=4, hidden=(8,), seed=0, linear=True):
     return learner
 
 
+@pytest.mark.parametrize("noise", ["per_task", "shared"])
 @pytest.mark.parametrize("linear", [True, False])
-def test_the_posterior_and_the_predictive_match_numpy_in_float64(linear):
-    """Features: the network's outputs, the raw columns (``linear_features``), a 1."""
-    learner = _learner(linear=linear)
+def test_the_posterior_and_the_predictive_match_numpy_in_float64(linear, noise):
+    """Features: the network's outputs, the raw columns (``linear_features``), a 1. The
+    per-task noise's Normal-Inverse-Gamma posterior from its textbook form, the
+    predictive likelihood from scipy's Student-t (shared noise: Gaussian)."""
+    from scipy import stats
+
+    learner = _learner(linear=linear, noise=noise)
     rng = np.random.default_rng(0)
     Xs, ys = rng.normal(size=(2, 6, 3)), rng.normal(size=(2, 6))
-    Xq = rng.normal(size=(2, 4, 3))
+    Xq, yq = rng.normal(size=(2, 4, 3)), rng.normal(size=(2, 4))
     t = lambda a: torch.as_tensor(a, dtype=torch.float64)  # noqa: E731
     adapted = learner.adapt(t(Xs), t(ys), track_graph=False)
     mean, var = learner.predict_distribution(adapted, t(Xq))
-    k0, lam0, noise = (x.detach().numpy() for x in ALPACA.prior(learner))
+    from metafit.tasks import TaskBatch
+
+    with torch.no_grad():
+        nll = learner.algorithm.query_nll(learner, adapted,
+                                          TaskBatch(t(Xs), t(ys), t(Xq), t(yq)))
+    k0, lam0, noise0 = (x.detach().numpy() for x in ALPACA.prior(learner))
+    if noise == "per_task":
+        a0 = 1 + np.exp(float(learner.extras["alpaca_log_shape"].detach()))
     def feats(X):
         with torch.no_grad():
             raw = [X] if linear else []
@@ -48,11 +60,62 @@ def test_the_posterior_and_the_predictive_match_numpy_in_float64(linear):
         k_n = np.linalg.solve(lam_n, P.T @ ys[i] + lam0 @ k0)
         np.testing.assert_allclose(adapted["alpaca.k"][i].detach().numpy(), k_n, rtol=1e-9)
         np.testing.assert_allclose(mean[i].numpy(), Q @ k_n, rtol=1e-9, atol=1e-12)
-        want_var = noise * (1 + np.einsum("nd,de,ne->n", Q, np.linalg.inv(lam_n), Q))
+        spread = 1 + np.einsum("nd,de,ne->n", Q, np.linalg.inv(lam_n), Q)
+        if noise == "shared":
+            want_var = noise0 * spread
+            want_nll = -stats.norm.logpdf(yq[i], Q @ k_n, np.sqrt(want_var))
+        else:
+            a_n = a0 + len(ys[i]) / 2
+            b_n = a0 * noise0 + 0.5 * (ys[i] @ ys[i] + k0 @ lam0 @ k0 - k_n @ lam_n @ k_n)
+            dof, scale2 = 2 * a_n, b_n / a_n * spread
+            want_var = scale2 * dof / (dof - 2)
+            want_nll = -stats.t.logpdf(yq[i], dof, Q @ k_n, np.sqrt(scale2))
         np.testing.assert_allclose(var[i].numpy(), want_var, rtol=1e-9)
+        np.testing.assert_allclose(nll[i].numpy(), want_nll, rtol=1e-9)
     # predict (the estimators' path) is the predictive mean.
     out = learner.predict(adapted, t(Xq))
     np.testing.assert_allclose(out[..., 0].numpy(), mean.numpy())
+
+
+def test_padding_rows_leave_the_noise_posterior_alone():
+    """A task padded with junk rows (mask 0) has the unpadded task's posterior, noise
+    statistics included, and the same predictive."""
+    learner = _learner()
+    g = torch.Generator().manual_seed(0)
+    Xs, ys = torch.randn(1, 5, 3, generator=g, dtype=torch.float64), torch.randn(
+        1, 5, generator=g, dtype=torch.float64)
+    Xq = torch.randn(1, 4, 3, generator=g, dtype=torch.float64)
+    padded_X = torch.cat([Xs, 50 * torch.randn(1, 3, 3, generator=g, dtype=torch.float64)], 1)
+    padded_y = torch.cat([ys, torch.full((1, 3), 9.0, dtype=torch.float64)], 1)
+    mask = torch.cat([torch.ones(1, 5), torch.zeros(1, 3)], 1).double()
+    plain = learner.adapt(Xs, ys, track_graph=False)
+    padded = learner.adapt(padded_X, padded_y, track_graph=False, mask=mask)
+    for key in ("alpaca.k", "alpaca.rows", "alpaca.surprise"):
+        torch.testing.assert_close(padded[key], plain[key])
+    for a, b in zip(learner.predict_distribution(padded, Xq),
+                    learner.predict_distribution(plain, Xq)):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_task_whose_support_rows_surprise_the_prior_gets_wider_intervals():
+    """Per-task noise: the same inputs, support targets twice as far from the prior's
+    mean, a wider predictive; one shared noise level gives both tasks the same width."""
+    for noise, wider in (("per_task", True), ("shared", False)):
+        learner = _learner(noise=noise)
+        g = torch.Generator().manual_seed(1)
+        Xs = torch.randn(1, 8, 3, generator=g, dtype=torch.float64).expand(2, 8, 3)
+        Xq = torch.randn(1, 4, 3, generator=g, dtype=torch.float64).expand(2, 4, 3)
+        with torch.no_grad():
+            prior_mean = learner.adapt(Xs[:1, :0], torch.zeros(1, 0, dtype=torch.float64),
+                                       track_graph=False)
+            centre = learner.predict(prior_mean, Xs[:1])[..., 0]
+        e = torch.randn(1, 8, generator=g, dtype=torch.float64)
+        ys = torch.cat([centre + e, centre + 2 * e])
+        _, var = learner.predict_distribution(learner.adapt(Xs, ys, track_graph=False), Xq)
+        if wider:
+            assert bool((var[1] > 1.5 * var[0]).all())
+        else:
+            torch.testing.assert_close(var[1], var[0])
 
 
 def test_with_identity_features_the_posterior_mean_is_the_mixed_models_blup():
@@ -87,14 +150,23 @@ def test_with_identity_features_the_posterior_mean_is_the_mixed_models_blup():
 
 
 def test_the_meta_gradient_reaches_the_network_and_the_prior():
+    """...and not the per-task noise prior's shape, which held-out tasks fit: the
+    meta-training loss is the Gaussian likelihood of one shared noise level."""
     learner = _learner()
     tasks = SinusoidTasks(k_shot=5, random_state=0).sample(4)
     tasks = [type(t)(np.repeat(t.X_support, 3, 1), t.y_support,
                      np.repeat(t.X_query, 3, 1), t.y_query) for t in tasks]
     loss, grads = learner.algorithm.meta_gradients(learner, learner.batches(tasks))
     assert np.isfinite(float(loss))
-    assert all(float(g.abs().max()) > 0 for g in grads)
     assert len(grads) == len(learner.meta_parameters())
+    shape = learner.extras["alpaca_log_shape"]
+    for p, g in zip(learner.meta_parameters(), grads):
+        assert (float(g.abs().max()) == 0) == (p is shape)
+    shared = _learner(noise="shared")
+    _, shared_grads = shared.algorithm.meta_gradients(shared, shared.batches(tasks))
+    for g, h in zip(grads, shared_grads):  # the same loss as one shared noise level
+        if h.shape == g.shape:
+            torch.testing.assert_close(g, h)
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +231,8 @@ def test_alpaca_saves_loads_and_pickles_with_its_options(alpaca_est, linear_grou
     alpaca_est.save_meta_init(path)
     init = MetaInit.load(path)
     assert init.metadata["algorithm"] == "alpaca"
-    assert init.algorithm_options == {"n_features": 32, "linear_features": True}
+    assert init.algorithm_options == {"n_features": 32, "linear_features": True,
+                                      "noise": "per_task"}
     loaded = MetaInitializedRegressor(meta_init=path, hidden_sizes=(16,)).fit(
         X[m[:6]], y[m[:6]])
     again = pickle.loads(pickle.dumps(loaded))
@@ -167,6 +240,30 @@ def test_alpaca_saves_loads_and_pickles_with_its_options(alpaca_est, linear_grou
         got = est.predict(X[m[6:]], return_std=True)
         for a, b in zip(got, ref):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_an_initialization_saved_before_the_noise_option_loads_with_one_shared_noise(
+        tmp_path):
+    """Files written before ``noise=`` existed have no ``noise`` in their options and no
+    noise-prior tensor: they load as ``noise="shared"``, which is what they were."""
+    from dataclasses import replace
+
+    est = MetaInitializedRegressor(algorithm=ALPACA(n_features=4, noise="shared"),
+                                   hidden_sizes=(8,), meta_iterations=10, meta_batch_size=4,
+                                   random_state=0, verbose=0)
+    est.meta_fit(SinusoidTasks(k_shot=5, random_state=0))
+    init = est.meta_init_
+    assert "extra.alpaca_log_shape" not in init.tensors
+    options = {k: v for k, v in init.algorithm_options.items() if k != "noise"}
+    old = replace(init, metadata={**init.metadata, "algorithm_options": options})
+    old.save(tmp_path / "old.safetensors")
+    task = SinusoidTasks(k_shot=5, random_state=1).sample(1)[0]
+    loaded = MetaInitializedRegressor(meta_init=tmp_path / "old.safetensors",
+                                      hidden_sizes=(8,)).fit(task.X_support, task.y_support)
+    assert loaded._learner.algorithm == ALPACA(n_features=4, noise="shared")
+    want = est.fit(task.X_support, task.y_support).predict(task.X_query, return_std=True)
+    for a, b in zip(loaded.predict(task.X_query, return_std=True), want):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
 
 
 def test_alpaca_in_task_mode_and_its_errors():
@@ -183,6 +280,8 @@ def test_alpaca_in_task_mode_and_its_errors():
             [(np.ones((4, 1)), np.ones((4, 2)), np.ones((4, 1)), np.ones((4, 2)))])
     with pytest.raises(ValueError, match="n_features"):
         ALPACA(n_features=0)
+    with pytest.raises(ValueError, match="noise must be 'per_task' or 'shared'"):
+        ALPACA(noise="gaussian")
     maml = MetaInitializedRegressor(meta_iterations=2, random_state=0, verbose=0).meta_fit(
         SinusoidTasks(k_shot=5, random_state=0)).fit(task.X_support, task.y_support)
     with pytest.raises(ValueError, match="return_std=True needs.*alpaca"):
@@ -218,19 +317,26 @@ def test_alpaca_refuses_classification_and_a_skorch_export_of_its_posterior():
         est.to_skorch()
 
 
-def test_calibration_scales_the_variance_only_and_to_the_held_out_residuals():
-    """The calibrated noise makes the mean of (y - mean)^2 / var over the held-out query
-    rows exactly 1 and changes neither the posterior mean nor the variance's shape."""
-    learner = _learner()
+def _held_out_batch(n_tasks=40):
+    """Held-out tasks whose noise is three times the prior's and differs between them
+    (alike in a task's support and query rows)."""
     g = torch.Generator().manual_seed(3)
-    Xs, Xq = (torch.randn(5, n, 3, generator=g, dtype=torch.float64) for n in (6, 9))
-    ys, yq = torch.randn(5, 6, generator=g, dtype=torch.float64), 3 * torch.randn(
-        5, 9, generator=g, dtype=torch.float64)
+    Xs, Xq = (torch.randn(n_tasks, n, 3, generator=g, dtype=torch.float64) for n in (6, 9))
+    level = 3 * torch.exp(0.2 * torch.randn(n_tasks, 1, generator=g, dtype=torch.float64))
+    ys = level * torch.randn(n_tasks, 6, generator=g, dtype=torch.float64)
+    yq = level * torch.randn(n_tasks, 9, generator=g, dtype=torch.float64)
     from metafit.tasks import TaskBatch
 
-    mask = torch.ones(5, 9, dtype=torch.float64)
+    mask = torch.ones(n_tasks, 9, dtype=torch.float64)
     mask[2, 6:] = 0  # padding rows do not count
-    batch = TaskBatch(Xs, ys, Xq, yq, query_mask=mask)
+    return Xs, ys, Xq, yq, mask, TaskBatch(Xs, ys, Xq, yq, query_mask=mask)
+
+
+def test_calibration_of_a_shared_noise_scales_the_variance_only_and_to_the_residuals():
+    """The calibrated noise makes the mean of (y - mean)^2 / var over the held-out query
+    rows exactly 1 and changes neither the posterior mean nor the variance's shape."""
+    learner = _learner(noise="shared")
+    Xs, ys, Xq, yq, mask, batch = _held_out_batch()
     before = learner.predict_distribution(learner.adapt(Xs, ys, track_graph=False), Xq)
     new = learner.algorithm.calibrated_extras(learner, [batch])
     assert set(new) == {"alpaca_log_noise"}
@@ -243,6 +349,39 @@ def test_calibration_scales_the_variance_only_and_to_the_held_out_residuals():
     ratio = ((yq - mean) ** 2 / var * mask).sum() / mask.sum()
     assert float(ratio) == pytest.approx(1.0, rel=1e-9)
     assert learner.algorithm.calibrated_extras(learner, []) == {}
+
+
+def test_calibration_of_the_per_task_noise_prior_maximizes_the_held_out_likelihood():
+    """Both numbers of the inverse-gamma prior refitted: the held-out query rows' mean
+    NLL is at a minimum there (lower than before and than any nearby pair), and the
+    posterior mean is unchanged."""
+    learner = _learner()
+    Xs, ys, Xq, yq, mask, batch = _held_out_batch()
+    algorithm = learner.algorithm
+
+    def held_out_nll(values):
+        with torch.no_grad():
+            for name, value in values.items():
+                learner.extras[name].copy_(value)
+            nll = algorithm.query_nll(learner, learner.adapt(Xs, ys, track_graph=False),
+                                      batch)
+            return float((nll * mask).sum() / mask.sum())
+
+    names = ("alpaca_log_noise", "alpaca_log_shape")
+    original = {k: learner.extras[k].detach().clone() for k in names}
+    before_mean = learner.predict_distribution(learner.adapt(Xs, ys, track_graph=False), Xq)[0]
+    before = held_out_nll(original)
+    new = algorithm.calibrated_extras(learner, [batch])
+    assert set(new) == set(names)
+    best = held_out_nll(new)
+    assert best < before - 0.05
+    for name in names:
+        for step in (-0.05, 0.05):
+            assert held_out_nll({**new, name: new[name] + step}) > best
+    held_out_nll(new)
+    mean = learner.predict_distribution(learner.adapt(Xs, ys, track_graph=False), Xq)[0]
+    torch.testing.assert_close(mean, before_mean)
+    assert algorithm.calibrated_extras(learner, []) == {}
 
 
 def test_meta_fit_calibrates_the_intervals_on_the_validation_groups():
@@ -273,7 +412,8 @@ def test_meta_fit_calibrates_the_intervals_on_the_validation_groups():
         tasks_from_groups(Xt, yt, gt, support_size=6) * 25)
     est = MetaInitializedRegressor(**kw).meta_fit(
         tasks_from_groups(Xt, yt, gt, support_size=6) * 25, validation_tasks=val)
-    assert est.meta_init_.metadata["calibrated_extras"] == ["alpaca_log_noise"]
+    assert est.meta_init_.metadata["calibrated_extras"] == ["alpaca_log_noise",
+                                                            "alpaca_log_shape"]
 
     def coverage(model):
         inside = []
@@ -287,3 +427,41 @@ def test_meta_fit_calibrates_the_intervals_on_the_validation_groups():
     narrow, calibrated = coverage(plain), coverage(est)
     assert narrow < 0.8
     assert 0.88 < calibrated < 0.99
+
+
+def test_per_task_noise_fits_quiet_and_noisy_groups_alike():
+    """Groups whose noise (and random effects) are 0.2 or 1.0 times as large, half
+    each: one shared level, however calibrated, is far too wide for the quiet groups;
+    the per-task prior, fitted on the validation groups, reads each new group's level
+    from its 10 support rows and covers both groups about as a 95% interval should."""
+    rng = np.random.default_rng(2)
+
+    def groups(n_groups, first):
+        X, y, g = [], [], []
+        for i in range(n_groups):
+            x = rng.normal(size=(20, 1))
+            noise = 0.2 if i % 2 else 1.0  # the model's own: effects scale with noise
+            y.append(noise * rng.normal() + (1.0 + 0.5 * noise * rng.normal()) * x[:, 0]
+                     + rng.normal(0, noise, 20))
+            X.append(x)
+            g += [first + i] * 20
+        return np.vstack(X), np.concatenate(y), np.array(g)
+
+    Xt, yt, gt = groups(60, 0)
+    Xn, yn, gn = groups(60, 500)
+    coverage = {}
+    for noise in ("shared", "per_task"):
+        est = MetaInitializedRegressor(
+            algorithm=ALPACA(n_features=4, noise=noise), hidden_sizes=(8,),
+            meta_iterations=150, meta_batch_size=8, random_state=0, verbose=0,
+        ).meta_fit(Xt, yt, groups=gt)
+        inside = {0: [], 1: []}
+        for i, group in enumerate(np.unique(gn)):
+            m = np.flatnonzero(gn == group)
+            mean, std = clone(est).fit(Xn[m[:10]], yn[m[:10]]).predict(
+                Xn[m[10:]], return_std=True)
+            inside[i % 2] += list(np.abs(yn[m[10:]] - mean) / std < 1.96)
+        coverage[noise] = {quiet: np.mean(v) for quiet, v in inside.items()}
+    shared, per_task = coverage["shared"], coverage["per_task"]
+    assert shared[1] > 0.99  # quiet groups: far too wide (0.937 and 1.0 measured)
+    assert per_task[1] < 0.985 and per_task[0] > 0.9  # 0.973 and 0.957 measured

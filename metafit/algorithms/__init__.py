@@ -65,7 +65,7 @@ def get_algorithm(algorithm: str | MetaAlgorithm, options: dict | None = None) -
     if isinstance(algorithm, str) and algorithm.lower() in ALGORITHMS:
         cls = ALGORITHMS[algorithm.lower()]
         try:
-            return cls(**(options or {}))
+            return cls() if options is None else cls.from_config(dict(options))
         except TypeError as exc:
             raise ValueError(
                 f"options {options!r} are not those of the {cls.name!r} algorithm: {exc}"

@@ -9,11 +9,30 @@ intercept). A task's target is ``y = phi(x)^T w + noise`` with a prior
 
     Lambda_n = Phi^T Phi + Lambda0,    k_n = Lambda_n^-1 (Phi^T y + Lambda0 k0),
 
-and a prediction is Gaussian with mean ``phi(x)^T k_n`` and variance
-``sigma^2 (1 + phi(x)^T Lambda_n^-1 phi(x))``. Meta-training minimizes the query rows'
+and a prediction has mean ``phi(x)^T k_n``. Meta-training minimizes the query rows'
 negative log predictive likelihood. No gradient steps, no inner learning rate: ``fit``
 is one small linear solve. With identity features this is a linear mixed model whose
 random-effects covariance is ``sigma^2 Lambda0^-1``: the posterior mean is the BLUP.
+
+The noise level of real groups differs from group to group (one state's output is
+smooth, another's jumps), so by default each task's ``sigma^2`` has an inverse-gamma
+prior, ``sigma^2 ~ IG(a0, a0 sigma0^2)`` (the Normal-Inverse-Gamma conjugate model).
+Its posterior reads how far the task's own support rows lie from the prior's
+prediction,
+
+    a_n = a0 + n / 2,
+    b_n = a0 sigma0^2 + (|y - Phi k_n|^2 + (k_n - k0)^T Lambda0 (k_n - k0)) / 2,
+
+and a prediction is Student-t with ``2 a_n`` degrees of freedom and squared scale
+``b_n / a_n (1 + phi(x)^T Lambda_n^-1 phi(x))``: wider for a task whose support rows
+surprise the prior. The mean is the same as with a known noise.
+
+Meta-training fits the network, the prior and ``sigma0`` with one known noise level
+(``a0`` infinite: the paper's Gaussian model). Meta-training ``a0`` too was tried and
+lost accuracy (it lets the network explain a hard group's errors as noise: sleepstudy's
+query MSE 0.39 against 0.26); so ``a0`` and ``sigma0`` are fitted afterwards on held-out
+tasks, by :meth:`ALPACA.calibrated_extras`. Until then, and with ``noise="shared"``,
+every task has the noise ``sigma0^2``.
 """
 
 from __future__ import annotations
@@ -31,6 +50,9 @@ __all__ = ["ALPACA"]
 
 #: added to the prior precision's diagonal, so that Cholesky never fails
 _JITTER = 1e-5
+#: log(a0 - 1) of a per-task noise prior that is one shared level in all but name, and
+#: the least one fitted: below it the variance of a task of few rows blows up
+_SHARED_SHAPE, _LEAST_SHAPE = 12.0, -3.0
 
 
 def _first_leaf(module: torch.nn.Module):
@@ -52,6 +74,11 @@ class ALPACA(MetaAlgorithm):
         a linear layer of at most 64 inputs (tables): the head then contains a linear
         mixed model with random slopes on every column, and the network only adds what
         it is not.
+    noise : {"per_task", "shared"}, default="per_task"
+        ``"per_task"``: each task's noise variance has an inverse-gamma prior, fitted
+        on the held-out tasks after meta-training, and a posterior from its support
+        rows (Student-t predictions). ``"shared"``: one noise variance for all tasks
+        (Gaussian predictions).
 
     Notes
     -----
@@ -67,16 +94,28 @@ class ALPACA(MetaAlgorithm):
     #: the noise is still overestimated after 1000 meta-iterations: intervals too wide)
     default_meta_lr = 1e-2
 
-    def __init__(self, n_features: int = 32, linear_features: bool = True):
+    def __init__(self, n_features: int = 32, linear_features: bool = True,
+                 noise: str = "per_task"):
         if isinstance(n_features, bool) or not isinstance(n_features, int) or not (
             1 <= n_features <= 4096
         ):
             raise ValueError(f"n_features must be an int in [1, 4096], got {n_features!r}.")
+        if noise not in ("per_task", "shared"):
+            raise ValueError(f"noise must be 'per_task' or 'shared', got {noise!r}.")
         self.n_features = n_features
         self.linear_features = bool(linear_features)
+        self.noise = noise
 
     def get_config(self):
-        return {"n_features": self.n_features, "linear_features": self.linear_features}
+        return {"n_features": self.n_features, "linear_features": self.linear_features,
+                "noise": self.noise}
+
+    @classmethod
+    def from_config(cls, config):
+        if "n_features" in config and "noise" not in config:
+            # saved before the per-task noise prior existed: one shared noise level
+            config = {**config, "noise": "shared"}
+        return cls(**config)
 
     def n_inputs_used(self, module) -> int:
         """How many raw inputs the head sees (0 unless ``linear_features`` applies)."""
@@ -99,12 +138,19 @@ class ALPACA(MetaAlgorithm):
         d = self.n_features + self.n_inputs_used(ctx.module) + 1
         p = next(ctx.module.parameters())
         kw = {"dtype": p.dtype, "device": p.device}
-        return {
+        extras = {
             "alpaca_prior_mean": torch.zeros(d, **kw, requires_grad=True),
             # Lambda0 = L L^T with L lower triangular; the diagonal is exp(raw diagonal).
             "alpaca_prior_factor": torch.zeros(d, d, **kw, requires_grad=True),
             "alpaca_log_noise": torch.zeros((), **kw, requires_grad=True),
         }
+        if self.noise == "per_task":
+            # a0 = 1 + exp(raw) > 1 keeps every predictive variance finite. It starts
+            # at 1 + e^12, where every task's noise is sigma0^2 in all but name, and is
+            # not meta-trained (see the module's docstring): calibrated_extras fits it.
+            extras["alpaca_log_shape"] = torch.full((), _SHARED_SHAPE, **kw,
+                                                    requires_grad=True)
+        return extras
 
     # ---------------------------------------------------------------- the model
 
@@ -128,7 +174,7 @@ class ALPACA(MetaAlgorithm):
             )
         parts = [out, torch.ones_like(out[..., :1])]
         if ctx.extras["alpaca_prior_mean"].shape[0] > out.shape[-1] + 1:
-            parts.insert(1, X.reshape(*X.shape[:2], -1).to(out.dtype))
+            parts.insert(1, X.flatten(2).to(out.dtype))
         return torch.cat(parts, dim=-1)
 
     def posterior(
@@ -149,18 +195,65 @@ class ALPACA(MetaAlgorithm):
         chol = torch.linalg.cholesky(lam_n)
         rhs = phi.transpose(1, 2) @ y.unsqueeze(-1) + (lam0 @ k0).unsqueeze(-1)
         k_n = torch.cholesky_solve(rhs, chol)[..., 0]
-        return {**params, "alpaca.k": k_n, "alpaca.chol": chol}
+        out = {**params, "alpaca.k": k_n, "alpaca.chol": chol}
+        if self.noise == "per_task":
+            # The noise posterior's statistics: the support rows, and how far they lie
+            # from the prior (the residual plus the prior's penalty, both at k_n).
+            residual = y - (phi @ k_n.unsqueeze(-1))[..., 0]
+            if mask is not None:
+                residual = residual * mask
+            shift = k_n - k0
+            out["alpaca.rows"] = (
+                torch.full_like(k_n[:, 0], y.shape[1]) if mask is None else mask.sum(1)
+            )
+            out["alpaca.surprise"] = residual.pow(2).sum(1) + (
+                (shift @ lam0) * shift).sum(1)
+        return out
 
-    def predictive(self, ctx, adapted, X: Tensor) -> tuple[Tensor, Tensor]:
-        """Predictive mean and variance, each (T, n)."""
+    @staticmethod
+    def noise_prior(ctx) -> tuple[Tensor, Tensor] | None:
+        """``(a0, sigma0^2)`` of the per-task noise's inverse-gamma prior
+        ``IG(a0, a0 sigma0^2)``; None for one shared noise level."""
+        raw = ctx.extras.get("alpaca_log_shape")
+        if raw is None:
+            return None
+        return 1 + torch.exp(raw), torch.exp(2 * ctx.extras["alpaca_log_noise"])
+
+    def _predictive_terms(self, ctx, adapted, X: Tensor):
+        """Mean, ``1 + phi^T Lambda_n^-1 phi`` (each (T, n)) and the features' task
+        tensors: what every noise model's predictive is built from."""
         params = {k: v for k, v in adapted.items() if not k.startswith("alpaca.")}
         phi = self.features(ctx, params, X)
         mean = (phi @ adapted["alpaca.k"].unsqueeze(-1))[..., 0]
         solved = torch.linalg.solve_triangular(
             adapted["alpaca.chol"], phi.transpose(1, 2), upper=False
         )
-        _, _, noise = self.prior(ctx)
-        return mean, noise * (1 + solved.pow(2).sum(1))
+        return mean, 1 + solved.pow(2).sum(1)
+
+    @staticmethod
+    def _student(adapted, spread: Tensor, shape: Tensor, noise0: Tensor):
+        """Degrees of freedom (T, 1) and squared scale (T, n) of the Student-t
+        predictive under the prior ``IG(shape, shape * noise0)``."""
+        a_n = shape + 0.5 * adapted["alpaca.rows"]
+        b_n = shape * noise0 + 0.5 * adapted["alpaca.surprise"]
+        return (2 * a_n).unsqueeze(-1), (b_n / a_n).unsqueeze(-1) * spread
+
+    def predictive_distribution(self, ctx, adapted, X: Tensor):
+        """``(mean, squared scale, degrees of freedom)``: Student-t per task, or
+        Gaussian (degrees of freedom None) for a shared noise level."""
+        mean, spread = self._predictive_terms(ctx, adapted, X)
+        prior = self.noise_prior(ctx)
+        if prior is None:
+            return mean, self.prior(ctx)[2] * spread, None
+        dof, scale2 = self._student(adapted, spread, *prior)
+        return mean, scale2, dof
+
+    def predictive(self, ctx, adapted, X: Tensor) -> tuple[Tensor, Tensor]:
+        """Predictive mean and variance, each (T, n)."""
+        mean, scale2, dof = self.predictive_distribution(ctx, adapted, X)
+        if dof is None:
+            return mean, scale2
+        return mean, scale2 * dof / (dof - 2)
 
     # ---------------------------------------------------------------- hooks
 
@@ -176,43 +269,109 @@ class ALPACA(MetaAlgorithm):
         return self.predictive(ctx, adapted, X)[0].unsqueeze(-1)
 
     @staticmethod
-    def _nll(mean: Tensor, var: Tensor, y: Tensor) -> Tensor:
-        """Negative log predictive likelihood of each row."""
-        return 0.5 * (torch.log(2 * math.pi * var) + (y - mean).pow(2) / var)
+    def _nll(mean: Tensor, scale2: Tensor, y: Tensor, dof: Tensor | None = None) -> Tensor:
+        """Negative log predictive likelihood of each row: Gaussian with variance
+        ``scale2``, or Student-t with ``dof`` degrees of freedom and squared scale
+        ``scale2``."""
+        if dof is None:
+            return 0.5 * (torch.log(2 * math.pi * scale2) + (y - mean).pow(2) / scale2)
+        half = 0.5 * dof
+        # in float64: at a0 near 1 + e^12 the two lgammas are 1e6 apart in float32 terms
+        log_ratio = (torch.lgamma(half.double()) - torch.lgamma(half.double() + 0.5))
+        return (log_ratio.to(scale2.dtype)
+                + 0.5 * torch.log(math.pi * dof * scale2)
+                + (half + 0.5) * torch.log1p((y - mean).pow(2) / (dof * scale2)))
+
+    def query_nll(self, ctx, adapted, batch) -> Tensor:
+        """Per-row negative log predictive likelihood of the query rows, (T, n)."""
+        mean, scale2, dof = self.predictive_distribution(ctx, adapted, batch.X_query)
+        return self._nll(mean, scale2, batch.y_query.reshape(mean.shape), dof)
 
     def evaluation_losses(self, ctx, adapted, batch, step=None) -> Tensor:
-        mean, var = self.predictive(ctx, adapted, batch.X_query)
-        nll = self._nll(mean, var, batch.y_query.reshape(mean.shape))
-        return row_mean(nll, batch.query_mask)
+        return row_mean(self.query_nll(ctx, adapted, batch), batch.query_mask)
 
-    @torch.no_grad()
     def calibrated_extras(self, ctx, batches) -> dict[str, Tensor]:
-        """The noise level scaled so that the predictive variance matches the held-out
-        tasks' query residuals: ``sigma^2 * s`` with ``s`` the mean of
-        ``(y - mean)^2 / var`` over their query rows, the maximum-likelihood scale.
+        """The noise prior refitted to the held-out tasks' query rows after
+        meta-training: the values that maximize their predictive likelihood.
 
-        The whole predictive variance is proportional to ``sigma^2`` (the prior covariance
-        is ``sigma^2 Lambda0^-1``) and the posterior mean does not depend on it, so only
-        the intervals change. Meta-training fits the noise on the training tasks, which
-        the features fit better than new ones: the intervals came out too narrow on new
-        groups where they are alike within a group (produc, 0.82 for 95%).
+        Meta-training fits the noise on the training tasks, which the features fit
+        better than new ones: the intervals came out too narrow on new groups (produc,
+        0.82 for 95%). The posterior mean does not depend on the noise, so only the
+        intervals change. For a shared noise level the maximum is closed-form: ``sigma^2``
+        times the mean of ``(y - mean)^2 / var`` over the query rows (the whole
+        predictive variance is proportional to ``sigma^2``). For the per-task prior,
+        ``a0`` and ``sigma0`` are fitted together: a grid, then L-BFGS from its best
+        point (the posterior is computed once; only the two numbers vary).
         """
-        total, rows = 0.0, 0.0
-        for batch in batches:
-            adapted = self.adapt(ctx, batch.X_support, batch.y_support, track_graph=False,
-                                 mask=batch.support_mask)
-            mean, var = self.predictive(ctx, adapted, batch.X_query)
-            ratio = (batch.y_query.reshape(mean.shape) - mean).pow(2) / var
-            if batch.query_mask is not None:
-                ratio = ratio * batch.query_mask
-                rows += float(batch.query_mask.sum())
-            else:
-                rows += ratio.numel()
-            total += float(ratio.sum())
-        if not rows or not math.isfinite(total) or total <= 0:
+        terms = []
+        with torch.no_grad():
+            for batch in batches:
+                adapted = self.adapt(ctx, batch.X_support, batch.y_support,
+                                     track_graph=False, mask=batch.support_mask)
+                mean, spread = self._predictive_terms(ctx, adapted, batch.X_query)
+                keep = (torch.ones_like(mean) if batch.query_mask is None
+                        else batch.query_mask.to(mean.dtype))
+                terms.append((adapted, mean, spread, batch.y_query.reshape(mean.shape), keep))
+        rows = sum(float(t[-1].sum()) for t in terms)
+        if not rows:
             return {}
         log_noise = ctx.extras["alpaca_log_noise"].detach()
-        return {"alpaca_log_noise": log_noise + 0.5 * math.log(total / rows)}
+        if self.noise_prior(ctx) is None:
+            noise = torch.exp(2 * log_noise)
+            total = sum(float(((y - m).pow(2) / (noise * v) * w).sum())
+                        for _, m, v, y, w in terms)
+            if not math.isfinite(total) or total <= 0:
+                return {}
+            return {"alpaca_log_noise": log_noise + 0.5 * math.log(total / rows)}
+        return self._fit_noise_prior(terms, rows, log_noise,
+                                     ctx.extras["alpaca_log_shape"].detach())
+
+    def _fit_noise_prior(self, terms, rows: float, log_noise: Tensor, log_shape: Tensor):
+        """Maximum-likelihood ``(log_shape, log_noise)`` of the Student-t predictive on
+        the held-out query rows ``terms``; {} where the data do not define it."""
+
+        def nll(raw_shape: Tensor, raw_noise: Tensor) -> Tensor:
+            """Mean NLL for broadcastable grids of the two raw values."""
+            shape, noise0 = 1 + torch.exp(raw_shape), torch.exp(2 * raw_noise)
+            total = 0.0
+            for adapted, mean, spread, y, keep in terms:
+                a_n = shape[..., None] + 0.5 * adapted["alpaca.rows"]
+                b_n = (shape * noise0)[..., None] + 0.5 * adapted["alpaca.surprise"]
+                dof, scale2 = (2 * a_n)[..., None], (b_n / a_n)[..., None] * spread
+                total = total + (self._nll(mean, scale2, y, dof) * keep).sum((-1, -2))
+            return total / rows
+
+        dtype = log_noise.dtype
+        with torch.no_grad():
+            shapes = torch.linspace(_LEAST_SHAPE, _SHARED_SHAPE, 61, dtype=dtype)[:, None]
+            noises = log_noise + torch.linspace(-3.0, 3.0, 61, dtype=dtype)[None, :]
+            # one row of shapes at a time: (noises, tasks, rows) values in memory
+            grid = torch.stack([nll(shape, noises[0]) for shape in shapes])
+        if not torch.isfinite(grid).any():
+            return {}
+        best = int(torch.nan_to_num(grid, nan=math.inf).argmin())
+        start = (float(shapes[best // grid.shape[1], 0]), float(noises[0, best % grid.shape[1]]))
+        x = torch.tensor(start, dtype=torch.float64, requires_grad=True)
+        terms = [tuple(t.double() if torch.is_tensor(t) else
+                       {k: v.double() for k, v in t.items() if k.startswith("alpaca.")}
+                       for t in term) for term in terms]
+        optimizer = torch.optim.LBFGS([x], max_iter=100, tolerance_grad=1e-10,
+                                      line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = nll(x[0], x[1])
+            loss.backward()
+            return loss
+
+        with torch.enable_grad():
+            optimizer.step(closure)
+        x = x.detach()
+        if not torch.isfinite(x).all() or float(nll(x[0], x[1])) > float(grid.min()):
+            x = torch.tensor(start, dtype=torch.float64)
+        raw_shape = float(x[0].clamp(_LEAST_SHAPE, _SHARED_SHAPE))
+        return {"alpaca_log_shape": log_shape.new_tensor(raw_shape),
+                "alpaca_log_noise": log_noise.new_tensor(float(x[1]))}
 
     def meta_gradients(self, ctx, batches):
         total = sum(b.n_tasks for b in batches)
@@ -220,9 +379,10 @@ class ALPACA(MetaAlgorithm):
         nll_parts, mse_parts = [], []
         for batch in batches:
             adapted = self.adapt(ctx, batch.X_support, batch.y_support, mask=batch.support_mask)
-            mean, var = self.predictive(ctx, adapted, batch.X_query)
+            # one known noise level sigma0^2 for every task (a0 is not meta-trained)
+            mean, spread = self._predictive_terms(ctx, adapted, batch.X_query)
             yq = batch.y_query.reshape(mean.shape)
-            nll = self._nll(mean, var, yq)
+            nll = self._nll(mean, self.prior(ctx)[2] * spread, yq)
             nll_parts.append(row_mean(nll, batch.query_mask).sum() / total)
             mse = row_mean((yq - mean).pow(2), batch.query_mask)
             mse_parts.append(mse.sum().detach() / total)

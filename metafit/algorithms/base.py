@@ -226,6 +226,13 @@ class MetaAlgorithm:
         """
         return {}
 
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MetaAlgorithm:
+        """Rebuild the algorithm from :meth:`get_config`'s output, also one saved by an
+        earlier version (an algorithm that gained an option says here what its absence
+        meant)."""
+        return cls(**config)
+
     def __eq__(self, other) -> bool:
         return type(other) is type(self) and other.get_config() == self.get_config()
 
