@@ -414,6 +414,9 @@ def test_meta_fit_calibrates_the_intervals_on_the_validation_groups():
         tasks_from_groups(Xt, yt, gt, support_size=6) * 25, validation_tasks=val)
     assert est.meta_init_.metadata["calibrated_extras"] == ["alpaca_log_noise",
                                                             "alpaca_log_shape"]
+    # meta-training leaves the noise prior's shape where it started (a shared level)
+    assert float(plain.meta_init_.tensors["extra.alpaca_log_shape"]) == 12.0
+    assert "calibrated_extras" not in plain.meta_init_.metadata
 
     def coverage(model):
         inside = []

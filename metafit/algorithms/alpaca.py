@@ -349,7 +349,8 @@ class ALPACA(MetaAlgorithm):
             grid = torch.stack([nll(shape, noises[0]) for shape in shapes])
         if not torch.isfinite(grid).any():
             return {}
-        best = int(torch.nan_to_num(grid, nan=math.inf).argmin())
+        grid = torch.nan_to_num(grid, nan=math.inf)
+        best = int(grid.argmin())
         start = (float(shapes[best // grid.shape[1], 0]), float(noises[0, best % grid.shape[1]]))
         x = torch.tensor(start, dtype=torch.float64, requires_grad=True)
         terms = [tuple(t.double() if torch.is_tensor(t) else
@@ -367,11 +368,13 @@ class ALPACA(MetaAlgorithm):
         with torch.enable_grad():
             optimizer.step(closure)
         x = x.detach()
-        if not torch.isfinite(x).all() or float(nll(x[0], x[1])) > float(grid.min()):
+        if not torch.isfinite(x).all() or not float(nll(x[0], x[1])) <= float(grid.min()):
             x = torch.tensor(start, dtype=torch.float64)
         raw_shape = float(x[0].clamp(_LEAST_SHAPE, _SHARED_SHAPE))
+        # held-out rows that the prior fits exactly would drive the noise to zero
+        raw_noise = float(x[1].clamp(float(log_noise) - 10, float(log_noise) + 10))
         return {"alpaca_log_shape": log_shape.new_tensor(raw_shape),
-                "alpaca_log_noise": log_noise.new_tensor(float(x[1]))}
+                "alpaca_log_noise": log_noise.new_tensor(raw_noise)}
 
     def meta_gradients(self, ctx, batches):
         total = sum(b.n_tasks for b in batches)
