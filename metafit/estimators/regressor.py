@@ -66,7 +66,10 @@ class MetaInitializedRegressor(RegressorMixin, MetaInitializedEstimator):
         -------
         y_pred : ndarray of shape (n_samples,) or (n_samples, n_outputs)
         y_std : ndarray of shape (n_samples,)
-            Only with ``return_std=True``; in the units of ``y``.
+            Only with ``return_std=True``; in the units of ``y``. The standard deviation
+            of ALPACA's predictive distribution: Student-t with the new task's own noise
+            level (``ALPACA(noise="per_task")``, the default), Gaussian with
+            ``noise="shared"``.
         """
         X = self._check_X_predict(X)
         prep = self.__dict__.get("_table_prep")
