@@ -34,6 +34,7 @@ Usage::
     python benchmarks/grouped_tables.py --algorithms fomaml anil metasgd
     python benchmarks/grouped_tables.py --speed              # table mode's wall times
     python benchmarks/grouped_tables.py --coverage           # ALPACA's intervals
+    python benchmarks/grouped_tables.py --coverage --noise per_task shared  # both models
     python benchmarks/grouped_tables.py --tables mathach --seeds 2 \
         --params '{"algorithm": "maml", "hidden_sizes": [64, 64]}'  # other settings
 
@@ -59,6 +60,7 @@ from sklearn.ensemble import HistGradientBoostingRegressor
 from sklearn.linear_model import Ridge
 
 from metafit import MetaInitializedRegressor
+from metafit.algorithms import ALPACA
 from metafit.training import DivergenceError
 
 #: the usual random slope of each table (its README)
@@ -281,9 +283,10 @@ def report(name, results, times):
     return summary
 
 
-def coverage(folder, tables, seeds):
+def coverage(folder, tables, seeds, noises=("per_task",)):
     """ALPACA's predictive intervals on new groups: the share of query points inside the
-    68% and 95% intervals (mean ± 1 and ± 1.96 predictive standard deviations)."""
+    68% and 95% intervals (mean ± 1 and ± 1.96 predictive standard deviations), for each
+    of its noise models (``ALPACA(noise=...)``)."""
     print("\nALPACA's intervals on new groups (share of query points inside):")
     for name in tables:
         X, y, groups, _ = load(folder, name)
@@ -291,19 +294,24 @@ def coverage(folder, tables, seeds):
         for seed in seeds:
             train, val, test = split(groups, seed)
             rows = np.flatnonzero(np.isin(groups, np.concatenate([train, val])))
-            est = MetaInitializedRegressor(algorithm="alpaca", random_state=seed, verbose=0)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                est.meta_fit(X[rows], y[rows], groups=groups[rows])
+            for noise in noises:
+                est = MetaInitializedRegressor(algorithm=ALPACA(noise=noise),
+                                               random_state=seed, verbose=0)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    est.meta_fit(X[rows], y[rows], groups=groups[rows])
+                for k in KS.get(name, (5, 10)):
+                    for s, q in episodes(X, y, groups, test, k, seed):
+                        mean, std = est.fit(X[s], y[s]).predict(X[q], return_std=True)
+                        z = np.abs(y[q] - mean) / std
+                        inside.setdefault((noise, k, 68), []).extend(z < 1.0)
+                        inside.setdefault((noise, k, 95), []).extend(z < 1.96)
+        for noise in noises:
+            label = f"{name} ({noise})" if len(noises) > 1 else name
             for k in KS.get(name, (5, 10)):
-                for s, q in episodes(X, y, groups, test, k, seed):
-                    mean, std = est.fit(X[s], y[s]).predict(X[q], return_std=True)
-                    z = np.abs(y[q] - mean) / std
-                    inside.setdefault((k, 68), []).extend(z < 1.0)
-                    inside.setdefault((k, 95), []).extend(z < 1.96)
-        for k in KS.get(name, (5, 10)):
-            print(f"  {name:<11} k={k:<3} 68%: {np.mean(inside[(k, 68)]):.3f}   "
-                  f"95%: {np.mean(inside[(k, 95)]):.3f}   ({len(inside[(k, 95)])} points)")
+                print(f"  {label:<11} k={k:<3} 68%: {np.mean(inside[(noise, k, 68)]):.3f}   "
+                      f"95%: {np.mean(inside[(noise, k, 95)]):.3f}   "
+                      f"({len(inside[(noise, k, 95)])} points)")
 
 
 def speed(algorithms=("auto", "maml", "alpaca")):
@@ -350,6 +358,9 @@ def main(argv=None):
                         help="only the wall times of table mode on a synthetic table")
     parser.add_argument("--coverage", action="store_true",
                         help="only ALPACA's interval coverage on the tables' new groups")
+    parser.add_argument("--noise", nargs="+", default=["per_task"],
+                        choices=["per_task", "shared"],
+                        help="ALPACA's noise models for --coverage (default: per_task)")
     args = parser.parse_args(argv)
     if args.speed:
         speed()
@@ -358,7 +369,7 @@ def main(argv=None):
     if not folder.is_dir():
         raise SystemExit(f"no data folder {folder}: pass --data or set METAFIT_DATA")
     if args.coverage:
-        coverage(folder, args.tables, range(args.seeds))
+        coverage(folder, args.tables, range(args.seeds), args.noise)
         return
     summary = []
     for name in args.tables:

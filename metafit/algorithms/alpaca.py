@@ -43,6 +43,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from metafit.algorithms import _noise_prior
 from metafit.algorithms.base import MetaAlgorithm
 from metafit.losses import row_mean
 
@@ -50,9 +51,6 @@ __all__ = ["ALPACA"]
 
 #: added to the prior precision's diagonal, so that Cholesky never fails
 _JITTER = 1e-5
-#: log(a0 - 1) of a per-task noise prior that is one shared level in all but name, and
-#: the least one fitted: below it the variance of a task of few rows blows up
-_SHARED_SHAPE, _LEAST_SHAPE = 12.0, -3.0
 
 
 def _first_leaf(module: torch.nn.Module):
@@ -148,7 +146,7 @@ class ALPACA(MetaAlgorithm):
             # a0 = 1 + exp(raw) > 1 keeps every predictive variance finite. It starts
             # at 1 + e^12, where every task's noise is sigma0^2 in all but name, and is
             # not meta-trained (see the module's docstring): calibrated_extras fits it.
-            extras["alpaca_log_shape"] = torch.full((), _SHARED_SHAPE, **kw,
+            extras["alpaca_log_shape"] = torch.full((), _noise_prior.SHARED_SHAPE, **kw,
                                                     requires_grad=True)
         return extras
 
@@ -210,15 +208,6 @@ class ALPACA(MetaAlgorithm):
                 (shift @ lam0) * shift).sum(1)
         return out
 
-    @staticmethod
-    def noise_prior(ctx) -> tuple[Tensor, Tensor] | None:
-        """``(a0, sigma0^2)`` of the per-task noise's inverse-gamma prior
-        ``IG(a0, a0 sigma0^2)``; None for one shared noise level."""
-        raw = ctx.extras.get("alpaca_log_shape")
-        if raw is None:
-            return None
-        return 1 + torch.exp(raw), torch.exp(2 * ctx.extras["alpaca_log_noise"])
-
     def _predictive_terms(self, ctx, adapted, X: Tensor):
         """Mean, ``1 + phi^T Lambda_n^-1 phi`` (each (T, n)) and the features' task
         tensors: what every noise model's predictive is built from."""
@@ -230,22 +219,15 @@ class ALPACA(MetaAlgorithm):
         )
         return mean, 1 + solved.pow(2).sum(1)
 
-    @staticmethod
-    def _student(adapted, spread: Tensor, shape: Tensor, noise0: Tensor):
-        """Degrees of freedom (T, 1) and squared scale (T, n) of the Student-t
-        predictive under the prior ``IG(shape, shape * noise0)``."""
-        a_n = shape + 0.5 * adapted["alpaca.rows"]
-        b_n = shape * noise0 + 0.5 * adapted["alpaca.surprise"]
-        return (2 * a_n).unsqueeze(-1), (b_n / a_n).unsqueeze(-1) * spread
-
     def predictive_distribution(self, ctx, adapted, X: Tensor):
         """``(mean, squared scale, degrees of freedom)``: Student-t per task, or
         Gaussian (degrees of freedom None) for a shared noise level."""
         mean, spread = self._predictive_terms(ctx, adapted, X)
-        prior = self.noise_prior(ctx)
-        if prior is None:
+        raw_shape = ctx.extras.get("alpaca_log_shape")
+        if raw_shape is None:
             return mean, self.prior(ctx)[2] * spread, None
-        dof, scale2 = self._student(adapted, spread, *prior)
+        dof, scale2 = _noise_prior.student(adapted["alpaca.rows"], adapted["alpaca.surprise"],
+                                           spread, raw_shape, ctx.extras["alpaca_log_noise"])
         return mean, scale2, dof
 
     def predictive(self, ctx, adapted, X: Tensor) -> tuple[Tensor, Tensor]:
@@ -268,24 +250,10 @@ class ALPACA(MetaAlgorithm):
     def predict(self, ctx, adapted, X, step=None) -> Tensor:
         return self.predictive(ctx, adapted, X)[0].unsqueeze(-1)
 
-    @staticmethod
-    def _nll(mean: Tensor, scale2: Tensor, y: Tensor, dof: Tensor | None = None) -> Tensor:
-        """Negative log predictive likelihood of each row: Gaussian with variance
-        ``scale2``, or Student-t with ``dof`` degrees of freedom and squared scale
-        ``scale2``."""
-        if dof is None:
-            return 0.5 * (torch.log(2 * math.pi * scale2) + (y - mean).pow(2) / scale2)
-        half = 0.5 * dof
-        # in float64: at a0 near 1 + e^12 the two lgammas are 1e6 apart in float32 terms
-        log_ratio = (torch.lgamma(half.double()) - torch.lgamma(half.double() + 0.5))
-        return (log_ratio.to(scale2.dtype)
-                + 0.5 * torch.log(math.pi * dof * scale2)
-                + (half + 0.5) * torch.log1p((y - mean).pow(2) / (dof * scale2)))
-
     def query_nll(self, ctx, adapted, batch) -> Tensor:
         """Per-row negative log predictive likelihood of the query rows, (T, n)."""
         mean, scale2, dof = self.predictive_distribution(ctx, adapted, batch.X_query)
-        return self._nll(mean, scale2, batch.y_query.reshape(mean.shape), dof)
+        return _noise_prior.nll(mean, scale2, batch.y_query.reshape(mean.shape), dof)
 
     def evaluation_losses(self, ctx, adapted, batch, step=None) -> Tensor:
         return row_mean(self.query_nll(ctx, adapted, batch), batch.query_mask)
@@ -311,70 +279,26 @@ class ALPACA(MetaAlgorithm):
                 mean, spread = self._predictive_terms(ctx, adapted, batch.X_query)
                 keep = (torch.ones_like(mean) if batch.query_mask is None
                         else batch.query_mask.to(mean.dtype))
-                terms.append((adapted, mean, spread, batch.y_query.reshape(mean.shape), keep))
+                y = batch.y_query.reshape(mean.shape)
+                terms.append((adapted.get("alpaca.rows"), adapted.get("alpaca.surprise"),
+                              mean, spread, y, keep))
         rows = sum(float(t[-1].sum()) for t in terms)
         if not rows:
             return {}
         log_noise = ctx.extras["alpaca_log_noise"].detach()
-        if self.noise_prior(ctx) is None:
+        log_shape = ctx.extras.get("alpaca_log_shape")
+        if log_shape is None:
             noise = torch.exp(2 * log_noise)
             total = sum(float(((y - m).pow(2) / (noise * v) * w).sum())
-                        for _, m, v, y, w in terms)
+                        for _, _, m, v, y, w in terms)
             if not math.isfinite(total) or total <= 0:
                 return {}
             return {"alpaca_log_noise": log_noise + 0.5 * math.log(total / rows)}
-        return self._fit_noise_prior(terms, rows, log_noise,
-                                     ctx.extras["alpaca_log_shape"].detach())
-
-    def _fit_noise_prior(self, terms, rows: float, log_noise: Tensor, log_shape: Tensor):
-        """Maximum-likelihood ``(log_shape, log_noise)`` of the Student-t predictive on
-        the held-out query rows ``terms``; {} where the data do not define it."""
-
-        def nll(raw_shape: Tensor, raw_noise: Tensor) -> Tensor:
-            """Mean NLL for broadcastable grids of the two raw values."""
-            shape, noise0 = 1 + torch.exp(raw_shape), torch.exp(2 * raw_noise)
-            total = 0.0
-            for adapted, mean, spread, y, keep in terms:
-                a_n = shape[..., None] + 0.5 * adapted["alpaca.rows"]
-                b_n = (shape * noise0)[..., None] + 0.5 * adapted["alpaca.surprise"]
-                dof, scale2 = (2 * a_n)[..., None], (b_n / a_n)[..., None] * spread
-                total = total + (self._nll(mean, scale2, y, dof) * keep).sum((-1, -2))
-            return total / rows
-
-        dtype = log_noise.dtype
-        with torch.no_grad():
-            shapes = torch.linspace(_LEAST_SHAPE, _SHARED_SHAPE, 61, dtype=dtype)[:, None]
-            noises = log_noise + torch.linspace(-3.0, 3.0, 61, dtype=dtype)[None, :]
-            # one row of shapes at a time: (noises, tasks, rows) values in memory
-            grid = torch.stack([nll(shape, noises[0]) for shape in shapes])
-        if not torch.isfinite(grid).any():
+        fitted = _noise_prior.fit_noise_prior(terms, float(log_noise))
+        if fitted is None:
             return {}
-        grid = torch.nan_to_num(grid, nan=math.inf)
-        best = int(grid.argmin())
-        start = (float(shapes[best // grid.shape[1], 0]), float(noises[0, best % grid.shape[1]]))
-        x = torch.tensor(start, dtype=torch.float64, requires_grad=True)
-        terms = [tuple(t.double() if torch.is_tensor(t) else
-                       {k: v.double() for k, v in t.items() if k.startswith("alpaca.")}
-                       for t in term) for term in terms]
-        optimizer = torch.optim.LBFGS([x], max_iter=100, tolerance_grad=1e-10,
-                                      line_search_fn="strong_wolfe")
-
-        def closure():
-            optimizer.zero_grad()
-            loss = nll(x[0], x[1])
-            loss.backward()
-            return loss
-
-        with torch.enable_grad():
-            optimizer.step(closure)
-        x = x.detach()
-        if not torch.isfinite(x).all() or not float(nll(x[0], x[1])) <= float(grid.min()):
-            x = torch.tensor(start, dtype=torch.float64)
-        raw_shape = float(x[0].clamp(_LEAST_SHAPE, _SHARED_SHAPE))
-        # held-out rows that the prior fits exactly would drive the noise to zero
-        raw_noise = float(x[1].clamp(float(log_noise) - 10, float(log_noise) + 10))
-        return {"alpaca_log_shape": log_shape.new_tensor(raw_shape),
-                "alpaca_log_noise": log_noise.new_tensor(raw_noise)}
+        return {"alpaca_log_shape": log_shape.detach().new_tensor(fitted[0]),
+                "alpaca_log_noise": log_noise.new_tensor(fitted[1])}
 
     def meta_gradients(self, ctx, batches):
         total = sum(b.n_tasks for b in batches)
@@ -385,7 +309,7 @@ class ALPACA(MetaAlgorithm):
             # one known noise level sigma0^2 for every task (a0 is not meta-trained)
             mean, spread = self._predictive_terms(ctx, adapted, batch.X_query)
             yq = batch.y_query.reshape(mean.shape)
-            nll = self._nll(mean, self.prior(ctx)[2] * spread, yq)
+            nll = _noise_prior.nll(mean, self.prior(ctx)[2] * spread, yq)
             nll_parts.append(row_mean(nll, batch.query_mask).sum() / total)
             mse = row_mean((yq - mean).pow(2), batch.query_mask)
             mse_parts.append(mse.sum().detach() / total)
