@@ -468,3 +468,26 @@ def test_per_task_noise_fits_quiet_and_noisy_groups_alike():
     shared, per_task = coverage["shared"], coverage["per_task"]
     assert shared[1] > 0.99  # quiet groups: far too wide (0.937 and 1.0 measured)
     assert per_task[1] < 0.985 and per_task[0] > 0.9  # 0.973 and 0.957 measured
+
+
+def test_until_held_out_tasks_fit_it_the_per_task_prior_is_the_gaussian_model():
+    """A per-task prior at its start (no held-out tasks) predicts exactly as one shared
+    noise level: the same variances and likelihoods, not a Student-t near them."""
+    g = torch.Generator().manual_seed(4)
+    Xs, Xq = (torch.randn(3, n, 3, generator=g, dtype=torch.float64) for n in (5, 7))
+    ys, yq = (torch.randn(3, n, generator=g, dtype=torch.float64) for n in (5, 7))
+    from metafit.tasks import TaskBatch
+
+    batch = TaskBatch(Xs, ys, Xq, yq)
+    out = {}
+    for noise in ("per_task", "shared"):
+        torch.manual_seed(0)
+        learner = MetaLearner(MLP(3, 4, hidden_sizes=(8,)), loss="mse",
+                              algorithm=ALPACA(4, noise=noise), inner_lr=0.01,
+                              inner_steps=1, dtype=torch.float64)
+        with torch.no_grad():
+            adapted = learner.adapt(Xs, ys, track_graph=False)
+            out[noise] = (*learner.predict_distribution(adapted, Xq),
+                          learner.algorithm.query_nll(learner, adapted, batch))
+    for a, b in zip(out["per_task"], out["shared"]):
+        assert torch.equal(a, b)

@@ -20,7 +20,8 @@ from torch import Tensor
 __all__ = ["SHARED_SHAPE", "fit_noise_prior", "nll", "student"]
 
 #: log(a0 - 1) of a prior that is one shared noise level in all but name; the prior
-#: starts there and is never fitted beyond it
+#: starts there and is never fitted beyond it, and ALPACA predicts with the Gaussian
+#: model there
 SHARED_SHAPE = 12.0
 #: the least log(a0 - 1) fitted: below it the variance of a task of few rows blows up
 LEAST_SHAPE = -3.0

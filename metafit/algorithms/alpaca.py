@@ -224,7 +224,9 @@ class ALPACA(MetaAlgorithm):
         Gaussian (degrees of freedom None) for a shared noise level."""
         mean, spread = self._predictive_terms(ctx, adapted, X)
         raw_shape = ctx.extras.get("alpaca_log_shape")
-        if raw_shape is None:
+        # at its start (and wherever the held-out tasks put it there) the prior is one
+        # shared level: exactly the Gaussian model, not a Student-t within 1e-5 of it
+        if raw_shape is None or float(raw_shape) >= _noise_prior.SHARED_SHAPE:
             return mean, self.prior(ctx)[2] * spread, None
         dof, scale2 = _noise_prior.student(adapted["alpaca.rows"], adapted["alpaca.surprise"],
                                            spread, raw_shape, ctx.extras["alpaca_log_noise"])
