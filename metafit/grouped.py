@@ -118,8 +118,9 @@ class CategoricalEncoding:
         for col in self.columns:
             if col in self.categories:
                 labels = self.categories[col]
-                # pandas codes the labels in one pass; an unseen one is -1
-                idx = np.asarray(pd.Categorical(frame[col].astype(str), categories=labels).codes)
+                # pandas codes the labels in one pass; an unseen one is -1 (a Categorical
+                # with unseen values would do the same, but that is deprecated in pandas 3)
+                idx = pd.Index(labels).get_indexer(frame[col].astype(str).to_numpy())
                 onehot = np.zeros((len(frame), len(labels)))
                 seen = idx >= 0
                 onehot[np.flatnonzero(seen), idx[seen]] = 1.0

@@ -348,6 +348,37 @@ def test_fit_standardizes_in_float64_so_large_offsets_keep_their_digits():
     assert np.abs(est.predict(shifted) - pred).max() > 1e-3
 
 
+def test_table_fit_takes_every_input_kind_alike_and_names_bad_ones(table_est, monkeypatch):
+    """Plain float arrays skip validate_data (the fast path): the same predictions as a
+    list, a float32 array or a strided view, which go through it; bad inputs are named
+    either way, before the estimator changes."""
+    pd = pytest.importorskip("pandas")
+    est, (X, y, groups) = table_est
+    est = clone(est)
+    m = groups == _largest(groups)
+    Xs, ys, Xq = X[m][:6], y[m][:6], X[m][6:]
+    with monkeypatch.context() as patch:  # plain arrays take the fast path
+        patch.setattr("metafit.estimators._base.validate_data", None)
+        ref = est.fit(Xs, ys).predict(Xq)
+    for Xg, yg in [(Xs.tolist(), ys.tolist()), (np.asfortranarray(Xs), ys),
+                   (Xs.astype(np.float32), ys.astype(np.float32)),
+                   (pd.DataFrame(Xs), pd.Series(ys))]:
+        got = est.fit(Xg, yg).predict(Xq)
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-3 * np.abs(y).std())
+    assert not hasattr(est, "feature_names_in_") and est.n_features_in_ == 3
+    before = est.adapted_params_
+    nan = Xs.copy()
+    nan[0, 0] = np.nan
+    for bad_X, bad_y, match in [(nan, ys, "NaN"), (Xs[:, :2], ys, "2 feature.*expects 3"),
+                                (Xs, ys[:-1], "inconsistent numbers of samples"),
+                                (Xs, np.full(6, np.inf), "infinity")]:
+        with pytest.raises(ValueError, match=match):
+            est.fit(bad_X, bad_y)
+        assert est.adapted_params_ is before
+    with pytest.raises(ValueError, match="2 features"):
+        est.predict(Xq[:, :2])
+
+
 def _offset_tasks(n, seed=0):
     """Sinusoid tasks far from standard units: x around 50, y around 1000."""
     out = []

@@ -585,12 +585,8 @@ class MetaInitializedEstimator(BaseEstimator):
                     "n_features): flatten it with X.reshape(len(X), -1), or pass module= a "
                     "network for this shape (metafit.models.Conv4 for images)."
                 )
-            if init is not None and init.n_features != X[0].size:
-                raise ValueError(
-                    f"X has {X[0].size} feature(s), but the meta-learned initialization "
-                    f"expects {init.n_features} feature(s); pass the features used in "
-                    "meta-training."
-                )
+            if init is not None:
+                _check_n_features(X[0].size, init.n_features)
             self._target.check_init(init, target)
             self._table_prep = prep
             self.__dict__.update(target.fitted)
@@ -603,13 +599,22 @@ class MetaInitializedEstimator(BaseEstimator):
         checked in float64, standardized (a column of timestamps keeps its digits), and
         only then float32; ``y`` standardized too for a regressor."""
         encoding = prep.encoding
+        fast = None
         if encoding is not None:  # categorical columns, one-hot as in meta-training
             X = encoding.transform(X, "fit")
-        refuse_sparse("fit", y=y)
-        X, y = validate_data(self, X, y, dtype=np.float64, **self._target.fit_checks)
+        else:  # plain numpy arrays skip validate_data, as outside table mode
+            fast = fast_xy(X, y, regression=self._target.regression, dtype=np.float64)
+        if fast is not None:
+            X, y = fast
+            self.n_features_in_ = X.shape[1]
+            self.__dict__.pop("feature_names_in_", None)
+        else:
+            refuse_sparse("fit", y=y)
+            X, y = validate_data(self, X, y, dtype=np.float64, **self._target.fit_checks)
         if encoding is not None:  # scikit-learn's convention: the columns given
             self.n_features_in_ = len(encoding.columns)
             self.feature_names_in_ = np.asarray(encoding.columns, dtype=object)
+        _check_n_features(X.shape[1], prep.scaling.x_mean.size)  # before broadcasting
         if self._target.regression:  # encode checks the standardized targets' scale
             y = prep.scaling.transform_y(np.asarray(y, dtype=np.float64))
         return prep.scaling.transform_X(X), y, False
@@ -679,7 +684,10 @@ class MetaInitializedEstimator(BaseEstimator):
             if prep.encoding is not None:
                 X = check_array(prep.encoding.transform(X, "predict"), dtype=np.float64)
             else:
-                X = validate_data(self, X, dtype=np.float64, reset=False)
+                fast = None if "feature_names_in_" in self.__dict__ else fast_X(
+                    X, self.n_features_in_, dtype=np.float64)
+                X = validate_data(self, X, dtype=np.float64, reset=False) if fast is None \
+                    else fast
             return prep.scaling.transform_X(X)
         checked = None if "feature_names_in_" in self.__dict__ else fast_X(X, self.n_features_in_)
         if checked is None:
@@ -750,3 +758,12 @@ class MetaInitializedEstimator(BaseEstimator):
             lr = fit_settings(self, init)[0]
         kwargs.setdefault("device", str(self.device))
         return self._target.skorch_net(module, kwargs, lr)
+
+
+def _check_n_features(given: int, expected: int) -> None:
+    """Raise if ``fit``'s X has another feature count than the initialization's."""
+    if given != expected:
+        raise ValueError(
+            f"X has {given} feature(s), but the meta-learned initialization expects "
+            f"{expected} feature(s); pass the features used in meta-training."
+        )

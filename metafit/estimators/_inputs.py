@@ -88,22 +88,24 @@ def unchanged_on_error(estimator):
         raise
 
 
-def _as_float32(a: np.ndarray) -> np.ndarray:
-    """``a`` as float32; values beyond its range become inf quietly (the caller's finite
+def _as_dtype(a: np.ndarray, dtype) -> np.ndarray:
+    """``a`` as ``dtype``; values beyond its range become inf quietly (the caller's finite
     check then sends them to ``validate_data``, which names the problem)."""
-    if a.dtype == np.float32:
+    if a.dtype == dtype:
         return a
     with np.errstate(over="ignore"):
-        return a.astype(np.float32)
+        return a.astype(dtype)
 
 
-def fast_xy(X, y, *, regression: bool):
+def fast_xy(X, y, *, regression: bool, dtype=np.float32):
     """``(X, y)`` ready for the engine when they are plain, clean numpy arrays, else None.
 
     scikit-learn's ``validate_data`` costs 50-100 us, as much as a whole few-shot fit. For
     2-D float arrays with matching lengths and finite values (int labels for a classifier)
     the few checks below are all it would do; anything else returns None and goes through
-    ``validate_data``, which then raises the usual errors.
+    ``validate_data``, which then raises the usual errors. ``X`` (and a regressor's ``y``)
+    come back as ``dtype``: float32 for the engine, float64 for table mode, which
+    standardizes before it rounds to float32.
     """
     if type(X) is not np.ndarray or type(y) is not np.ndarray:
         return None
@@ -114,19 +116,19 @@ def fast_xy(X, y, *, regression: bool):
     if regression:
         if y.dtype.kind != "f" or y.ndim not in (1, 2) or y.size == 0:
             return None
-        y = _as_float32(y)
+        y = _as_dtype(y, dtype)
         if not np.isfinite(y).all():
             return None
     elif y.ndim != 1 or y.dtype.kind not in "iu":
         return None
-    X = _as_float32(X)
+    X = _as_dtype(X, dtype)
     if not np.isfinite(X).all():
         return None
     return X, y
 
 
-def fast_X(X, n_features: int):
-    """``X`` as float32 for prediction when it is a plain, clean numpy array, else None.
+def fast_X(X, n_features: int, *, dtype=np.float32):
+    """``X`` as ``dtype`` for prediction when it is a plain, clean numpy array, else None.
 
     The checks of :func:`fast_xy` for ``X`` alone, with the feature count of ``fit``.
     """
@@ -139,7 +141,7 @@ def fast_X(X, n_features: int):
         and X.shape[0] > 0
         and X.shape[1] == n_features
     ):
-        X = _as_float32(X)
+        X = _as_dtype(X, dtype)
         if np.isfinite(X).all():
             return X
     return None
