@@ -308,6 +308,7 @@ def test_threads_are_set_for_the_call_and_restored(monkeypatch, n_threads, modul
 
     monkeypatch.setattr("metafit.estimators._meta_fit_run.torch_threads", spy)
     monkeypatch.setattr("metafit.estimators._base.torch_threads", spy)
+    monkeypatch.setattr("metafit.estimators.regressor.torch_threads", spy)
     before = torch.get_num_threads()
     if module == "conv":
         from metafit import MetaInitializedClassifier
@@ -326,8 +327,9 @@ def test_threads_are_set_for_the_call_and_restored(monkeypatch, n_threads, modul
         est = _est(n_threads=n_threads).meta_fit(SinusoidTasks(k_shot=5, random_state=0))
         task = SinusoidTasks(random_state=2).sample(1)[0]
         est.fit(task.X_support, task.y_support)
+    est.predict(task.X_support)
     want = _threads._cores() if expected == "cores" else expected
-    assert seen == [want, want]  # meta_fit, fit
+    assert seen == [want, want, want]  # meta_fit, fit, predict
     assert torch.get_num_threads() == before
 
 

@@ -699,15 +699,18 @@ class MetaInitializedEstimator(BaseEstimator):
         learner = self._learner
         Xt, _ = learner.as_tensors(X)
         last_step = learner.last_step(self.inner_steps_)  # MAML++'s per-step BatchNorm set
-        if is_stateless(learner.module):  # no dropout or batch statistics: no mode switch
-            return learner.predict(self.adapted_params_, Xt.unsqueeze(0), step=last_step)[0]
-        # Predict in eval mode, so that dropout is off and predictions are deterministic.
-        training = learner.module.training
-        learner.module.eval()
-        try:
-            return learner.predict(self.adapted_params_, Xt.unsqueeze(0), step=last_step)[0]
-        finally:
-            learner.module.train(training)
+        with torch_threads(threads_for(learner.module, self.n_threads)):  # as fit's
+            if is_stateless(learner.module):  # no dropout or batch statistics: no mode switch
+                return learner.predict(self.adapted_params_, Xt.unsqueeze(0),
+                                       step=last_step)[0]
+            # Predict in eval mode, so that dropout is off and predictions are deterministic.
+            training = learner.module.training
+            learner.module.eval()
+            try:
+                return learner.predict(self.adapted_params_, Xt.unsqueeze(0),
+                                       step=last_step)[0]
+            finally:
+                learner.module.train(training)
 
     def to_skorch(self, **kwargs):
         """A skorch net whose module holds the learned weights, ready for more training.

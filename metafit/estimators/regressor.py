@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import RegressorMixin
 
+from metafit._threads import threads_for, torch_threads
 from metafit.estimators._base import MetaInitializedEstimator
 from metafit.estimators._targets import RegressionTarget
 
@@ -87,7 +88,8 @@ class MetaInitializedRegressor(RegressorMixin, MetaInitializedEstimator):
         learner = self._learner
         Xt, _ = learner.as_tensors(X)
         try:
-            mean, var = learner.predict_distribution(self.adapted_params_, Xt.unsqueeze(0))
+            with torch_threads(threads_for(learner.module, self.n_threads)):
+                mean, var = learner.predict_distribution(self.adapted_params_, Xt.unsqueeze(0))
         except NotImplementedError:
             raise ValueError(
                 f"return_std=True needs a predictive distribution: this initialization was "
