@@ -32,6 +32,7 @@ Usage::
     python benchmarks/grouped_tables.py                      # all tables, ~15 min
     python benchmarks/grouped_tables.py --tables sleepstudy --seeds 1 --quick
     python benchmarks/grouped_tables.py --algorithms fomaml anil metasgd
+    python benchmarks/grouped_tables.py --blend              # + MAML and ALPACA averaged
     python benchmarks/grouped_tables.py --speed              # table mode's wall times
     python benchmarks/grouped_tables.py --coverage           # ALPACA's intervals
     python benchmarks/grouped_tables.py --coverage --noise per_task shared  # both models
@@ -68,6 +69,8 @@ SLOPE = {"mathach": "ses", "nlschools": "iq", "radon": "basement", "sleepstudy":
          "produc": "log_emp"}
 KS = {"sleepstudy": (3, 5)}
 ALPHAS = (0.1, 1.0, 10.0, 100.0)
+#: the row of --blend
+BLEND = "metafit maml+alpaca mean"
 FINE_TUNE_GRID = [{"inner_lr": lr, "inner_steps": steps}
                   for lr in (0.01, 0.03, 0.1, 0.3) for steps in (5, 20)]
 
@@ -188,8 +191,10 @@ def score(predict, eps, Xz, yz):
 # ---------------------------------------------------------------- one data set
 
 
-def run_table(name, folder, seeds, algorithms, quick, params=None):
+def run_table(name, folder, seeds, algorithms, quick, params=None, blend=False):
     X, y, groups, features = load(folder, name)
+    if blend:
+        algorithms = [*algorithms, *(a for a in ("maml", "alpaca") if a not in algorithms)]
     z_cols = [features.index(SLOPE[name])]
     results: dict[tuple[int, str], list[float]] = {}
     times: dict[str, list[float]] = {}
@@ -202,17 +207,14 @@ def run_table(name, folder, seeds, algorithms, quick, params=None):
         ym, ys = y[tr_rows].mean(), y[tr_rows].std()
         Xz, yz = (X - mean) / std, (y - ym) / ys
         estimators = {}
-        for algo in ["maml", "joint", *algorithms]:
-            kw = {"random_state": seed, "verbose": 0}
-            if algo != "maml":
-                kw["algorithm"] = algo
-            else:  # the defaults row, with --params on top
-                kw.update(params or {})
+        rows_of = [("metafit", dict(params or {})), ("joint + fine-tune", {"algorithm": "joint"}),
+                   *((f"metafit {a}", {"algorithm": a}) for a in algorithms)]
+        for label, settings in rows_of:  # the defaults row first, with --params on top
+            kw = {"random_state": seed, "verbose": 0, **settings}
             if quick:
                 kw["meta_iterations"] = 50
             est = MetaInitializedRegressor(**kw)
             start = time.perf_counter()
-            label = {"maml": "metafit", "joint": "joint + fine-tune"}.get(algo, f"metafit {algo}")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 try:
@@ -232,11 +234,16 @@ def run_table(name, folder, seeds, algorithms, quick, params=None):
         for k in KS.get(name, (5, 10)):
             eps = episodes(X, y, groups, test, k, seed)
             val_eps = episodes(X, y, groups, val, k, seed + 100)
-            for label, est in estimators.items():
+            scored = dict(estimators)
+            if blend:  # the two candidates of algorithm="auto", averaged
+                scored[BLEND] = (estimators["metafit maml"], estimators["metafit alpaca"])
+            for label, est in scored.items():
                 def predict(Xs, ys_, Xq, est=est, mean=mean, std=std, ym=ym, ys=ys):
                     # metafit takes the raw table's units: undo the benchmark's z-scores
-                    est.fit(Xs * std + mean, ys_ * ys + ym)
-                    return (est.predict(Xq * std + mean) - ym) / ys
+                    members = est if isinstance(est, tuple) else (est,)
+                    out = [m.fit(Xs * std + mean, ys_ * ys + ym).predict(Xq * std + mean)
+                           for m in members]
+                    return (np.mean(out, axis=0) - ym) / ys
                 if label == "joint + fine-tune":
                     # Plain fine-tuning gets its rate and steps chosen on the validation
                     # groups: the baseline at its best, not at the meta-learners' values.
@@ -273,8 +280,8 @@ def report(name, results, times):
             v = np.asarray(v)
             print(f"  {label:<22} {v.mean():.4f} ± {v.std(ddof=1) / np.sqrt(len(v)):.4f}")
         best = min((a for a in anchors if a in rows), key=lambda a: np.mean(rows[a]))
-        ours = np.mean(rows["metafit"])
-        summary.append((name, k, ours, best, np.mean(rows[best])))
+        summary.append((name, k, {r: np.mean(rows[r]) for r in ("metafit", BLEND) if r in rows},
+                        best, np.mean(rows[best])))
     for key, v in times.items():
         if key.endswith("diverged runs"):
             print(f"  {key:<34} {len(v)} of the seeds (the last finite state is scored)")
@@ -354,6 +361,9 @@ def main(argv=None):
     parser.add_argument("--params", default="{}",
                         help='estimator parameters of the "metafit" row, as JSON, e.g. '
                              '\'{"algorithm": "maml", "hidden_sizes": [64, 64]}\'')
+    parser.add_argument("--blend", action="store_true",
+                        help="also the mean of MAML's and ALPACA's predictions (the two "
+                             'candidates of algorithm="auto"), with their rows')
     parser.add_argument("--speed", action="store_true",
                         help="only the wall times of table mode on a synthetic table")
     parser.add_argument("--coverage", action="store_true",
@@ -374,15 +384,20 @@ def main(argv=None):
     summary = []
     for name in args.tables:
         results, times = run_table(name, folder, range(args.seeds), args.algorithms,
-                                   args.quick, params=json.loads(args.params))
+                                   args.quick, params=json.loads(args.params),
+                                   blend=args.blend)
         summary += report(name, results, times)
-    print("\nmetafit's defaults against the best anchor of each data set and k:")
-    ratios = []
-    for name, k, ours, best, theirs in summary:
-        ratios.append(ours / theirs)
-        print(f"  {name:<11} k={k:<3} metafit {ours:.4f}  best anchor {best} {theirs:.4f}  "
-              f"({100 * (ours / theirs - 1):+.1f}%)")
-    print(f"  mean ratio {np.mean(ratios):.4f} ({100 * (np.mean(ratios) - 1):+.1f}%)")
+    for row in ("metafit", BLEND):
+        if row not in summary[0][2]:
+            continue
+        what = "metafit's defaults" if row == "metafit" else f"{row!r} (--blend)"
+        print(f"\n{what} against the best anchor of each data set and k:")
+        ratios = []
+        for name, k, ours, best, theirs in summary:
+            ratios.append(ours[row] / theirs)
+            print(f"  {name:<11} k={k:<3} metafit {ours[row]:.4f}  best anchor {best} "
+                  f"{theirs:.4f}  ({100 * (ours[row] / theirs - 1):+.1f}%)")
+        print(f"  mean ratio {np.mean(ratios):.4f} ({100 * (np.mean(ratios) - 1):+.1f}%)")
 
 
 if __name__ == "__main__":
