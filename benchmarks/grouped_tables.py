@@ -70,7 +70,7 @@ SLOPE = {"mathach": "ses", "nlschools": "iq", "radon": "basement", "sleepstudy":
 KS = {"sleepstudy": (3, 5)}
 ALPHAS = (0.1, 1.0, 10.0, 100.0)
 #: the row of --blend
-BLEND = "metafit maml+alpaca mean"
+BLEND = "metafit mean of both"
 FINE_TUNE_GRID = [{"inner_lr": lr, "inner_steps": steps}
                   for lr in (0.01, 0.03, 0.1, 0.3) for steps in (5, 20)]
 
