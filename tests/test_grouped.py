@@ -358,7 +358,7 @@ def test_table_fit_takes_every_input_kind_alike_and_names_bad_ones(table_est, mo
     m = groups == _largest(groups)
     Xs, ys, Xq = X[m][:6], y[m][:6], X[m][6:]
     with monkeypatch.context() as patch:  # plain arrays take the fast path
-        patch.setattr("metafit.estimators._base.validate_data", None)
+        patch.setattr("metafit.estimators._inputs.validate_data", None)
         ref = est.fit(Xs, ys).predict(Xq)
     for Xg, yg in [(Xs.tolist(), ys.tolist()), (np.asfortranarray(Xs), ys),
                    (Xs.astype(np.float32), ys.astype(np.float32)),

@@ -26,13 +26,18 @@ import numpy as np
 import torch
 from sklearn.base import BaseEstimator
 from sklearn.exceptions import NotFittedError
-from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-from metafit._task_types import refuse_sparse
 from metafit._threads import threads_for, torch_threads
 from metafit.estimators._adaptation import check_adapted, fit_settings
 from metafit.estimators._auto_algorithm import candidates, meta_fit_auto
-from metafit.estimators._inputs import SeededTorch, fast_X, fast_xy, seed_from, unchanged_on_error
+from metafit.estimators._inputs import (
+    SeededTorch,
+    check_n_features,
+    fit_data,
+    seed_from,
+    table_fit_data,
+    unchanged_on_error,
+)
 from metafit.estimators._learners import LearnerFactory, learner_factory
 from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done, warn_kept
 from metafit.estimators._params import check_params
@@ -573,9 +578,9 @@ class MetaInitializedEstimator(BaseEstimator):
             init = self._fit_init(factory)
             prep = self._preprocessing_for(init)
             if prep is None:
-                X, y, fast = self._fit_data(X, y)
+                X, y, fast = fit_data(self, X, y, self._target)
             else:  # table mode: encoded and standardized in float64, then float32
-                X, y, fast = self._table_fit_data(X, y, prep)
+                X, y, fast = table_fit_data(self, X, y, prep, self._target)
             target = self._target.encode(y, fast)
             mlp = f"{MLP.__module__}.{MLP.__qualname__}"
             if self.module is None and X.ndim != 2 and (init is None or init.spec.get(
@@ -586,58 +591,13 @@ class MetaInitializedEstimator(BaseEstimator):
                     "network for this shape (metafit.models.Conv4 for images)."
                 )
             if init is not None:
-                _check_n_features(X[0].size, init.n_features)
+                check_n_features(X[0].size, init.n_features)
             self._target.check_init(init, target)
             self._table_prep = prep
             self.__dict__.update(target.fitted)
             self._fit_outputs = target.n_outputs
             self._adapt(X, target.y, init, factory)
         return self
-
-    def _table_fit_data(self, X, y, prep: TablePreprocessing):
-        """``fit``'s data for a table-mode initialization: categorical columns one-hot,
-        checked in float64, standardized (a column of timestamps keeps its digits), and
-        only then float32; ``y`` standardized too for a regressor."""
-        encoding = prep.encoding
-        fast = None
-        if encoding is not None:  # categorical columns, one-hot as in meta-training
-            X = encoding.transform(X, "fit")
-        else:  # plain numpy arrays skip validate_data, as outside table mode
-            fast = fast_xy(X, y, regression=self._target.regression, dtype=np.float64)
-        if fast is not None:
-            X, y = fast
-            self.n_features_in_ = X.shape[1]
-            self.__dict__.pop("feature_names_in_", None)
-        else:
-            refuse_sparse("fit", y=y)
-            X, y = validate_data(self, X, y, dtype=np.float64, **self._target.fit_checks)
-        if encoding is not None:  # scikit-learn's convention: the columns given
-            self.n_features_in_ = len(encoding.columns)
-            self.feature_names_in_ = np.asarray(encoding.columns, dtype=object)
-        _check_n_features(X.shape[1], prep.scaling.x_mean.size)  # before broadcasting
-        if self._target.regression:  # encode checks the standardized targets' scale
-            y = prep.scaling.transform_y(np.asarray(y, dtype=np.float64))
-        return prep.scaling.transform_X(X), y, False
-
-    def _fit_data(self, X, y) -> tuple[np.ndarray, np.ndarray, bool]:
-        """``fit``'s ``X`` and ``y`` as arrays (``X`` float32), and whether they took the
-        fast path.
-
-        Plain, clean numpy arrays skip scikit-learn's ``validate_data``, which costs as
-        much as a few-shot fit (:func:`metafit.estimators._inputs.fast_xy`); anything else
-        goes through it with the target kind's checks and raises its usual errors.
-        """
-        fast = fast_xy(X, y, regression=self._target.regression)
-        if fast is not None:
-            self.n_features_in_ = fast[0].shape[1]
-            self.__dict__.pop("feature_names_in_", None)
-            return fast[0], fast[1], True
-        refuse_sparse("fit", y=y)  # X: validate_data says so itself
-        X, y = validate_data(
-            self, X, y, dtype=np.float32, allow_nd=True, **self._target.fit_checks
-        )
-        X = X if X.flags.writeable else X.copy()  # torch warns on read-only arrays
-        return X, y, False
 
     def _adapt(self, X: np.ndarray, y: np.ndarray, init: MetaInit | None, factory) -> None:
         """Adapt from ``init`` (already resolved and checked against ``X`` by ``fit``)."""
@@ -675,25 +635,6 @@ class MetaInitializedEstimator(BaseEstimator):
         self.adapted_params_ = params
 
     # ------------------------------------------------------------------ prediction
-
-    def _check_X_predict(self, X) -> np.ndarray:
-        """Validated float32 X for prediction (fast path: ``_inputs.fast_X``)."""
-        check_is_fitted(self)
-        prep = self.__dict__.get("_table_prep")
-        if prep is not None:  # table mode: encoded, checked in float64, standardized
-            if prep.encoding is not None:
-                X = check_array(prep.encoding.transform(X, "predict"), dtype=np.float64)
-            else:
-                fast = None if "feature_names_in_" in self.__dict__ else fast_X(
-                    X, self.n_features_in_, dtype=np.float64)
-                X = validate_data(self, X, dtype=np.float64, reset=False) if fast is None \
-                    else fast
-            return prep.scaling.transform_X(X)
-        checked = None if "feature_names_in_" in self.__dict__ else fast_X(X, self.n_features_in_)
-        if checked is None:
-            checked = validate_data(self, X, dtype=np.float32, reset=False, allow_nd=True)
-            checked = checked if checked.flags.writeable else checked.copy()
-        return checked
 
     def _raw_predict(self, X: np.ndarray) -> torch.Tensor:
         learner = self._learner
@@ -762,11 +703,3 @@ class MetaInitializedEstimator(BaseEstimator):
         kwargs.setdefault("device", str(self.device))
         return self._target.skorch_net(module, kwargs, lr)
 
-
-def _check_n_features(given: int, expected: int) -> None:
-    """Raise if ``fit``'s X has another feature count than the initialization's."""
-    if given != expected:
-        raise ValueError(
-            f"X has {given} feature(s), but the meta-learned initialization expects "
-            f"{expected} feature(s); pass the features used in meta-training."
-        )

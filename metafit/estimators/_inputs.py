@@ -4,7 +4,9 @@ Everything here is called by the estimators (:mod:`metafit.estimators`); their p
 are checked by :mod:`metafit.estimators._params`. The input checks have fast paths: a
 few-shot ``fit`` takes well under a millisecond, so checking plain numpy arrays must cost
 microseconds, not the 50-100 us of scikit-learn's ``validate_data`` (which still handles,
-and reports, everything else).
+and reports, everything else). :func:`fit_data`, :func:`table_fit_data` and
+:func:`predict_data` are the estimators' whole input path; like ``validate_data`` they set
+the estimator's ``n_features_in_`` and ``feature_names_in_``.
 """
 
 from __future__ import annotations
@@ -15,8 +17,21 @@ import numbers
 
 import numpy as np
 import torch
+from sklearn.utils.validation import check_array, check_is_fitted, validate_data
 
-__all__ = ["SeededTorch", "fast_X", "fast_xy", "seed_from", "unchanged_on_error"]
+from metafit._task_types import refuse_sparse
+
+__all__ = [
+    "SeededTorch",
+    "check_n_features",
+    "fast_X",
+    "fast_xy",
+    "fit_data",
+    "predict_data",
+    "seed_from",
+    "table_fit_data",
+    "unchanged_on_error",
+]
 
 
 # --------------------------------------------------------------------------- random_state
@@ -145,3 +160,83 @@ def fast_X(X, n_features: int, *, dtype=np.float32):
         if np.isfinite(X).all():
             return X
     return None
+
+
+# --------------------------------------------------------------------------- the estimators'
+
+
+def check_n_features(given: int, expected: int) -> None:
+    """Raise if ``fit``'s X has another feature count than the initialization's."""
+    if given != expected:
+        raise ValueError(
+            f"X has {given} feature(s), but the meta-learned initialization expects "
+            f"{expected} feature(s); pass the features used in meta-training."
+        )
+
+
+def fit_data(est, X, y, target) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``fit``'s ``X`` and ``y`` as arrays (``X`` float32), and whether they took the
+    fast path.
+
+    Plain, clean numpy arrays skip scikit-learn's ``validate_data``, which costs as much
+    as a few-shot fit (:func:`fast_xy`); anything else goes through it with the target
+    kind's checks and raises its usual errors. ``target`` is the estimator's
+    :class:`~metafit.estimators._targets.TargetKind`.
+    """
+    fast = fast_xy(X, y, regression=target.regression)
+    if fast is not None:
+        est.n_features_in_ = fast[0].shape[1]
+        est.__dict__.pop("feature_names_in_", None)
+        return fast[0], fast[1], True
+    refuse_sparse("fit", y=y)  # X: validate_data says so itself
+    X, y = validate_data(est, X, y, dtype=np.float32, allow_nd=True, **target.fit_checks)
+    X = X if X.flags.writeable else X.copy()  # torch warns on read-only arrays
+    return X, y, False
+
+
+def table_fit_data(est, X, y, prep, target) -> tuple[np.ndarray, np.ndarray, bool]:
+    """``fit``'s data for a table-mode initialization: categorical columns one-hot,
+    checked in float64 (plain arrays by :func:`fast_xy`), standardized (a column of
+    timestamps keeps its digits), and only then float32; ``y`` standardized too for a
+    regressor. ``prep`` is the initialization's
+    :class:`~metafit.estimators._table_mode.TablePreprocessing`."""
+    encoding = prep.encoding
+    fast = None
+    if encoding is not None:  # categorical columns, one-hot as in meta-training
+        X = encoding.transform(X, "fit")
+    else:
+        fast = fast_xy(X, y, regression=target.regression, dtype=np.float64)
+    if fast is not None:
+        X, y = fast
+        est.n_features_in_ = X.shape[1]
+        est.__dict__.pop("feature_names_in_", None)
+    else:
+        refuse_sparse("fit", y=y)
+        X, y = validate_data(est, X, y, dtype=np.float64, **target.fit_checks)
+    if encoding is not None:  # scikit-learn's convention: the columns given
+        est.n_features_in_ = len(encoding.columns)
+        est.feature_names_in_ = np.asarray(encoding.columns, dtype=object)
+    check_n_features(X.shape[1], prep.scaling.x_mean.size)  # before it broadcasts
+    if target.regression:  # encode checks the standardized targets' scale
+        y = prep.scaling.transform_y(np.asarray(y, dtype=np.float64))
+    return prep.scaling.transform_X(X), y, False
+
+
+def predict_data(est, X) -> np.ndarray:
+    """Validated float32 ``X`` for prediction by the fitted ``est`` (plain arrays by
+    :func:`fast_X`; table mode checks in float64 and standardizes)."""
+    check_is_fitted(est)
+    named = "feature_names_in_" in est.__dict__
+    prep = est.__dict__.get("_table_prep")
+    if prep is not None:
+        if prep.encoding is not None:
+            X = check_array(prep.encoding.transform(X, "predict"), dtype=np.float64)
+        else:
+            fast = None if named else fast_X(X, est.n_features_in_, dtype=np.float64)
+            X = validate_data(est, X, dtype=np.float64, reset=False) if fast is None else fast
+        return prep.scaling.transform_X(X)
+    checked = None if named else fast_X(X, est.n_features_in_)
+    if checked is None:
+        checked = validate_data(est, X, dtype=np.float32, reset=False, allow_nd=True)
+        checked = checked if checked.flags.writeable else checked.copy()
+    return checked

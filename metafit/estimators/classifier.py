@@ -7,6 +7,7 @@ from scipy.special import log_softmax, softmax
 from sklearn.base import ClassifierMixin
 
 from metafit.estimators._base import MetaInitializedEstimator
+from metafit.estimators._inputs import predict_data
 from metafit.estimators._targets import ClassificationTarget, module_outputs
 
 __all__ = ["MetaInitializedClassifier", "module_outputs"]
@@ -54,7 +55,7 @@ class MetaInitializedClassifier(ClassifierMixin, MetaInitializedEstimator):
         return tags
 
     def _logits(self, X) -> np.ndarray:
-        X = self._check_X_predict(X)
+        X = predict_data(self, X)
         logits = self._raw_predict(X)[:, : len(self.classes_)]
         return logits.cpu().numpy().astype(np.float64)
 

@@ -7,6 +7,7 @@ from sklearn.base import RegressorMixin
 
 from metafit._threads import threads_for, torch_threads
 from metafit.estimators._base import MetaInitializedEstimator
+from metafit.estimators._inputs import predict_data
 from metafit.estimators._targets import RegressionTarget
 
 __all__ = ["MetaInitializedRegressor"]
@@ -72,7 +73,7 @@ class MetaInitializedRegressor(RegressorMixin, MetaInitializedEstimator):
             level (``ALPACA(noise="per_task")``, the default), Gaussian with
             ``noise="shared"``.
         """
-        X = self._check_X_predict(X)
+        X = predict_data(self, X)
         prep = self.__dict__.get("_table_prep")
         scaling = None if prep is None else prep.scaling
         if return_std:
