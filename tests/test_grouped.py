@@ -249,6 +249,32 @@ def test_task_mode_still_takes_validation_tasks_as_the_second_argument():
         est.meta_fit(tasks, val, validation_tasks=val)
 
 
+def test_given_validation_tasks_leave_every_group_to_meta_training():
+    X, y, groups = grouped_table(n_groups=12)
+    groups = groups.copy()
+    groups[0] = "single"  # a one-row group, counted among the meta-training groups
+    val = [Task(X[:5], y[:5], X[5:10], y[5:10])]
+    est = MetaInitializedRegressor(**{**QUICK, "meta_iterations": 5})
+    with pytest.warns(UserWarning, match="1 of 13 meta-training groups"):
+        est.meta_fit(X, y, groups=groups, validation_tasks=val)
+    assert est.meta_history_[-1]["validation_loss"] is not None
+
+
+@pytest.mark.parametrize("n_groups", [1, 2])
+def test_a_table_too_small_to_hold_groups_out_says_so_and_auto_runs_maml_alone(n_groups):
+    X, y, groups = grouped_table(n_groups=n_groups, sizes=(20, 30))
+    est = MetaInitializedRegressor(**{**QUICK, "meta_iterations": 5, "algorithm": "auto"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        est.meta_fit(X, y, groups=groups)
+    said = [str(w.message) for w in caught]
+    assert any(f"a table of {n_groups} group(s) holds none out" in m for m in said), said
+    assert not any("no candidate had a finite validation loss" in m for m in said), said
+    assert est.algorithm_ == "maml" and not hasattr(est, "algorithm_scores_")
+    assert "validation_score" not in est.meta_init_.metadata
+    assert est.fit(X[:5], y[:5]).predict(X[5:8]).shape == (3,)
+
+
 def _table_with_categories(seed=0):
     pd = pytest.importorskip("pandas")
     rng = np.random.default_rng(seed)

@@ -74,6 +74,11 @@ def meta_fit_auto(est, X, y, groups, validation_tasks, names) -> None:
         runs[name] = run
         if run.__dict__.get("_interrupted_run"):
             break
+        if "validation_score" not in run.meta_init_.metadata:
+            # no validation tasks after all (a table too small to hold groups out; the
+            # run warned): nothing to compare the candidates by, so the first is kept
+            names, shown = names[: names.index(name) + 1], {}
+            break
     if not runs:  # every candidate diverged: keep the first one's last finite state
         if kept is not None:
             _adopt(est, kept[0], shown, kept[1])

@@ -198,7 +198,8 @@ class MetaInitializedEstimator(BaseEstimator):
         Table mode: the fraction of groups held out of meta-training (whole groups, as
         new groups arrive). Their episodes are the validation tasks: the initialization
         with the lowest validation loss is kept, and ``patience`` may stop early. 0 or
-        None holds nothing out.
+        None holds nothing out; so do ``validation_tasks`` given to ``meta_fit``, which
+        replace them. A table of fewer than 3 groups holds nothing out (with a warning).
     categorical_features : {"from_dtype"} or None, default="from_dtype"
         Table mode: DataFrame columns of categorical, object or string dtype are one-hot
         encoded with the categories of the meta-training rows (a category unseen then

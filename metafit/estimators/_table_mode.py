@@ -12,6 +12,7 @@ own units.
 from __future__ import annotations
 
 import itertools
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -112,7 +113,8 @@ def meta_fit_inputs(est, X, y, groups, validation_tasks, *, regression: bool, pr
             return X, validation_tasks, None
         return scaled_task_inputs(X, validation_tasks, regression=regression,
                                   previous=previous)
-    table = table_tasks(est, X, y, groups, regression=regression, previous=previous)
+    table = table_tasks(est, X, y, groups, regression=regression, previous=previous,
+                        hold_out=validation_tasks is None)
     prep = table.preprocessing
     if validation_tasks is None:
         return table.episodes, table.validation, prep
@@ -163,13 +165,14 @@ def standardize_tasks(tasks, scaling: Standardization) -> list[Task]:
     return [_scaled(task, scaling) for task in map(as_task, tasks)]
 
 
-def table_tasks(est, X, y, groups, *, regression: bool, previous=None) -> TableTasks:
+def table_tasks(est, X, y, groups, *, regression: bool, previous=None, hold_out: bool = True
+                ) -> TableTasks:
     """Encode, split, standardize and sample the table ``(X, y, groups)`` for
     ``est.meta_fit``.
 
     ``previous`` (warm start) is the preprocessing of the initialization to continue;
     otherwise it is learned from the rows (the standardization from the meta-training
-    rows only).
+    rows only). ``hold_out=False`` (the user gave validation tasks) trains on every group.
 
     Raises
     ------
@@ -196,7 +199,8 @@ def table_tasks(est, X, y, groups, *, regression: bool, previous=None) -> TableT
     if not np.issubdtype(y.dtype, np.number):
         raise ValueError(f"meta_fit: y must be numeric for a regressor, got dtype {y.dtype}.")
     rng = np.random.default_rng(seed_from(est.random_state))
-    train, val = split_groups(groups, est.validation_fraction, rng)
+    fraction = est.validation_fraction if hold_out else None
+    train, val = split_groups(groups, fraction, rng)
     scaling = previous.scaling if previous is not None else None
     if scaling is None and est.standardize is False:  # raw values, as asked
         scaling = Standardization(np.zeros(X.shape[1]), np.ones(X.shape[1]),
@@ -223,4 +227,21 @@ def table_tasks(est, X, y, groups, *, regression: bool, previous=None) -> TableT
         sizes = sorted({lo, (lo + hi + 1) // 2, hi})
         validation = validation_episodes(Xs[val], ys[val], groups[val],
                                          support_sizes=sizes, rng=rng) or None
+    if fraction and validation is None:
+        _warn_no_validation(fraction, len(np.unique(groups)), val.any(), lo)
     return TableTasks(episodes, validation, TablePreprocessing(scaling, encoding))
+
+
+def _warn_no_validation(fraction: float, n_groups: int, held_out: bool, least: int) -> None:
+    """Say that the table leaves ``validation_fraction`` without validation groups."""
+    why = (f"its held-out groups are too small for an episode ({least} support rows and "
+           "at least one query row)" if held_out else
+           f"a table of {n_groups} group(s) holds none out (3 are needed: 2 stay for "
+           "meta-training)")
+    warnings.warn(
+        f"validation_fraction={fraction:g} gave no validation tasks: {why}. Meta-training "
+        "runs without them: no early stopping, fit adapts with meta-training's inner_lr and "
+        "inner_steps (\"auto\" chooses nothing), and algorithm=\"auto\" is MAML. Pass "
+        "validation_tasks, or more or larger groups.",
+        UserWarning, stacklevel=5,
+    )
