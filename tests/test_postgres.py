@@ -140,7 +140,7 @@ def _wait_for_running(url, name, proc, timeout=180):
     raise AssertionError("no trial was running")
 
 
-def _frozen_mid_trial(url, name) -> bool:
+def _frozen_mid_trial(url, name, heartbeat: bool) -> bool:
     """Whether the worker, frozen by the caller, is in the middle of a trial.
 
     A frozen worker cannot finish its trial between this look and the kill; without the
@@ -152,8 +152,27 @@ def _frozen_mid_trial(url, name) -> bool:
         return False
     # All parameters drawn: a worker frozen between two suggestions (seen on a loaded
     # machine) would leave a retry that draws the rest anew, unlike the killed trial.
-    return (bool(trials) and trials[-1].state == TrialState.RUNNING
-            and set(trials[-1].params) == {"inner_lr", "inner_steps"})
+    drawn = (bool(trials) and trials[-1].state == TrialState.RUNNING
+             and set(trials[-1].params) == {"inner_lr", "inner_steps"})
+    return drawn and (not heartbeat or _heartbeat_recorded(url, trials[-1]._trial_id))
+
+
+def _heartbeat_recorded(url, trial_id: int) -> bool:
+    """Whether the running trial has written its first heartbeat: optuna never fails a
+    trial without one, so a worker frozen before its heartbeat thread's first write (its
+    SQLite write waiting on the trial's own, seen in CI) leaves a trial no later worker
+    can fail."""
+    import sqlalchemy
+
+    try:
+        with make_storage(url).engine.connect() as conn:
+            found = conn.execute(
+                sqlalchemy.text("SELECT COUNT(*) FROM trial_heartbeats WHERE trial_id = :t"),
+                {"t": trial_id},
+            ).scalar()
+    except sqlalchemy.exc.OperationalError:  # the frozen worker holds a lock: look again
+        return False
+    return bool(found)
 
 
 def _kill_mid_trial(workdir, url, name, *extra):
@@ -162,7 +181,7 @@ def _kill_mid_trial(workdir, url, name, *extra):
         for _ in range(50):
             _wait_for_running(url, name, proc)
             proc.send_signal(signal.SIGSTOP)
-            if _frozen_mid_trial(url, name):
+            if _frozen_mid_trial(url, name, heartbeat="--heartbeat" in extra):
                 break
             proc.send_signal(signal.SIGCONT)
         else:
