@@ -15,7 +15,7 @@ from torch import nn
 
 from metafit._checks import check_int
 
-__all__ = ["MLP", "Conv4", "ContextMLP", "is_stateless"]
+__all__ = ["MLP", "Conv4", "ContextMLP", "MemberModules", "is_stateless"]
 
 _ACTIVATION_NAMES = ("relu", "tanh", "sigmoid", "gelu", "elu")
 
@@ -24,8 +24,16 @@ def is_stateless(module: nn.Module) -> bool:
     """Whether ``module``'s forward draws no random numbers, behaves the same in train and
     eval mode, and is never changed by adaptation: exactly the built-in :class:`MLP` (a
     subclass may add dropout). Learners of such modules are shared between threads, and
-    their fits and predictions skip seeding and mode switches."""
+    their fits and predictions skip seeding and mode switches. An ensemble's modules are
+    stateless when each member's is."""
+    if type(module) is MemberModules:
+        return all(is_stateless(m) for m in module)
     return type(module) is MLP
+
+
+class MemberModules(nn.ModuleList):
+    """The networks of an ensemble's members (:mod:`metafit.ensemble`), one module for
+    the thread count, mode switches and the statelessness check of ``fit``."""
 
 
 class MLP(nn.Module):

@@ -18,7 +18,15 @@ from torch import nn
 
 from metafit._atomic import atomic_path
 
-__all__ = ["MetaInit", "FORMAT_VERSION", "build_module", "is_meta_init_file", "module_spec"]
+__all__ = [
+    "ENSEMBLE_CLASS",
+    "MetaInit",
+    "member_prefix",
+    "FORMAT_VERSION",
+    "build_module",
+    "is_meta_init_file",
+    "module_spec",
+]
 
 #: Version 2 adds ``metadata["algorithm_options"]`` (the algorithm's own options, see
 #: :meth:`metafit.algorithms.MetaAlgorithm.get_config`); version-1 files still load and
@@ -26,6 +34,21 @@ __all__ = ["MetaInit", "FORMAT_VERSION", "build_module", "is_meta_init_file", "m
 FORMAT_VERSION = 2
 _REQUIRED_METADATA = ("n_features", "n_outputs")
 _BUILTIN_PREFIX = "metafit."
+#: ``spec["class"]`` of an ensemble's initialization (:meth:`MetaInit.ensemble`)
+ENSEMBLE_CLASS = "metafit.ensemble.EnsembleLearner"
+#: a member's metadata that belongs to it alone (the rest is the ensemble's too)
+_MEMBER_ONLY = ("algorithm", "algorithm_options", "validation_score", "calibrated_extras",
+                "best_iteration", "best_validation_loss", "adaptation", "inner_lr",
+                "inner_steps", "meta_inner_steps")
+#: the ensemble's copy of its adapting member's: what ``fit`` adapts with, and the state
+#: of meta-training kept (that member's history is the estimator's ``meta_history_``)
+_ADAPTATION = ("adaptation", "inner_lr", "inner_steps", "meta_inner_steps",
+               "best_iteration", "best_validation_loss")
+
+
+def member_prefix(i: int) -> str:
+    """The key prefix of member ``i``'s tensors in an ensemble's dicts."""
+    return f"member{i}."
 
 
 def module_spec(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -190,6 +213,29 @@ def _check_tensors(path: str, tensors: dict) -> None:
             )
 
 
+def _check_members(path: str, init: MetaInit) -> None:
+    """An ensemble's lists agree with each other and with its tensors; each member's
+    metadata is checked as a file's would be."""
+    listed, specs = init.metadata.get("members"), init.spec.get("members")
+    weights = init.metadata.get("weights")
+    ok = (isinstance(listed, list) and isinstance(specs, list) and isinstance(weights, list)
+          and len(listed) == len(specs) == len(weights) >= 2
+          and all(isinstance(s, dict) and "class" in s for s in specs)
+          and all(isinstance(w, (int, float)) and not isinstance(w, bool) and w >= 0
+                  for w in weights))
+    if not ok or init.spec.get("class") != ENSEMBLE_CLASS:
+        raise ValueError(f"{path!r}: the ensemble's members, specs and weights do not agree; "
+                         "the file is damaged.")
+    for i, meta in enumerate(listed):
+        _check_metadata(f"{path} (member {i})", meta)
+    prefixes = [member_prefix(i) for i in range(len(listed))]
+    stray = [k for k in init.tensors if not any(k.startswith(p) for p in prefixes)]
+    empty = [i for i, p in enumerate(prefixes) if not any(k.startswith(p) for k in init.tensors)]
+    if stray or empty:
+        raise ValueError(f"{path!r}: the ensemble's tensors do not belong to its members "
+                         f"({stray[:3] or f'member {empty[0]} has none'}); the file is damaged.")
+
+
 def is_meta_init_file(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a file metafit wrote (a safetensors file with metafit's header);
     reads the header only."""
@@ -228,6 +274,59 @@ class MetaInit:
         state = self.__dict__.copy()
         state.pop("_learners", None)
         return state
+
+    @classmethod
+    def ensemble(cls, members: list[MetaInit], weights: list[float] | None = None
+                 ) -> MetaInit:
+        """One initialization holding several, whose predictions ``fit`` averages
+        (:mod:`metafit.ensemble`): the members' tensors under ``member<i>.``, their specs
+        and metadata in lists; the rest of the metadata (features, outputs, the table's
+        standardization) is the first member's, and the rate and steps ``fit`` adapts with
+        are those of the first member that chose them on validation tasks."""
+        if len(members) < 2:
+            raise ValueError("an ensemble needs at least two initializations.")
+        weights = [1.0 / len(members)] * len(members) if weights is None else list(weights)
+        if len(weights) != len(members) or abs(sum(weights) - 1.0) > 1e-9 or min(weights) < 0:
+            raise ValueError(f"ensemble weights must be one per member, >= 0, summing to 1; "
+                             f"got {weights}.")
+        first = members[0].metadata
+        for m in members[1:]:
+            for key in ("n_features", "n_outputs", "estimator", "standardization", "encoding"):
+                if m.metadata.get(key) != first.get(key):
+                    raise ValueError(f"ensemble members disagree on {key!r}: "
+                                     f"{first.get(key)!r} and {m.metadata.get(key)!r}.")
+        adapting = next((m for m in members if "adaptation" in m.metadata), members[0])
+        metadata = {k: v for k, v in first.items() if k not in _MEMBER_ONLY}
+        metadata.update({k: adapting.metadata[k] for k in _ADAPTATION
+                         if k in adapting.metadata})
+        metadata.update(
+            algorithm="+".join(m.metadata.get("algorithm", "maml") for m in members),
+            members=[dict(m.metadata) for m in members],
+            weights=[float(w) for w in weights],
+        )
+        tensors = {member_prefix(i) + k: v for i, m in enumerate(members)
+                   for k, v in m.tensors.items()}
+        spec = {"class": ENSEMBLE_CLASS, "members": [m.spec for m in members]}
+        made = cls(tensors, spec, metadata)
+        made.__dict__["_members"] = list(members)  # the same objects: a warm start's records
+        return made
+
+    @property
+    def members(self) -> list[MetaInit] | None:
+        """An ensemble's member initializations (views of its tensors), else None."""
+        listed = self.metadata.get("members")
+        if listed is None:
+            return None
+        cached = self.__dict__.get("_members")
+        if cached is None:
+            cached = []
+            for i, (spec, meta) in enumerate(zip(self.spec["members"], listed)):
+                prefix = member_prefix(i)
+                own = {k[len(prefix):]: v for k, v in self.tensors.items()
+                       if k.startswith(prefix)}
+                cached.append(MetaInit(own, spec, meta))
+            self.__dict__["_members"] = cached
+        return cached
 
     @property
     def n_features(self) -> int:
@@ -334,7 +433,10 @@ class MetaInit:
             )
         _check_metadata(str(path), metadata)
         _check_tensors(str(path), tensors)
-        return cls(tensors, spec, metadata)
+        init = cls(tensors, spec, metadata)
+        if "members" in metadata:
+            _check_members(str(path), init)
+        return init
 
     def estimator_params(self) -> dict[str, Any]:
         """Estimator parameters that match this initialization.
@@ -348,8 +450,9 @@ class MetaInit:
             est = MetaInitializedRegressor(meta_init=path, **init.estimator_params())
         """
         params: dict[str, Any] = {}
-        if self.spec.get("class") == "metafit.models.MLP":
-            kwargs = self.spec.get("kwargs", {})
+        spec = self.members[0].spec if self.members else self.spec
+        if spec.get("class") == "metafit.models.MLP":
+            kwargs = spec.get("kwargs", {})
             params["hidden_sizes"] = tuple(kwargs.get("hidden_sizes", ()))
             params["activation"] = kwargs.get("activation", "relu")
         chosen = self.metadata.get("adaptation") or {}
@@ -362,4 +465,6 @@ class MetaInit:
             from metafit.algorithms import get_algorithm
 
             params["algorithm"] = get_algorithm(params["algorithm"], self.algorithm_options)
+        if self.members:  # what meta-trains and keeps such an ensemble
+            params["algorithm"] = "auto"
         return params

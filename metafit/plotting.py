@@ -68,6 +68,15 @@ def _meta_init(est) -> MetaInit:
     return init
 
 
+def _stepped(init: MetaInit) -> MetaInit:
+    """The initialization whose curve over inner steps is drawn: an ensemble's member
+    that adapts by gradient steps (the one whose rate and steps ``fit`` uses), else
+    ``init`` itself."""
+    if init.members is None:
+        return init
+    return next((m for m in init.members if "adaptation" in m.metadata), init.members[0])
+
+
 def _in_model_units(init: MetaInit, tasks: list[Task]) -> list[Task]:
     """Tasks as the network sees them: standardized for a table-mode initialization."""
     prep = TablePreprocessing.of(init)
@@ -243,7 +252,8 @@ def adaptation_curves(
     ----------
     est : MetaInitializedEstimator
         Meta-fitted (or built with ``meta_init=``); its ``inner_lr`` and algorithm adapt
-        every starting point alike.
+        every starting point alike. For the ensemble ``algorithm="auto"`` keeps, the
+        curves are those of its member that adapts by steps (MAML).
     tasks : Task or list of Task
         Evaluation tasks: adapt on their support sets, score on their query sets.
     steps : int, default=10
@@ -264,7 +274,7 @@ def adaptation_curves(
         length ``steps + 1`` (entry 0 is before adaptation).
     """
     steps = _check_steps(steps)
-    init = _meta_init(est)
+    init = _stepped(_meta_init(est))
     tasks = _in_model_units(init, _tasks(tasks))
     factory = learner_factory(est)
     meta = factory.from_init(init)
@@ -313,7 +323,7 @@ def plot_adaptation(est, tasks, steps: int = 10, ax=None, **kwargs):
     curves = adaptation_curves(est, tasks, steps, **kwargs)
     ax = _axes(ax)
     x = np.arange(len(curves["meta-learned"]))
-    init = _meta_init(est)
+    init = _stepped(_meta_init(est))
     algorithm = init.metadata.get("algorithm", "meta")
     styles = {
         "meta-learned": dict(color="C0", marker="o", label=f"meta-learned ({algorithm})"),

@@ -379,11 +379,11 @@ def _own(est, task=None) -> dict:
     from metafit.algorithms import get_algorithm
 
     probe = clone(est).fit(task.X_support, task.y_support)
-    algorithm = get_algorithm(probe.algorithm_)
-    out = {"algorithm": algorithm.name}
-    if algorithm.uses_inner_lr:
+    kept = [get_algorithm(name) for name in probe.algorithm_.split("+")]  # an ensemble's
+    out = {"algorithm": probe.algorithm_}
+    if any(a.uses_inner_lr for a in kept):
         out["inner_lr"] = own["inner_lr"] if own["inner_lr"] != "auto" else probe.inner_lr_
-    if algorithm.uses_inner_steps:
+    if any(a.uses_inner_steps for a in kept):
         steps = own["inner_steps"]
         out["inner_steps"] = steps if steps != "auto" else probe.inner_steps_
     return out

@@ -87,9 +87,10 @@ class MetaInitializedEstimator(BaseEstimator):
 "imaml", "alpaca", "cavia", "joint"} or MetaAlgorithm, default="auto"
         Meta-learning algorithm used by :meth:`meta_fit`. ``"auto"``: on a table with
         validation groups (table mode, one target), meta-train ``"maml"`` and
-        ``"alpaca"`` and keep the one with the lower validation loss after ``fit``'s
-        adaptation (twice the meta-training time; ``algorithm_`` and
-        ``algorithm_scores_`` say which and why); anywhere else, ``"maml"``. An instance
+        ``"alpaca"`` and keep both, ``fit`` adapting each and ``predict`` averaging them
+        (twice the meta-training time; ``algorithm_`` is ``"maml+alpaca"``,
+        ``algorithm_scores_`` each one's validation loss; one that diverged is left out;
+        see :mod:`metafit.ensemble`); anywhere else, ``"maml"``. An instance
         (such as ``MAMLPlusPlus(learn_inner_lr=False)``) sets its options. The algorithm
         also decides what ``fit`` adapts (ANIL: the head only; Meta-SGD and MAML++:
         with their learned rates). ``fit`` always uses the algorithm and options of the
@@ -227,8 +228,9 @@ class MetaInitializedEstimator(BaseEstimator):
     n_features_in_ : int
         Features seen by ``fit``.
     algorithm_ : str
-        The algorithm :meth:`meta_fit` trained (``algorithm``, or the one ``"auto"``
-        kept), and the one :meth:`fit` adapts with (the initialization's).
+        The algorithm :meth:`meta_fit` trained (``algorithm``, or what ``"auto"``
+        kept: ``"maml+alpaca"`` for the two averaged), and the one :meth:`fit` adapts
+        with (the initialization's).
     algorithm_scores_ : dict of str to float
         After ``algorithm="auto"`` compared candidates: each one's mean validation query
         loss after adaptation (infinite if it diverged).
@@ -460,8 +462,14 @@ class MetaInitializedEstimator(BaseEstimator):
         if self.algorithm == "auto":  # each candidate meta-fits a clone; the best is kept
             names = candidates(self, y, groups, validation_tasks, continued=continued,
                                regression=self._target.regression)
-            meta_fit_auto(self, X, y, groups, validation_tasks, names)
+            meta_fit_auto(self, X, y, groups, validation_tasks, names, continued)
             return self
+        if continued is not None and continued.members is not None:
+            raise ValueError(
+                f"warm_start=True continues an ensemble of {continued.metadata['algorithm']} "
+                f"(what algorithm='auto' keeps), not algorithm={self.algorithm!r}: set "
+                "algorithm='auto' to continue it, or warm_start=False to start over."
+            )
         tasks, validation_tasks, prep = meta_fit_inputs(
             self, X, y, groups, validation_tasks, regression=self._target.regression,
             previous=TablePreprocessing.of(continued),
@@ -584,7 +592,8 @@ class MetaInitializedEstimator(BaseEstimator):
                 X, y, fast = table_fit_data(self, X, y, prep, self._target)
             target = self._target.encode(y, fast)
             mlp = f"{MLP.__module__}.{MLP.__qualname__}"
-            if self.module is None and X.ndim != 2 and (init is None or init.spec.get(
+            spec = None if init is None else (init.members or [init])[0].spec
+            if self.module is None and X.ndim != 2 and (spec is None or spec.get(
                     "class") == mlp):
                 raise ValueError(
                     f"X has shape {X.shape}, but the default MLP takes 2-D X (n_samples, "
@@ -681,6 +690,14 @@ class MetaInitializedEstimator(BaseEstimator):
         classifier's net works on class indices ``0..n_outputs-1``, so encode labels with
         ``np.searchsorted(est.classes_, y)``.
         """
+        init = self._resolve_meta_init()
+        if init is not None and init.members is not None:
+            raise ValueError(
+                f"to_skorch exports one network, but this initialization is an ensemble of "
+                f"{init.metadata['algorithm']} (what algorithm='auto' keeps on a table), "
+                "whose predictions are averaged; meta-fit with one algorithm (e.g. "
+                "algorithm='maml') to export it."
+            )
         if hasattr(self, "adapted_params_") and self._learner.algorithm.closed_form:
             raise ValueError(
                 f"to_skorch exports a network's weights, but {self._learner.algorithm.name}'s "
@@ -693,7 +710,6 @@ class MetaInitializedEstimator(BaseEstimator):
             module.load_state_dict({**module.state_dict(), **state})
             lr = self.inner_lr_
         else:
-            init = self._resolve_meta_init()
             if init is None:
                 raise NotFittedError(
                     f"this {type(self).__name__} has no weights to export yet: call meta_fit "

@@ -21,6 +21,7 @@ from torch import nn
 
 from metafit._checks import layer_widths
 from metafit.algorithms import get_algorithm
+from metafit.ensemble import EnsembleLearner
 from metafit.estimators._adaptation import training_rate, training_steps
 from metafit.estimators._inputs import SeededTorch, seed_from
 from metafit.learner import MetaLearner
@@ -134,10 +135,14 @@ class LearnerFactory:
         )
         return learner, kwargs
 
-    def from_init(self, init: MetaInit) -> MetaLearner:
+    def from_init(self, init: MetaInit) -> MetaLearner | EnsembleLearner:
         """A new learner holding ``init``: its network, and the algorithm, options and
-        inner-step count it was meta-trained with (per-step rates have that many)."""
+        inner-step count it was meta-trained with (per-step rates have that many); for an
+        ensemble's initialization, one per member, averaged (:mod:`metafit.ensemble`)."""
         self.check_kind(init)
+        if init.members is not None:
+            return EnsembleLearner([self.from_init(m) for m in init.members],
+                                   init.metadata["weights"])
         # Building draws a throw-away random initialization (overwritten below) from the
         # global generator: fork it so that the user's RNG state is left alone.
         with SeededTorch(0, self.device):

@@ -92,10 +92,13 @@ class MetaInitializedRegressor(RegressorMixin, MetaInitializedEstimator):
             with torch_threads(threads_for(learner.module, self.n_threads)):
                 mean, var = learner.predict_distribution(self.adapted_params_, Xt.unsqueeze(0))
         except NotImplementedError:
+            what = (f"an ensemble of {learner.algorithm.name}, whose mean prediction has "
+                    "no one predictive distribution" if "+" in learner.algorithm.name else
+                    f"meta-trained with algorithm={learner.algorithm.name!r}")
             raise ValueError(
-                f"return_std=True needs a predictive distribution: this initialization was "
-                f"meta-trained with algorithm={learner.algorithm.name!r}; meta-train with "
-                "algorithm='alpaca' (a Bayesian last layer) for standard deviations."
+                f"return_std=True needs a predictive distribution: this initialization is "
+                f"{what}; meta-train with algorithm='alpaca' (a Bayesian last layer) for "
+                "standard deviations."
             ) from None
         mean = mean[0].cpu().numpy().astype(np.float64)
         return mean, np.sqrt(var[0].cpu().numpy().astype(np.float64))

@@ -103,6 +103,9 @@ def _fit_algorithm(estimator):
         except (OSError, ValueError, TypeError):
             init = None  # tune reports an unreadable file itself
     if init is not None:
+        if init.members is not None:  # an ensemble: the member whose rate and steps fit tunes
+            init = next((m for m in init.members if "adaptation" in m.metadata),
+                        init.members[0])
         return get_algorithm(init.metadata.get("algorithm", "maml"), init.algorithm_options)
     try:
         return get_algorithm(estimator.get_params().get("algorithm", "maml"))
