@@ -200,3 +200,13 @@ def test_the_adaptation_plot_draws_the_member_that_adapts_by_steps(kept, alone, 
     ax = plot_adaptation(kept, tasks, steps=2)
     assert "meta-learned (maml)" in [t.get_text() for t in ax.get_legend().get_texts()]
 
+
+
+def test_a_warm_start_from_an_ensemble_file_continues_each_member(kept, table, tmp_path):
+    X, y, groups = table
+    path = kept.meta_init_.save(tmp_path / "ensemble.safetensors")
+    est = MetaInitializedRegressor(meta_init=path, warm_start=True,
+                                   **{**SMALL, "meta_iterations": 25})
+    est.meta_fit(X, y, groups=groups)
+    assert est.algorithm_ == "maml+alpaca"
+    assert [m.metadata["iteration"] for m in est.meta_init_.members] == [25, 25]

@@ -72,7 +72,8 @@ def meta_fit_auto(est, X, y, groups, validation_tasks, names, continued=None) ->
         saved = est.__dict__.get("_warm_state_")
         if members is not None:  # this member's initialization, history and record
             run.meta_init_ = members[name]
-            warm, run.meta_history_ = (saved or {}).get(name, (None, []))
+            records = saved if isinstance(saved, dict) else {}  # none: read from a file
+            warm, run.meta_history_ = records.get(name, (None, []))
             if warm is not None:
                 run._warm_state_ = warm
         elif saved is not None:  # warm_start continues where est stopped
