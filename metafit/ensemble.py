@@ -119,4 +119,7 @@ class EnsembleLearner:
 
     def predict_distribution(self, params: dict, X: Tensor):
         """Not defined: a mean of predictions is not one predictive distribution."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"an ensemble of {self.algorithm.name}, whose mean prediction has no one "
+            "predictive distribution"
+        )

@@ -51,6 +51,12 @@ def member_prefix(i: int) -> str:
     return f"member{i}."
 
 
+def _adapting(members: list) -> MetaInit:
+    """The first member whose ``fit`` settings were chosen on validation tasks, else the
+    first (see :attr:`MetaInit.adapting_member`)."""
+    return next((m for m in members if "adaptation" in m.metadata), members[0])
+
+
 def module_spec(module: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
     """Describe how to rebuild ``module``: its import path and constructor arguments."""
     cls = type(module)
@@ -295,7 +301,7 @@ class MetaInit:
                 if m.metadata.get(key) != first.get(key):
                     raise ValueError(f"ensemble members disagree on {key!r}: "
                                      f"{first.get(key)!r} and {m.metadata.get(key)!r}.")
-        adapting = next((m for m in members if "adaptation" in m.metadata), members[0])
+        adapting = _adapting(members)
         metadata = {k: v for k, v in first.items() if k not in _MEMBER_ONLY}
         metadata.update({k: adapting.metadata[k] for k in _ADAPTATION
                          if k in adapting.metadata})
@@ -327,6 +333,12 @@ class MetaInit:
                 cached.append(MetaInit(own, spec, meta))
             self.__dict__["_members"] = cached
         return cached
+
+    @property
+    def adapting_member(self) -> MetaInit:
+        """The initialization ``fit``'s rate and steps apply to: an ensemble's first member
+        that chose them on validation tasks (else its first), else this one."""
+        return self if self.members is None else _adapting(self.members)
 
     @property
     def n_features(self) -> int:

@@ -68,15 +68,6 @@ def _meta_init(est) -> MetaInit:
     return init
 
 
-def _stepped(init: MetaInit) -> MetaInit:
-    """The initialization whose curve over inner steps is drawn: an ensemble's member
-    that adapts by gradient steps (the one whose rate and steps ``fit`` uses), else
-    ``init`` itself."""
-    if init.members is None:
-        return init
-    return next((m for m in init.members if "adaptation" in m.metadata), init.members[0])
-
-
 def _in_model_units(init: MetaInit, tasks: list[Task]) -> list[Task]:
     """Tasks as the network sees them: standardized for a table-mode initialization."""
     prep = TablePreprocessing.of(init)
@@ -274,7 +265,7 @@ def adaptation_curves(
         length ``steps + 1`` (entry 0 is before adaptation).
     """
     steps = _check_steps(steps)
-    init = _stepped(_meta_init(est))
+    init = _meta_init(est).adapting_member
     tasks = _in_model_units(init, _tasks(tasks))
     factory = learner_factory(est)
     meta = factory.from_init(init)
@@ -323,7 +314,7 @@ def plot_adaptation(est, tasks, steps: int = 10, ax=None, **kwargs):
     curves = adaptation_curves(est, tasks, steps, **kwargs)
     ax = _axes(ax)
     x = np.arange(len(curves["meta-learned"]))
-    init = _stepped(_meta_init(est))
+    init = _meta_init(est).adapting_member
     algorithm = init.metadata.get("algorithm", "meta")
     styles = {
         "meta-learned": dict(color="C0", marker="o", label=f"meta-learned ({algorithm})"),

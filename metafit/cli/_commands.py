@@ -376,14 +376,14 @@ def _own(est, task=None) -> dict:
     own = {"inner_lr": p["inner_lr"], "inner_steps": p["inner_steps"]}
     if task is None or "auto" not in (own["inner_lr"], own["inner_steps"], p["algorithm"]):
         return own
-    from metafit.algorithms import get_algorithm
+    from metafit.tuning.search_space import fit_algorithm
 
     probe = clone(est).fit(task.X_support, task.y_support)
-    kept = [get_algorithm(name) for name in probe.algorithm_.split("+")]  # an ensemble's
+    algorithm = fit_algorithm(probe)  # an ensemble's: the member its rate and steps reach
     out = {"algorithm": probe.algorithm_}
-    if any(a.uses_inner_lr for a in kept):
+    if algorithm.uses_inner_lr:
         out["inner_lr"] = own["inner_lr"] if own["inner_lr"] != "auto" else probe.inner_lr_
-    if any(a.uses_inner_steps for a in kept):
+    if algorithm.uses_inner_steps:
         steps = own["inner_steps"]
         out["inner_steps"] = steps if steps != "auto" else probe.inner_steps_
     return out

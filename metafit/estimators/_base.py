@@ -719,4 +719,3 @@ class MetaInitializedEstimator(BaseEstimator):
             lr = fit_settings(self, init)[0]
         kwargs.setdefault("device", str(self.device))
         return self._target.skorch_net(module, kwargs, lr)
-

@@ -174,6 +174,16 @@ def check_n_features(given: int, expected: int) -> None:
         )
 
 
+def _fast_fit_arrays(est, X, y, target, dtype):
+    """:func:`fast_xy` for ``fit``, setting what ``validate_data`` would set on ``est``
+    (plain arrays have no feature names); None when the arrays need ``validate_data``."""
+    fast = fast_xy(X, y, regression=target.regression, dtype=dtype)
+    if fast is not None:
+        est.n_features_in_ = fast[0].shape[1]
+        est.__dict__.pop("feature_names_in_", None)
+    return fast
+
+
 def fit_data(est, X, y, target) -> tuple[np.ndarray, np.ndarray, bool]:
     """``fit``'s ``X`` and ``y`` as arrays (``X`` float32), and whether they took the
     fast path.
@@ -183,10 +193,8 @@ def fit_data(est, X, y, target) -> tuple[np.ndarray, np.ndarray, bool]:
     kind's checks and raises its usual errors. ``target`` is the estimator's
     :class:`~metafit.estimators._targets.TargetKind`.
     """
-    fast = fast_xy(X, y, regression=target.regression)
+    fast = _fast_fit_arrays(est, X, y, target, np.float32)
     if fast is not None:
-        est.n_features_in_ = fast[0].shape[1]
-        est.__dict__.pop("feature_names_in_", None)
         return fast[0], fast[1], True
     refuse_sparse("fit", y=y)  # X: validate_data says so itself
     X, y = validate_data(est, X, y, dtype=np.float32, allow_nd=True, **target.fit_checks)
@@ -205,11 +213,9 @@ def table_fit_data(est, X, y, prep, target) -> tuple[np.ndarray, np.ndarray, boo
     if encoding is not None:  # categorical columns, one-hot as in meta-training
         X = encoding.transform(X, "fit")
     else:
-        fast = fast_xy(X, y, regression=target.regression, dtype=np.float64)
+        fast = _fast_fit_arrays(est, X, y, target, np.float64)
     if fast is not None:
         X, y = fast
-        est.n_features_in_ = X.shape[1]
-        est.__dict__.pop("feature_names_in_", None)
     else:
         refuse_sparse("fit", y=y)
         X, y = validate_data(est, X, y, dtype=np.float64, **target.fit_checks)

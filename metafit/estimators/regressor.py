@@ -91,10 +91,8 @@ class MetaInitializedRegressor(RegressorMixin, MetaInitializedEstimator):
         try:
             with torch_threads(threads_for(learner.module, self.n_threads)):
                 mean, var = learner.predict_distribution(self.adapted_params_, Xt.unsqueeze(0))
-        except NotImplementedError:
-            what = (f"an ensemble of {learner.algorithm.name}, whose mean prediction has "
-                    "no one predictive distribution" if "+" in learner.algorithm.name else
-                    f"meta-trained with algorithm={learner.algorithm.name!r}")
+        except NotImplementedError as exc:  # its message, where it has one, says why
+            what = str(exc) or f"meta-trained with algorithm={learner.algorithm.name!r}"
             raise ValueError(
                 f"return_std=True needs a predictive distribution: this initialization is "
                 f"{what}; meta-train with algorithm='alpaca' (a Bayesian last layer) for "

@@ -28,6 +28,7 @@ __all__ = [
     "ADAPTATION_PARAMS",
     "DERIVED_PARAMS",
     "default_search_space",
+    "fit_algorithm",
     "parse_search_space",
     "to_estimator_params",
 ]
@@ -66,7 +67,7 @@ def default_search_space(estimator, mode: str = "adaptation") -> dict[str, BaseD
     """
     _check_mode(mode)
     space: dict[str, BaseDistribution] = {}
-    algorithm = _fit_algorithm(estimator)
+    algorithm = fit_algorithm(estimator)
     if algorithm.uses_inner_lr:  # not Meta-SGD's or MAML++'s learned rates, not ALPACA
         space["inner_lr"] = FloatDistribution(1e-3, 1.0, log=True)
     if algorithm.uses_inner_steps:
@@ -91,7 +92,7 @@ def default_search_space(estimator, mode: str = "adaptation") -> dict[str, BaseD
     return space
 
 
-def _fit_algorithm(estimator):
+def fit_algorithm(estimator):
     """The algorithm whose ``fit`` the study tunes: the initialization's when there is
     one (``fit`` always adapts as it was meta-trained), else the estimator's."""
     from metafit.algorithms import get_algorithm
@@ -103,9 +104,7 @@ def _fit_algorithm(estimator):
         except (OSError, ValueError, TypeError):
             init = None  # tune reports an unreadable file itself
     if init is not None:
-        if init.members is not None:  # an ensemble: the member whose rate and steps fit tunes
-            init = next((m for m in init.members if "adaptation" in m.metadata),
-                        init.members[0])
+        init = init.adapting_member  # an ensemble: the member whose rate and steps it tunes
         return get_algorithm(init.metadata.get("algorithm", "maml"), init.algorithm_options)
     try:
         return get_algorithm(estimator.get_params().get("algorithm", "maml"))
