@@ -32,7 +32,7 @@ Usage::
     python benchmarks/grouped_tables.py                      # all tables, ~15 min
     python benchmarks/grouped_tables.py --tables sleepstudy --seeds 1 --quick
     python benchmarks/grouped_tables.py --algorithms fomaml anil metasgd
-    python benchmarks/grouped_tables.py --blend              # + MAML and ALPACA averaged
+    python benchmarks/grouped_tables.py --blend              # + MAML and ALPACA, equal weights
     python benchmarks/grouped_tables.py --speed              # table mode's wall times
     python benchmarks/grouped_tables.py --coverage           # ALPACA's intervals
     python benchmarks/grouped_tables.py --coverage --noise per_task shared  # both models
@@ -235,7 +235,7 @@ def run_table(name, folder, seeds, algorithms, quick, params=None, blend=False):
             eps = episodes(X, y, groups, test, k, seed)
             val_eps = episodes(X, y, groups, val, k, seed + 100)
             scored = dict(estimators)
-            if blend:  # the two candidates of algorithm="auto", averaged
+            if blend:  # the two candidates of algorithm="auto", equal weights
                 scored[BLEND] = (estimators["metafit maml"], estimators["metafit alpaca"])
             for label, est in scored.items():
                 def predict(Xs, ys_, Xq, est=est, mean=mean, std=std, ym=ym, ys=ys):
@@ -362,8 +362,9 @@ def main(argv=None):
                         help='estimator parameters of the "metafit" row, as JSON, e.g. '
                              '\'{"algorithm": "maml", "hidden_sizes": [64, 64]}\'')
     parser.add_argument("--blend", action="store_true",
-                        help="also the mean of MAML's and ALPACA's predictions (the two "
-                             'candidates of algorithm="auto"), with their rows')
+                        help="also the equal-weight mean of MAML's and ALPACA's predictions "
+                             '(the two candidates of algorithm="auto", which weighs them by '
+                             'their validation MSEs), with their rows')
     parser.add_argument("--speed", action="store_true",
                         help="only the wall times of table mode on a synthetic table")
     parser.add_argument("--coverage", action="store_true",

@@ -1,4 +1,4 @@
-"""Several meta-learned initializations adapted to one task, their predictions averaged.
+"""Several meta-learned initializations adapted to one task, their predictions weighted.
 
 ``algorithm="auto"`` on a table meta-trains MAML and ALPACA and keeps both: on small
 tables the held-out groups cannot tell reliably which of the two will do better on new
@@ -6,6 +6,8 @@ groups (float rounding alone, on another CPU, flipped the choice on the benchmar
 tables), while the mean of their predictions was better than the choice on 8 of the 10
 table/k cells of ``benchmarks/grouped_tables.py --blend`` and never much worse than the
 better one: each member errs where the other does not, and averaging cancels part of it.
+The weights are the estimator's business (inverse validation MSEs, see
+:mod:`metafit.estimators._auto_algorithm`); this module applies any.
 
 :class:`EnsembleLearner` is what ``fit`` and ``predict`` see in place of one
 :class:`~metafit.learner.MetaLearner`: each member adapts as it was meta-trained (MAML by

@@ -284,11 +284,12 @@ class MetaInit:
     @classmethod
     def ensemble(cls, members: list[MetaInit], weights: list[float] | None = None
                  ) -> MetaInit:
-        """One initialization holding several, whose predictions ``fit`` averages
-        (:mod:`metafit.ensemble`): the members' tensors under ``member<i>.``, their specs
-        and metadata in lists; the rest of the metadata (features, outputs, the table's
-        standardization) is the first member's, and the rate and steps ``fit`` adapts with
-        are those of the first member that chose them on validation tasks."""
+        """One initialization holding several, whose predictions ``predict`` combines with
+        ``weights`` (equal when None; :mod:`metafit.ensemble`): the members' tensors under
+        ``member<i>.``, their specs and metadata in lists; the rest of the metadata
+        (features, outputs, the table's standardization) is the first member's, and the
+        rate and steps ``fit`` adapts with are those of the first member that chose them on
+        validation tasks."""
         if len(members) < 2:
             raise ValueError("an ensemble needs at least two initializations.")
         weights = [1.0 / len(members)] * len(members) if weights is None else list(weights)

@@ -145,7 +145,7 @@ def _slopes_table(seed=0, n_groups=30, rows=12):
     return X, y + 0.1 * rng.normal(size=len(y)), groups
 
 
-def test_algorithm_auto_trains_maml_and_alpaca_and_keeps_both_averaged():
+def test_algorithm_auto_trains_maml_and_alpaca_and_keeps_both_weighted():
     X, y, groups = _slopes_table()
     est = MetaInitializedRegressor(**SMALL).meta_fit(X, y, groups=groups)
     assert set(est.algorithm_scores_) == {"maml", "alpaca"}
@@ -153,14 +153,19 @@ def test_algorithm_auto_trains_maml_and_alpaca_and_keeps_both_averaged():
     assert est.meta_init_.metadata["algorithm"] == est.algorithm_
     assert est.algorithm == "auto"  # the parameter is left as given
     # Each score is that algorithm's own meta_fit, run alone with the same seed, and the
-    # kept ensemble predicts the mean of those two runs' predictions.
-    preds = []
+    # kept ensemble predicts the mean of those two runs' predictions, each weighted by
+    # the inverse of its validation score.
+    preds, inverse = [], []
     for name, score in est.algorithm_scores_.items():
         alone = MetaInitializedRegressor(algorithm=name, **SMALL).meta_fit(X, y, groups=groups)
         assert score == pytest.approx(alone.meta_init_.metadata["validation_score"], rel=1e-5)
         preds.append(alone.fit(X[:6], y[:6]).predict(X[6:12]))
-    np.testing.assert_allclose(est.fit(X[:6], y[:6]).predict(X[6:12]), np.mean(preds, 0),
-                               rtol=1e-5, atol=1e-6)
+        inverse.append(1 / score)
+    weights = np.array(inverse) / sum(inverse)
+    assert list(est.algorithm_weights_.values()) == pytest.approx(weights)
+    assert est.meta_init_.metadata["weights"] == pytest.approx(weights)
+    np.testing.assert_allclose(est.fit(X[:6], y[:6]).predict(X[6:12]),
+                               weights @ np.array(preds), rtol=1e-5, atol=1e-6)
     cloned = clone(est).fit(X[:6], y[:6])
     assert cloned.meta_init_ is est.meta_init_
 

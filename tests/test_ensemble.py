@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import warnings
 
@@ -48,14 +49,21 @@ def alone(table):
 
 
 def _mean_of(alone, X, y, Xq, **params):
-    return np.mean([clone(e).set_params(**params).fit(X, y).predict(Xq)
-                    for e in alone.values()], axis=0)
+    """The members' predictions, each weighted by the inverse of its validation score."""
+    inverse = np.array([1 / e.meta_init_.metadata["validation_score"] for e in alone.values()])
+    preds = [clone(e).set_params(**params).fit(X, y).predict(Xq) for e in alone.values()]
+    return (inverse / inverse.sum()) @ np.array(preds)
 
 
-def test_the_ensemble_predicts_the_mean_of_its_members_at_any_rate(kept, alone, table):
+def test_the_ensemble_predicts_the_weighted_mean_of_its_members_at_any_rate(kept, alone,
+                                                                             table):
     X, y, _ = table
     np.testing.assert_allclose(kept.fit(X[:6], y[:6]).predict(X[6:12]),
                                _mean_of(alone, X[:6], y[:6], X[6:12]), rtol=1e-5)
+    weights = kept.algorithm_weights_
+    assert list(weights) == ["maml", "alpaca"] and sum(weights.values()) == pytest.approx(1)
+    assert weights["maml"] / weights["alpaca"] == pytest.approx(
+        kept.algorithm_scores_["alpaca"] / kept.algorithm_scores_["maml"])
     # fit's rate and steps are MAML's (chosen on the held-out groups); set, they reach it
     maml_choice = alone["maml"].meta_init_.metadata["adaptation"]
     assert (kept.inner_lr_, kept.inner_steps_) == (maml_choice["inner_lr"],
@@ -167,6 +175,18 @@ def test_an_ensemble_file_is_checked_when_read(kept, tmp_path):
         MetaInit.ensemble(init.members[:1])
     with pytest.raises(ValueError, match="summing to 1"):
         MetaInit.ensemble(init.members, [0.5, 0.6])
+
+
+def test_inverse_loss_weights():
+    from metafit.estimators._auto_algorithm import inverse_loss_weights
+
+    assert inverse_loss_weights([0.2, 0.2]) == pytest.approx([0.5, 0.5])
+    assert inverse_loss_weights([0.1, 0.3]) == pytest.approx([0.75, 0.25])
+    assert inverse_loss_weights([0.0, 0.3]) == [1.0, 0.0]  # exact on the held-out groups
+    assert inverse_loss_weights([0.0, 0.0]) == [0.5, 0.5]
+    for bad in ([], [math.inf, 0.1], [-0.1, 0.1], [math.nan, 0.1]):
+        with pytest.raises(ValueError, match="finite losses"):
+            inverse_loss_weights(bad)
 
 
 def test_unequal_weights_weigh_the_members(kept, table):

@@ -87,10 +87,11 @@ class MetaInitializedEstimator(BaseEstimator):
 "imaml", "alpaca", "cavia", "joint"} or MetaAlgorithm, default="auto"
         Meta-learning algorithm used by :meth:`meta_fit`. ``"auto"``: on a table with
         validation groups (table mode, one target), meta-train ``"maml"`` and
-        ``"alpaca"`` and keep both, ``fit`` adapting each and ``predict`` averaging them
-        (twice the meta-training time; ``algorithm_`` is ``"maml+alpaca"``,
-        ``algorithm_scores_`` each one's validation loss; one that diverged is left out;
-        see :mod:`metafit.ensemble`); anywhere else, ``"maml"``. An instance
+        ``"alpaca"`` and keep both, ``fit`` adapting each and ``predict`` their mean
+        weighted by the inverse of each one's validation MSE (twice the meta-training
+        time; ``algorithm_`` is ``"maml+alpaca"``, ``algorithm_scores_`` each one's
+        validation loss, ``algorithm_weights_`` the weights; one that diverged is left
+        out; see :mod:`metafit.ensemble`); anywhere else, ``"maml"``. An instance
         (such as ``MAMLPlusPlus(learn_inner_lr=False)``) sets its options. The algorithm
         also decides what ``fit`` adapts (ANIL: the head only; Meta-SGD and MAML++:
         with their learned rates). ``fit`` always uses the algorithm and options of the
@@ -229,11 +230,14 @@ class MetaInitializedEstimator(BaseEstimator):
         Features seen by ``fit``.
     algorithm_ : str
         The algorithm :meth:`meta_fit` trained (``algorithm``, or what ``"auto"``
-        kept: ``"maml+alpaca"`` for the two averaged), and the one :meth:`fit` adapts
+        kept: ``"maml+alpaca"`` for the two weighted), and the one :meth:`fit` adapts
         with (the initialization's).
     algorithm_scores_ : dict of str to float
         After ``algorithm="auto"`` compared candidates: each one's mean validation query
         loss after adaptation (infinite if it diverged).
+    algorithm_weights_ : dict of str to float
+        After ``algorithm="auto"`` kept both candidates: the weight of each one's
+        predictions, proportional to the inverse of its validation loss, summing to 1.
     inner_lr_ : float
         The inner learning rate ``fit`` adapts with (``inner_lr``, or the one chosen when
         it is ``"auto"``); set by :meth:`meta_fit` and :meth:`fit`.
@@ -511,7 +515,7 @@ class MetaInitializedEstimator(BaseEstimator):
         self.meta_history_ = outcome.history
         self._warm_state_ = outcome.warm
         for attr in ("adapted_params_", "_learner", "_learner_key", "n_features_in_",
-                     "adaptation_scores_", "algorithm_scores_"):
+                     "adaptation_scores_", "algorithm_scores_", "algorithm_weights_"):
             self.__dict__.pop(attr, None)
         self.algorithm_ = self.meta_init_.metadata["algorithm"]
         self.inner_lr_, self.inner_steps_ = fit_settings(self, self.meta_init_)
