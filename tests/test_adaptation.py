@@ -145,11 +145,11 @@ def _slopes_table(seed=0, n_groups=30, rows=12):
     return X, y + 0.1 * rng.normal(size=len(y)), groups
 
 
-def test_algorithm_auto_trains_maml_and_alpaca_and_keeps_both_weighted():
+def test_algorithm_auto_trains_maml_alpaca_and_lmm_and_keeps_them_weighted():
     X, y, groups = _slopes_table()
     est = MetaInitializedRegressor(**SMALL).meta_fit(X, y, groups=groups)
-    assert set(est.algorithm_scores_) == {"maml", "alpaca"}
-    assert est.algorithm_ == "maml+alpaca"
+    assert set(est.algorithm_scores_) == {"maml", "alpaca", "lmm"}
+    assert est.algorithm_ == "maml+alpaca+lmm"
     assert est.meta_init_.metadata["algorithm"] == est.algorithm_
     assert est.algorithm == "auto"  # the parameter is left as given
     # Each score is that algorithm's own meta_fit, run alone with the same seed, and the

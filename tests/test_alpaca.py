@@ -491,3 +491,67 @@ def test_until_held_out_tasks_fit_it_the_per_task_prior_is_the_gaussian_model():
                           learner.algorithm.query_nll(learner, adapted, batch))
     for a, b in zip(out["per_task"], out["shared"]):
         assert torch.equal(a, b)
+
+
+def _lmm_learner(n_in=2, noise="shared"):
+    from metafit.algorithms import LinearMixedModel
+
+    torch.manual_seed(0)
+    net = MLP(n_in, 1, hidden_sizes=(8,))
+    return MetaLearner(net, loss="mse", algorithm=LinearMixedModel(noise=noise),
+                       inner_lr=0.01, inner_steps=1, dtype=torch.float64)
+
+
+def test_lmm_is_a_mixed_models_blup_on_the_raw_columns_and_never_runs_the_network():
+    """"lmm": the head on [x, 1] alone; with the prior set to a mixed model's fixed
+    effects and random-effects covariance, its posterior mean is that model's BLUP."""
+    learner = _lmm_learner()
+    assert learner.extras["alpaca_prior_mean"].shape == (3,)  # two columns, intercept
+    rng = np.random.default_rng(2)
+    beta, s2 = np.array([0.5, -1.0, 2.0]), 0.3
+    A = rng.normal(size=(3, 3))
+    G = A @ A.T + 0.5 * np.eye(3)
+    L = np.linalg.cholesky(s2 * np.linalg.inv(G) - 1e-5 * np.eye(3))
+    with torch.no_grad():
+        learner.extras["alpaca_prior_factor"].copy_(
+            torch.as_tensor(np.tril(L, -1) + np.diag(np.log(np.diag(L)))))
+        learner.extras["alpaca_prior_mean"].copy_(torch.as_tensor(beta))
+        learner.extras["alpaca_log_noise"].fill_(0.5 * np.log(s2))
+    Xs, Xq = rng.normal(size=(6, 2)), rng.normal(size=(4, 2))
+    Zs, Zq = np.c_[Xs, np.ones(6)], np.c_[Xq, np.ones(4)]
+    ys = Zs @ (beta + rng.multivariate_normal(np.zeros(3), G)) + rng.normal(0, s2**0.5, 6)
+    b = np.linalg.solve(np.linalg.inv(G) + Zs.T @ Zs / s2, Zs.T @ (ys - Zs @ beta) / s2)
+    t = lambda a: torch.as_tensor(a[None], dtype=torch.float64)  # noqa: E731
+    got = learner.predict(learner.adapt(t(Xs), t(ys), track_graph=False), t(Xq))
+    np.testing.assert_allclose(got[0, :, 0].numpy(), Zq @ (beta + b), rtol=1e-8, atol=1e-10)
+    with torch.no_grad():  # the network's weights play no part
+        for p in learner.module.parameters():
+            p.mul_(-3.0)
+    again = learner.predict(learner.adapt(t(Xs), t(ys), track_graph=False), t(Xq))
+    torch.testing.assert_close(again, got)
+
+
+def test_lmm_in_table_mode_saves_loads_and_refuses_a_network_without_a_linear_start(
+    linear_groups, tmp_path
+):
+    from metafit.algorithms import LinearMixedModel, get_algorithm
+
+    X, y, groups = linear_groups
+    est = MetaInitializedRegressor(algorithm=LinearMixedModel(noise="shared"),
+                                   meta_iterations=30, random_state=0, verbose=0)
+    est.meta_fit(X, y, groups=groups)
+    assert est.algorithm_ == "lmm" and est.inner_steps_ is not None
+    mean, std = est.fit(X[:5], y[:5]).predict(X[5:10], return_std=True)
+    assert np.all(std > 0)
+    est.save_meta_init(tmp_path / "lmm.safetensors")
+    loaded = MetaInitializedRegressor(meta_init=tmp_path / "lmm.safetensors")
+    np.testing.assert_allclose(loaded.fit(X[:5], y[:5]).predict(X[5:10]), mean, rtol=1e-6)
+    assert MetaInit.load(tmp_path / "lmm.safetensors").algorithm_options == {"noise": "shared"}
+    assert get_algorithm("lmm", {"noise": "shared"}).noise == "shared"
+    np.testing.assert_allclose(clone(est).fit(X[:5], y[:5]).predict(X[5:10]), mean,
+                               rtol=1e-6)
+
+    with pytest.raises(ValueError, match="algorithm='lmm' reads the input columns"):
+        module = torch.nn.Sequential(torch.nn.Tanh(), torch.nn.Linear(X.shape[1], 1))
+        MetaInitializedRegressor(module, algorithm="lmm", meta_iterations=2,
+                                 verbose=0).meta_fit(X, y, groups=groups)

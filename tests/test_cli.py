@@ -409,7 +409,7 @@ def test_a_table_config_meta_fits_in_table_mode_and_evaluate_names_what_auto_cho
     assert code == 0, out
     init = MetaInit.load(tmp_path / "t.st")
     assert "standardization" in init.metadata  # table mode: the scaling is saved
-    assert init.metadata["algorithm"] in ("maml", "alpaca", "maml+alpaca")
+    assert init.metadata["algorithm"] in ("maml", "alpaca", "lmm", "maml+alpaca+lmm")
     code, out, _ = _run(capsys, "evaluate", tmp_path / "t.yaml", "--init", tmp_path / "t.st")
     assert code == 0
     assert f"algorithm={init.metadata['algorithm']}" in out

@@ -15,6 +15,7 @@ from sklearn.model_selection import GridSearchCV
 
 from metafit import MetaInit, MetaInitializedRegressor
 from metafit.ensemble import EnsembleLearner
+from metafit.estimators._auto_algorithm import AUTO_CANDIDATES
 
 SMALL = dict(hidden_sizes=(16,), meta_batch_size=4, meta_iterations=20, random_state=0,
              verbose=0)
@@ -45,7 +46,7 @@ def alone(table):
     """Each candidate meta-fitted by itself, with the same seed as "auto"'s."""
     X, y, groups = table
     return {name: MetaInitializedRegressor(algorithm=name, **SMALL).meta_fit(
-        X, y, groups=groups) for name in ("maml", "alpaca")}
+        X, y, groups=groups) for name in AUTO_CANDIDATES}
 
 
 def _mean_of(alone, X, y, Xq, **params):
@@ -61,9 +62,11 @@ def test_the_ensemble_predicts_the_weighted_mean_of_its_members_at_any_rate(kept
     np.testing.assert_allclose(kept.fit(X[:6], y[:6]).predict(X[6:12]),
                                _mean_of(alone, X[:6], y[:6], X[6:12]), rtol=1e-5)
     weights = kept.algorithm_weights_
-    assert list(weights) == ["maml", "alpaca"] and sum(weights.values()) == pytest.approx(1)
-    assert weights["maml"] / weights["alpaca"] == pytest.approx(
-        kept.algorithm_scores_["alpaca"] / kept.algorithm_scores_["maml"])
+    assert list(weights) == ["maml", "alpaca", "lmm"]
+    assert sum(weights.values()) == pytest.approx(1)
+    for name in ("alpaca", "lmm"):
+        assert weights["maml"] / weights[name] == pytest.approx(
+            kept.algorithm_scores_[name] / kept.algorithm_scores_["maml"])
     # fit's rate and steps are MAML's (chosen on the held-out groups); set, they reach it
     maml_choice = alone["maml"].meta_init_.metadata["adaptation"]
     assert (kept.inner_lr_, kept.inner_steps_) == (maml_choice["inner_lr"],
@@ -81,8 +84,8 @@ def test_the_ensemble_travels_with_save_load_clone_pickle_and_meta_init(kept, ta
     path = tmp_path / "ensemble.safetensors"
     kept.save_meta_init(path)
     loaded = MetaInit.load(path)
-    assert loaded.metadata["algorithm"] == "maml+alpaca"
-    assert [m.metadata["algorithm"] for m in loaded.members] == ["maml", "alpaca"]
+    assert loaded.metadata["algorithm"] == "maml+alpaca+lmm"
+    assert [m.metadata["algorithm"] for m in loaded.members] == ["maml", "alpaca", "lmm"]
     assert "standardization" in loaded.metadata
     params = loaded.estimator_params()
     assert params["algorithm"] == "auto" and params["hidden_sizes"] == (16,)
@@ -93,7 +96,7 @@ def test_the_ensemble_travels_with_save_load_clone_pickle_and_meta_init(kept, ta
     ]
     for est in copies:
         np.testing.assert_allclose(est.fit(X[:6], y[:6]).predict(X[6:12]), ref, rtol=1e-5)
-        assert est.algorithm_ == "maml+alpaca"
+        assert est.algorithm_ == "maml+alpaca+lmm"
     fitted = pickle.loads(pickle.dumps(clone(kept).fit(X[:6], y[:6])))
     np.testing.assert_allclose(fitted.predict(X[6:12]), ref, rtol=1e-5)
 
@@ -102,14 +105,14 @@ def test_a_search_adapts_the_ensemble_with_each_rate(kept, table):
     X, y, _ = table
     search = GridSearchCV(kept, {"inner_lr": [0.001, 0.01], "inner_steps": [1, 5]}, cv=2)
     search.fit(X[:12], y[:12])
-    assert search.best_estimator_.algorithm_ == "maml+alpaca"
+    assert search.best_estimator_.algorithm_ == "maml+alpaca+lmm"
     assert search.best_estimator_.meta_init_ is kept.meta_init_
 
 
 def test_what_one_network_or_one_posterior_would_need_is_refused_clearly(kept, table):
     X, y, _ = table
     est = clone(kept).fit(X[:6], y[:6])
-    with pytest.raises(ValueError, match="ensemble of maml\\+alpaca.*algorithm='alpaca'"):
+    with pytest.raises(ValueError, match="ensemble of maml\\+alpaca\\+lmm.*algorithm='alpaca'"):
         est.predict(X[6:8], return_std=True)
     for e in (est, clone(kept)):
         with pytest.raises(ValueError, match="to_skorch exports one network.*ensemble"):
@@ -120,12 +123,12 @@ def test_a_warm_start_continues_every_member_from_its_own_state(table):
     X, y, groups = table
     est = MetaInitializedRegressor(**SMALL).meta_fit(X, y, groups=groups)
     est.set_params(warm_start=True, meta_iterations=30).meta_fit(X, y, groups=groups)
-    assert est.algorithm_ == "maml+alpaca" and len(est.meta_history_) == 30
+    assert est.algorithm_ == "maml+alpaca+lmm" and len(est.meta_history_) == 30
     for member in est.meta_init_.members:
         assert member.metadata["iteration"] == 30  # continued, not started over
     # each member is what its algorithm's own warm start gives: its record, optimizer
     # state included, was continued
-    for name, member in zip(("maml", "alpaca"), est.meta_init_.members):
+    for name, member in zip(AUTO_CANDIDATES, est.meta_init_.members):
         own = MetaInitializedRegressor(algorithm=name, **SMALL).meta_fit(X, y, groups=groups)
         own.set_params(warm_start=True, meta_iterations=30).meta_fit(X, y, groups=groups)
         for k, v in own.meta_init_.tensors.items():
@@ -134,7 +137,7 @@ def test_a_warm_start_continues_every_member_from_its_own_state(table):
         clone(est).set_params(algorithm="maml").meta_fit(X, y, groups=groups)
 
 
-def test_a_candidate_that_diverges_leaves_the_other_alone(table, monkeypatch):
+def test_a_candidate_that_diverges_is_left_out(table, monkeypatch):
     from metafit.estimators import _auto_algorithm
 
     X, y, groups = table
@@ -153,6 +156,14 @@ def test_a_candidate_that_diverges_leaves_the_other_alone(table, monkeypatch):
         warnings.simplefilter("ignore")
         _auto_algorithm.meta_fit_auto(est, X, y, groups, None, ("maml", "alpaca"))
     assert est.algorithm_ == "maml" and est.meta_init_.members is None
+    assert est.algorithm_scores_["alpaca"] == float("inf")
+    # of three, the two that did not diverge are kept, weighted
+    est = MetaInitializedRegressor(**SMALL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est.meta_fit(X, y, groups=groups)
+    assert est.algorithm_ == "maml+lmm" and len(est.meta_init_.members) == 2
+    assert set(est.algorithm_weights_) == {"maml", "lmm"}
     assert est.algorithm_scores_["alpaca"] == float("inf")
 
 
@@ -199,9 +210,9 @@ def test_unequal_weights_weigh_the_members(kept, table):
     each = [m.predict(learner._member_params(est.adapted_params_, i), Xt,
                       step=m.last_step(est.inner_steps_))
             for i, m in enumerate(learner.members)]
-    weighted = EnsembleLearner(learner.members, [0.25, 0.75])
+    weighted = EnsembleLearner(learner.members, [0.25, 0.6, 0.15])
     got = weighted.predict(est.adapted_params_, Xt, step=est.inner_steps_)
-    torch.testing.assert_close(got, 0.25 * each[0] + 0.75 * each[1])
+    torch.testing.assert_close(got, 0.25 * each[0] + 0.6 * each[1] + 0.15 * each[2])
     with pytest.raises(ValueError, match="one weight per member"):
         EnsembleLearner(learner.members, [1.0])
 
@@ -228,5 +239,5 @@ def test_a_warm_start_from_an_ensemble_file_continues_each_member(kept, table, t
     est = MetaInitializedRegressor(meta_init=path, warm_start=True,
                                    **{**SMALL, "meta_iterations": 25})
     est.meta_fit(X, y, groups=groups)
-    assert est.algorithm_ == "maml+alpaca"
-    assert [m.metadata["iteration"] for m in est.meta_init_.members] == [25, 25]
+    assert est.algorithm_ == "maml+alpaca+lmm"
+    assert [m.metadata["iteration"] for m in est.meta_init_.members] == [25, 25, 25]

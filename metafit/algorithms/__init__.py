@@ -6,7 +6,7 @@ Each algorithm is a small class over the functional core; :func:`get_algorithm` 
 
 from __future__ import annotations
 
-from metafit.algorithms.alpaca import ALPACA
+from metafit.algorithms.alpaca import ALPACA, LinearMixedModel
 from metafit.algorithms.anil import ANIL
 from metafit.algorithms.base import AdaptationContext, GradientMetaAlgorithm, MetaAlgorithm
 from metafit.algorithms.cavia import CAVIA
@@ -29,6 +29,7 @@ __all__ = [
     "MAMLPlusPlus",
     "GradientMetaAlgorithm",
     "JointPretraining",
+    "LinearMixedModel",
     "MetaAlgorithm",
     "MetaSGD",
     "Reptile",
@@ -38,8 +39,8 @@ __all__ = [
 ALGORITHMS: dict[str, type[MetaAlgorithm]] = {
     cls.name: cls
     for cls in (
-        MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, ALPACA, CAVIA, JointPretraining,
-        IMAML,
+        MAML, FOMAML, Reptile, ANIL, MetaSGD, MAMLPlusPlus, ALPACA, LinearMixedModel, CAVIA,
+        JointPretraining, IMAML,
     )
 }
 
