@@ -321,9 +321,9 @@ def coverage(folder, tables, seeds, noises=("per_task",)):
                       f"({len(inside[(noise, k, 95)])} points)")
 
 
-def speed(algorithms=("auto", "maml", "alpaca")):
+def speed(algorithms=("auto", "maml", "alpaca", "lmm")):
     """Table mode's wall times on a synthetic 5,000-row table of 100 groups, 5 columns:
-    meta_fit with the defaults (algorithm="auto": MAML and ALPACA both meta-trained) and
+    meta_fit with the defaults (algorithm="auto": MAML, ALPACA and lmm meta-trained) and
     with each algorithm alone, fit of one group's 10 rows, predict of 100 rows."""
     rng = np.random.default_rng(0)
     groups = np.repeat(np.arange(100), 50)

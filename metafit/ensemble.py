@@ -1,11 +1,12 @@
 """Several meta-learned initializations adapted to one task, their predictions weighted.
 
-``algorithm="auto"`` on a table meta-trains MAML and ALPACA and keeps both: on small
-tables the held-out groups cannot tell reliably which of the two will do better on new
-groups (float rounding alone, on another CPU, flipped the choice on the benchmark's
-tables), while the mean of their predictions was better than the choice on 8 of the 10
-table/k cells of ``benchmarks/grouped_tables.py --blend`` and never much worse than the
-better one: each member errs where the other does not, and averaging cancels part of it.
+``algorithm="auto"`` on a table meta-trains MAML, ALPACA and a linear mixed model and
+keeps them all: on small tables the held-out groups cannot tell reliably which will do
+better on new groups (float rounding alone, on another CPU, flipped the choice between
+MAML and ALPACA on the benchmark's tables), while the mean of those two's predictions
+was better than the choice on 8 of the 10 table/k cells of
+``benchmarks/grouped_tables.py --blend`` and never much worse than the better one: each
+member errs where the other does not, and averaging cancels part of it.
 The weights are the estimator's business (inverse validation MSEs, see
 :mod:`metafit.estimators._auto_algorithm`); this module applies any.
 

@@ -84,20 +84,23 @@ class MetaInitializedEstimator(BaseEstimator):
     activation : str, default="relu"
         Activation of the default MLP.
     algorithm : {"auto", "maml", "fomaml", "reptile", "anil", "metasgd", "mamlpp", \
-"imaml", "alpaca", "cavia", "joint"} or MetaAlgorithm, default="auto"
+"imaml", "alpaca", "lmm", "cavia", "joint"} or MetaAlgorithm, default="auto"
         Meta-learning algorithm used by :meth:`meta_fit`. ``"auto"``: on a table with
-        validation groups (table mode, one target), meta-train ``"maml"`` and
-        ``"alpaca"`` and keep both, ``fit`` adapting each and ``predict`` their mean
-        weighted by the inverse of each one's validation MSE (twice the meta-training
-        time; ``algorithm_`` is ``"maml+alpaca"``, ``algorithm_scores_`` each one's
-        validation loss, ``algorithm_weights_`` the weights; one that diverged is left
-        out; see :mod:`metafit.ensemble`); anywhere else, ``"maml"``. An instance
+        validation groups (table mode, one target), meta-train ``"maml"``,
+        ``"alpaca"`` and ``"lmm"`` and keep all three, ``fit`` adapting each and
+        ``predict`` their mean weighted by the inverse of each one's validation MSE
+        (about twice MAML's meta-training time; ``algorithm_`` is ``"maml+alpaca+lmm"``,
+        ``algorithm_scores_`` each one's validation loss, ``algorithm_weights_`` the
+        weights; one that diverged is left out; see :mod:`metafit.ensemble`); anywhere
+        else, ``"maml"``. An instance
         (such as ``MAMLPlusPlus(learn_inner_lr=False)``) sets its options. The algorithm
         also decides what ``fit`` adapts (ANIL: the head only; Meta-SGD and MAML++:
         with their learned rates). ``fit`` always uses the algorithm and options of the
         initialization.
         ``"alpaca"`` puts a Bayesian linear head with a meta-learned prior on the network
         (closed-form ``fit``, ``predict(X, return_std=True)``; regression, one target).
+        ``"lmm"`` is the same head on the columns themselves, the network unused: a
+        linear mixed model with random effects on every column and a meta-learned prior.
         ``"cavia"`` adapts only a context vector fed to the network (its own
         ``context_lr``; the default network is :class:`metafit.models.ContextMLP`).
         ``"imaml"`` (implicit MAML) adapts with a proximal term and meta-learns by
@@ -230,7 +233,7 @@ class MetaInitializedEstimator(BaseEstimator):
         Features seen by ``fit``.
     algorithm_ : str
         The algorithm :meth:`meta_fit` trained (``algorithm``, or what ``"auto"``
-        kept: ``"maml+alpaca"`` for the two weighted), and the one :meth:`fit` adapts
+        kept: ``"maml+alpaca+lmm"`` for the three weighted), and the one :meth:`fit` adapts
         with (the initialization's).
     algorithm_scores_ : dict of str to float
         After ``algorithm="auto"`` compared candidates: each one's mean validation query
