@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from metafit.models import MemberModules
-from metafit.persistence import member_prefix
+from metafit.persistence import member_entries, member_prefix
 
 __all__ = ["EnsembleAlgorithm", "EnsembleLearner"]
 
@@ -105,10 +105,6 @@ class EnsembleLearner:
             out.update({member_prefix(i) + k: v for k, v in params.items()})
         return out
 
-    def _member_params(self, params: dict, i: int) -> dict:
-        prefix = member_prefix(i)
-        return {k[len(prefix):]: v for k, v in params.items() if k.startswith(prefix)}
-
     @torch.no_grad()
     def predict(self, params: dict, X: Tensor, step: int | None = None) -> Tensor:
         """The weighted mean of the members' outputs; ``step`` is the step count that
@@ -116,7 +112,7 @@ class EnsembleLearner:
         total = None
         for i, (member, weight) in enumerate(zip(self.members, self.weights)):
             own = None if step is None else member.last_step(step)
-            out = weight * member.predict(self._member_params(params, i), X, step=own)
+            out = weight * member.predict(member_entries(params, i), X, step=own)
             total = out if total is None else total + out
         return total
 

@@ -21,6 +21,7 @@ from metafit._atomic import atomic_path
 __all__ = [
     "ENSEMBLE_CLASS",
     "MetaInit",
+    "member_entries",
     "member_prefix",
     "FORMAT_VERSION",
     "build_module",
@@ -49,6 +50,12 @@ _ADAPTATION = ("adaptation", "inner_lr", "inner_steps", "meta_inner_steps",
 def member_prefix(i: int) -> str:
     """The key prefix of member ``i``'s tensors in an ensemble's dicts."""
     return f"member{i}."
+
+
+def member_entries(entries: dict, i: int) -> dict:
+    """Member ``i``'s entries of an ensemble's dict of tensors, without their prefix."""
+    prefix = member_prefix(i)
+    return {k[len(prefix):]: v for k, v in entries.items() if k.startswith(prefix)}
 
 
 def _adapting(members: list) -> MetaInit:
@@ -328,12 +335,15 @@ class MetaInit:
         if cached is None:
             cached = []
             for i, (spec, meta) in enumerate(zip(self.spec["members"], listed)):
-                prefix = member_prefix(i)
-                own = {k[len(prefix):]: v for k, v in self.tensors.items()
-                       if k.startswith(prefix)}
-                cached.append(MetaInit(own, spec, meta))
+                cached.append(MetaInit(member_entries(self.tensors, i), spec, meta))
             self.__dict__["_members"] = cached
         return cached
+
+    @property
+    def network_spec(self) -> dict[str, Any]:
+        """The spec of the network ``fit`` builds first: an ensemble's first member's,
+        else this one's."""
+        return self.spec if self.members is None else self.members[0].spec
 
     @property
     def adapting_member(self) -> MetaInit:
@@ -463,7 +473,7 @@ class MetaInit:
             est = MetaInitializedRegressor(meta_init=path, **init.estimator_params())
         """
         params: dict[str, Any] = {}
-        spec = self.members[0].spec if self.members else self.spec
+        spec = self.network_spec
         if spec.get("class") == "metafit.models.MLP":
             kwargs = spec.get("kwargs", {})
             params["hidden_sizes"] = tuple(kwargs.get("hidden_sizes", ()))

@@ -16,6 +16,7 @@ from sklearn.model_selection import GridSearchCV
 from metafit import MetaInit, MetaInitializedRegressor
 from metafit.ensemble import EnsembleLearner
 from metafit.estimators._auto_algorithm import AUTO_CANDIDATES
+from metafit.persistence import member_entries
 
 SMALL = dict(hidden_sizes=(16,), meta_batch_size=4, meta_iterations=20, random_state=0,
              verbose=0)
@@ -207,7 +208,7 @@ def test_unequal_weights_weigh_the_members(kept, table):
     assert isinstance(learner, EnsembleLearner)
     Xt, _ = learner.as_tensors(est._table_prep.scaling.transform_X(X[6:12]))
     Xt = Xt.unsqueeze(0)
-    each = [m.predict(learner._member_params(est.adapted_params_, i), Xt,
+    each = [m.predict(member_entries(est.adapted_params_, i), Xt,
                       step=m.last_step(est.inner_steps_))
             for i, m in enumerate(learner.members)]
     weighted = EnsembleLearner(learner.members, [0.25, 0.6, 0.15])

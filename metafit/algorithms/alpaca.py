@@ -53,9 +53,11 @@ __all__ = ["ALPACA", "LinearMixedModel"]
 _JITTER = 1e-5
 
 
-def _first_leaf(module: torch.nn.Module):
-    """The first module without children: the layer the input meets first."""
-    return next((m for m in module.modules() if not list(m.children())), None)
+def _first_linear(module: torch.nn.Module) -> torch.nn.Linear | None:
+    """The network's first layer when it is an ``nn.Linear`` (the first module without
+    children: the layer the input meets first), else None."""
+    first = next((m for m in module.modules() if not list(m.children())), None)
+    return first if isinstance(first, torch.nn.Linear) else None
 
 
 class ALPACA(MetaAlgorithm):
@@ -119,10 +121,14 @@ class ALPACA(MetaAlgorithm):
         """How many raw inputs the head sees (0 unless ``linear_features`` applies)."""
         if not self.linear_features:
             return 0
-        first = next((m for m in module.modules() if isinstance(m, torch.nn.Linear)), None)
-        if first is None or first is not _first_leaf(module) or first.in_features > 64:
+        first = _first_linear(module)
+        if first is None or first.in_features > 64:
             return 0
         return first.in_features
+
+    def head_size(self, module) -> int:
+        """The dimension of the head's weights: features, raw inputs, the constant."""
+        return self.n_features + self.n_inputs_used(module) + 1
 
     def module_outputs(self, n_outputs: int) -> int:
         if n_outputs != 1:
@@ -133,10 +139,7 @@ class ALPACA(MetaAlgorithm):
         return self.n_features
 
     def extra_parameters(self, ctx):
-        return self._prior_parameters(ctx, self.n_features + self.n_inputs_used(ctx.module) + 1)
-
-    def _prior_parameters(self, ctx, d: int) -> dict[str, Tensor]:
-        """The meta-learned prior of a ``d``-dimensional head, and the noise level."""
+        d = self.head_size(ctx.module)
         p = next(ctx.module.parameters())
         kw = {"dtype": p.dtype, "device": p.device}
         extras = {
@@ -368,8 +371,8 @@ class LinearMixedModel(ALPACA):
         return cls(**config)
 
     def n_inputs_used(self, module) -> int:
-        first = next((m for m in module.modules() if isinstance(m, torch.nn.Linear)), None)
-        if first is None or first is not _first_leaf(module):
+        first = _first_linear(module)
+        if first is None:
             raise ValueError(
                 "algorithm='lmm' reads the input columns from the network's first layer, "
                 f"but {type(module).__name__} does not start with an nn.Linear; use the "
@@ -377,9 +380,9 @@ class LinearMixedModel(ALPACA):
             )
         return first.in_features
 
-    def extra_parameters(self, ctx):
-        d = self.n_inputs_used(ctx.module) + 1
-        return super()._prior_parameters(ctx, d)
+    def head_size(self, module) -> int:
+        """The columns and the constant: no learned features."""
+        return self.n_inputs_used(module) + 1
 
     def features(self, ctx, params, X: Tensor) -> Tensor:
         """``[X, 1]``: (T, n, n_columns + 1); the network is not run."""

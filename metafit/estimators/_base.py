@@ -239,7 +239,7 @@ class MetaInitializedEstimator(BaseEstimator):
         After ``algorithm="auto"`` compared candidates: each one's mean validation query
         loss after adaptation (infinite if it diverged).
     algorithm_weights_ : dict of str to float
-        After ``algorithm="auto"`` kept both candidates: the weight of each one's
+        After ``algorithm="auto"`` kept several candidates: the weight of each one's
         predictions, proportional to the inverse of its validation loss, summing to 1.
     inner_lr_ : float
         The inner learning rate ``fit`` adapts with (``inner_lr``, or the one chosen when
@@ -599,8 +599,7 @@ class MetaInitializedEstimator(BaseEstimator):
                 X, y, fast = table_fit_data(self, X, y, prep, self._target)
             target = self._target.encode(y, fast)
             mlp = f"{MLP.__module__}.{MLP.__qualname__}"
-            spec = None if init is None else (init.members or [init])[0].spec
-            if self.module is None and X.ndim != 2 and (spec is None or spec.get(
+            if self.module is None and X.ndim != 2 and (init is None or init.network_spec.get(
                     "class") == mlp):
                 raise ValueError(
                     f"X has shape {X.shape}, but the default MLP takes 2-D X (n_samples, "

@@ -198,8 +198,7 @@ def fit_data(est, X, y, target) -> tuple[np.ndarray, np.ndarray, bool]:
         return fast[0], fast[1], True
     refuse_sparse("fit", y=y)  # X: validate_data says so itself
     X, y = validate_data(est, X, y, dtype=np.float32, allow_nd=True, **target.fit_checks)
-    X = X if X.flags.writeable else X.copy()  # torch warns on read-only arrays
-    return X, y, False
+    return _writable(X), y, False
 
 
 def table_fit_data(est, X, y, prep, target) -> tuple[np.ndarray, np.ndarray, bool]:
@@ -243,6 +242,11 @@ def predict_data(est, X) -> np.ndarray:
         return prep.scaling.transform_X(X)
     checked = None if named else fast_X(X, est.n_features_in_)
     if checked is None:
-        checked = validate_data(est, X, dtype=np.float32, reset=False, allow_nd=True)
-        checked = checked if checked.flags.writeable else checked.copy()
+        checked = _writable(validate_data(est, X, dtype=np.float32, reset=False,
+                                          allow_nd=True))
     return checked
+
+
+def _writable(X: np.ndarray) -> np.ndarray:
+    """``X``, copied if read-only (torch warns on read-only arrays, e.g. pandas')."""
+    return X if X.flags.writeable else X.copy()
