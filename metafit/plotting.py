@@ -78,7 +78,7 @@ def _in_model_units(init: MetaInit, tasks: list[Task]) -> list[Task]:
             "this initialization one-hot encodes categorical columns; the adaptation curves "
             "take numeric tasks only."
         )
-    return standardize_tasks(tasks, prep.scaling)
+    return standardize_tasks(tasks, prep)
 
 
 def _tasks(tasks, name: str = "tasks") -> list[Task]:

@@ -90,10 +90,10 @@ def test_a_regression_table_meta_trains_in_table_mode_on_its_own_groups(tmp_path
     assert "standardization" in est.meta_init_.metadata
 
 
-def test_a_classification_table_cycles_its_groups_tasks(tmp_path):
+def test_a_classification_table_meta_fits_in_table_mode_with_its_labels(tmp_path):
     rng = np.random.default_rng(0)
     lines = ["site,a,b,label"] + [
-        f"{g},{rng.normal():.3f},{rng.normal():.3f},{rng.integers(0, 2)}"
+        f"{g},{rng.normal():.3f},{rng.normal():.3f},{rng.choice(['low', 'high'])}"
         for g in range(8) for _ in range(12)
     ]
     (tmp_path / "c.csv").write_text("\n".join(lines))
@@ -102,17 +102,31 @@ tasks: {source: table, path: c.csv, group: site, target: label, support_size: 6,
         validation_fraction: 0.25, test_fraction: 0.25}
 estimator: {type: classifier, params: {hidden_sizes: [8], meta_iterations: 3}}
 """
-    splits = load_config(_write(tmp_path, text)).build_tasks()
-    assert isinstance(splits.train, EpochTasks)
-    assert len(splits.train) == 4 and len(splits.validation) == 2 and len(splits.test) == 2
-    stream = iter(splits.train)
-    assert len([next(stream) for _ in range(30)]) == 30  # endless
-    keys = {
-        part: {t.X_query.tobytes() for t in tasks}
-        for part, tasks in [("train", splits.train.tasks), ("val", splits.validation),
-                            ("test", splits.test)]
-    }
-    assert not keys["train"] & keys["val"] and not keys["val"] & keys["test"]
+    config = load_config(_write(tmp_path, text))
+    splits = config.build_tasks()
+    assert isinstance(splits.train, GroupedTable)
+    assert len(np.unique(splits.train.groups)) == 4
+    assert len(splits.validation) == 2 and len(splits.test) == 2
+    keys = {part: {t.X_query.tobytes() for t in tasks}
+            for part, tasks in [("val", splits.validation), ("test", splits.test)]}
+    assert not keys["val"] & keys["test"]
+    est = config.build_estimator().set_params(verbose=0)
+    est.meta_fit(splits.train, splits.validation)  # string labels, validated in table mode
+    assert est.meta_init_.metadata["classes"] == ["high", "low"]
+    task = splits.test[0]
+    est.fit(task.X_support, task.y_support)
+    assert set(est.predict(task.X_query)) <= {"high", "low"}
+    assert 0.0 <= est.score(task.X_query, task.y_query) <= 1.0
+
+
+def test_epoch_tasks_serve_a_finite_list_endlessly_reshuffled_per_epoch():
+    tasks = list(range(5))
+    served = EpochTasks(tasks, random_state=0)
+    stream = iter(served)
+    epochs = [[next(stream) for _ in range(5)] for _ in range(4)]
+    assert len(served) == 5 and all(sorted(e) == tasks for e in epochs)
+    assert len({tuple(e) for e in epochs}) > 1  # a new order each epoch
+    assert [next(iter(served)) for _ in range(3)] == [epochs[0][0]] * 3  # re-iterable
 
 
 def test_parquet_table(tmp_path):

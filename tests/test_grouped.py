@@ -231,12 +231,6 @@ def test_table_mode_parameters_are_checked():
             MetaInitializedRegressor(**QUICK, **params).meta_fit(X, y, groups=groups)
 
 
-def test_the_classifier_says_table_mode_is_for_regression():
-    with pytest.raises(NotImplementedError, match="regression"):
-        MetaInitializedClassifier(**QUICK).meta_fit(
-            np.ones((10, 2)), np.repeat([0, 1], 5), groups=np.repeat([0, 1], 5))
-
-
 def test_task_mode_still_takes_validation_tasks_as_the_second_argument():
     from metafit import SinusoidTasks
 

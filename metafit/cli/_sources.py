@@ -22,9 +22,9 @@ __all__ = ["EpochTasks", "TaskSplits", "build_task_splits"]
 class EpochTasks:
     """A finite list of tasks served endlessly, reshuffled every epoch (re-iterable).
 
-    ``meta_fit`` stops when a finite iterable runs out; a classification table has few
-    groups, so its tasks are cycled until ``meta_iterations`` is reached. (A regression
-    table is meta-trained in table mode, :class:`metafit.grouped.GroupedTable`.)
+    ``meta_fit`` stops when a finite iterable runs out; a finite list of tasks is cycled
+    until ``meta_iterations`` is reached. (A table is meta-trained in table mode instead,
+    :class:`metafit.grouped.GroupedTable`, which draws new episodes every meta-batch.)
     """
 
     def __init__(self, tasks: list, random_state: int = 0):
@@ -146,13 +146,11 @@ def _tasks_table(config, spec: dict) -> TaskSplits:
             f"{config.path}: tasks: no group left for meta-training; lower "
             "validation_fraction or test_fraction"
         )
-    if config.estimator_type == "regressor":
-        # Table mode: new episodes every meta-batch, standardization inside (saved with
-        # the initialization), the validation groups' tasks for the kept state and "auto".
-        rows = ~np.isin(groups, np.concatenate(parts[:2]))
-        train = GroupedTable(X[rows], y[rows], groups[rows])
-    else:  # classification: table mode is for regression; the groups' fixed tasks cycled
-        train = EpochTasks(train, random_state=seed)
+    # Table mode: new episodes every meta-batch, standardization inside (saved with the
+    # initialization, with a classifier's classes), the validation groups' tasks for the
+    # kept state and "auto".
+    rows = ~np.isin(groups, np.concatenate(parts[:2]))
+    train = GroupedTable(X[rows], y[rows], groups[rows])
     return TaskSplits(train, val, test or val)
 
 

@@ -421,7 +421,9 @@ class MetaInitializedEstimator(BaseEstimator):
           tasks, and the initialization with the lowest validation loss is kept. X and
           y are standardized with the meta-training rows' statistics, which are saved
           with the initialization: ``fit`` and ``predict`` work in the table's units.
-          Regression only.
+          A classifier standardizes X only; its head has one output per class of the
+          table, and ``fit`` on a new group maps its labels onto those classes (a group
+          may show one class only).
 
         Parameters
         ----------
@@ -481,7 +483,8 @@ class MetaInitializedEstimator(BaseEstimator):
             self, X, y, groups, validation_tasks, regression=self._target.regression,
             previous=TablePreprocessing.of(continued),
         )
-        run = MetaFitRun(self, self._target, None if prep is None else prep.metadata())
+        target = self._target if prep is None else self._target.for_table(prep.classes)
+        run = MetaFitRun(self, target, None if prep is None else prep.metadata())
         stream, val = run.read_tasks(tasks, validation_tasks)
         resume = None
         if self.warm_start:
@@ -593,11 +596,13 @@ class MetaInitializedEstimator(BaseEstimator):
             factory = self._factory()
             init = self._fit_init(factory)
             prep = self._preprocessing_for(init)
+            kind = self._target
             if prep is None:
-                X, y, fast = fit_data(self, X, y, self._target)
+                X, y, fast = fit_data(self, X, y, kind)
             else:  # table mode: encoded and standardized in float64, then float32
-                X, y, fast = table_fit_data(self, X, y, prep, self._target)
-            target = self._target.encode(y, fast)
+                kind = kind.for_table(prep.classes)  # a classifier: the table's classes
+                X, y, fast = table_fit_data(self, X, y, prep, kind)
+            target = kind.encode(y, fast)
             mlp = f"{MLP.__module__}.{MLP.__qualname__}"
             if self.module is None and X.ndim != 2 and (init is None or init.network_spec.get(
                     "class") == mlp):
@@ -608,7 +613,7 @@ class MetaInitializedEstimator(BaseEstimator):
                 )
             if init is not None:
                 check_n_features(X[0].size, init.n_features)
-            self._target.check_init(init, target)
+            kind.check_init(init, target)
             self._table_prep = prep
             self.__dict__.update(target.fitted)
             self._fit_outputs = target.n_outputs

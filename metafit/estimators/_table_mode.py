@@ -20,6 +20,7 @@ import numpy as np
 
 from metafit._task_types import Task, as_task
 from metafit.estimators._inputs import seed_from
+from metafit.estimators._targets import TableClassificationTarget, label_codes
 from metafit.grouped import (
     CategoricalEncoding,
     GroupedTable,
@@ -43,12 +44,14 @@ __all__ = [
 @dataclass(frozen=True)
 class TablePreprocessing:
     """What table mode learned from the meta-training rows and saves with the
-    initialization: the one-hot encoding of categorical columns (if any) and the
-    standardization. ``fit`` and ``predict`` apply it; predictions are put back in the
-    target's units with ``scaling.inverse_y``."""
+    initialization: the one-hot encoding of categorical columns (if any), the
+    standardization, and a classifier's classes (the labels of the table, in the order
+    of the head's outputs). ``fit`` and ``predict`` apply it; a regressor's predictions
+    are put back in the target's units with ``scaling.inverse_y``."""
 
     scaling: Standardization
     encoding: CategoricalEncoding | None = None
+    classes: np.ndarray | None = None
 
     @classmethod
     def of(cls, init) -> TablePreprocessing | None:
@@ -59,15 +62,32 @@ class TablePreprocessing:
         encoding = None
         if "encoding" in meta:
             encoding = CategoricalEncoding.from_metadata(meta["encoding"], init.n_features)
+        classes = None
+        if "classes" in meta:
+            classes = np.asarray(meta["classes"])
+            if classes.ndim != 1 or len(classes) != init.n_outputs:
+                raise ValueError(
+                    f"'classes' must list one label per output ({init.n_outputs}), got "
+                    f"{meta['classes']!r}"
+                )
         return cls(Standardization.from_metadata(meta["standardization"], init.n_features),
-                   encoding)
+                   encoding, classes)
 
     def metadata(self) -> dict:
         """The ``MetaInit.metadata`` entries."""
         out = {"standardization": self.scaling.to_metadata()}
         if self.encoding is not None:
             out["encoding"] = self.encoding.to_metadata()
+        if self.classes is not None:
+            out["classes"] = self.classes.tolist()
         return out
+
+    def labels(self, y: np.ndarray) -> np.ndarray:
+        """A classifier's labels as indices of :attr:`classes` (a regressor's ``y`` as
+        it is); a ValueError names labels that are not among them."""
+        if self.classes is None:
+            return y
+        return TableClassificationTarget(self.classes).encode(y, False).y
 
 
 @dataclass(frozen=True)
@@ -118,7 +138,7 @@ def meta_fit_inputs(est, X, y, groups, validation_tasks, *, regression: bool, pr
     prep = table.preprocessing
     if validation_tasks is None:
         return table.episodes, table.validation, prep
-    return table.episodes, standardize_tasks(validation_tasks, prep.scaling), prep
+    return table.episodes, standardize_tasks(validation_tasks, prep), prep
 
 
 #: task mode's ``standardize=True`` learns the statistics from this many first tasks
@@ -150,8 +170,9 @@ def scaled_task_inputs(tasks, validation_tasks, *, regression: bool, previous=No
             y = np.concatenate([a for t in head for a in (t.y_support, t.y_query)])
         scaling = Standardization.fit(X, y)
     scaled = (_scaled(t, scaling) for t in itertools.chain(head, map(as_task, stream)))
-    val = None if validation_tasks is None else standardize_tasks(validation_tasks, scaling)
-    return scaled, val, TablePreprocessing(scaling)
+    prep = TablePreprocessing(scaling)
+    val = None if validation_tasks is None else standardize_tasks(validation_tasks, prep)
+    return scaled, val, prep
 
 
 def _scaled(task: Task, scaling: Standardization) -> Task:
@@ -160,9 +181,16 @@ def _scaled(task: Task, scaling: Standardization) -> Task:
                 task.info)
 
 
-def standardize_tasks(tasks, scaling: Standardization) -> list[Task]:
-    """User-given validation tasks of table mode, in the standardized units."""
-    return [_scaled(task, scaling) for task in map(as_task, tasks)]
+def standardize_tasks(tasks, prep: TablePreprocessing) -> list[Task]:
+    """User-given validation tasks of table mode, in the standardized units (a
+    classifier's labels, the table's, as indices of its classes)."""
+    out = []
+    for task in map(as_task, tasks):
+        if prep.classes is not None:
+            task = Task(task.X_support, prep.labels(task.y_support), task.X_query,
+                        prep.labels(task.y_query), task.info)
+        out.append(_scaled(task, prep.scaling))
+    return out
 
 
 def table_tasks(est, X, y, groups, *, regression: bool, previous=None, hold_out: bool = True
@@ -179,15 +207,9 @@ def table_tasks(est, X, y, groups, *, regression: bool, previous=None, hold_out:
     ValueError
         For a malformed table (lengths, missing group labels, non-numeric or non-finite
         values), or when no group is large enough for an episode.
-    NotImplementedError
-        For a classifier: table mode is for regression targets in this version.
+        For a classifier, also for fewer than 2 classes, missing labels or (warm start)
+        labels the initialization does not know.
     """
-    if not regression:
-        raise NotImplementedError(
-            "meta_fit(X, y, groups=...) is for regression in this version; for "
-            "classification build tasks with metafit.tasks.tasks_from_groups or "
-            "NWayKShotTasks and call meta_fit(tasks)."
-        )
     if y is None:
         raise TypeError("meta_fit(X, y, groups=groups) needs y, the target of each row.")
     encoding = previous.encoding if previous is not None else None
@@ -195,26 +217,32 @@ def table_tasks(est, X, y, groups, *, regression: bool, previous=None, hold_out:
         encoding = CategoricalEncoding.fit(X)
     if encoding is not None:
         X = encoding.transform(X, "meta_fit")
+    classes = None
+    if not regression:  # labels of any kind, as indices of the table's classes
+        y, classes = _class_indices(y, None if previous is None else previous.classes)
     X, y, groups = check_table(X, y, groups)
-    if not np.issubdtype(y.dtype, np.number):
+    if regression and not np.issubdtype(y.dtype, np.number):
         raise ValueError(f"meta_fit: y must be numeric for a regressor, got dtype {y.dtype}.")
     rng = np.random.default_rng(seed_from(est.random_state))
     fraction = est.validation_fraction if hold_out else None
     train, val = split_groups(groups, fraction, rng)
     scaling = previous.scaling if previous is not None else None
     if scaling is None and est.standardize is False:  # raw values, as asked
-        scaling = Standardization(np.zeros(X.shape[1]), np.ones(X.shape[1]),
-                                  np.zeros(1 if y.ndim == 1 else y.shape[1]),
-                                  np.ones(1 if y.ndim == 1 else y.shape[1]))
+        scaling = Standardization(np.zeros(X.shape[1]), np.ones(X.shape[1]))
+        if regression:
+            outputs = 1 if y.ndim == 1 else y.shape[1]
+            scaling = Standardization(scaling.x_mean, scaling.x_scale, np.zeros(outputs),
+                                      np.ones(outputs))
     if scaling is None:
-        scaling = Standardization.fit(X[train], y[train])
+        scaling = Standardization.fit(X[train], y[train] if regression else None)
     elif len(scaling.x_mean) != X.shape[1]:
         raise ValueError(
             f"warm_start=True continues an initialization for {len(scaling.x_mean)} "
             f"features, but X has {X.shape[1]}; pass the same columns or set "
             "warm_start=False."
         )
-    Xs, ys = scaling.transform_X(X), scaling.transform_y(y.astype(np.float64))
+    Xs = scaling.transform_X(X)
+    ys = scaling.transform_y(y.astype(np.float64)) if regression else y
     lo, hi = est.support_range
     episodes = GroupEpisodes(
         Xs[train], ys[train], groups[train],
@@ -229,7 +257,28 @@ def table_tasks(est, X, y, groups, *, regression: bool, previous=None, hold_out:
                                          support_sizes=sizes, rng=rng) or None
     if fraction and validation is None:
         _warn_no_validation(fraction, len(np.unique(groups)), val.any(), lo)
-    return TableTasks(episodes, validation, TablePreprocessing(scaling, encoding))
+    return TableTasks(episodes, validation, TablePreprocessing(scaling, encoding, classes))
+
+
+def _class_indices(y, known: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """A classifier's table labels as ``(indices, classes)``: the classes sorted, or
+    ``known`` (the initialization a warm start continues), which must hold them all."""
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ValueError(
+            f"meta_fit: a classifier's y is one label per row; got shape {y.shape}."
+        )
+    if known is not None:
+        return TableClassificationTarget(known).encode(y, False).y, known
+    classes, codes = label_codes(y)
+    if len(classes) < 2:
+        raise ValueError(
+            f"meta_fit: y holds one class only ({classes[0]!r}); a classifier's table needs "
+            "at least 2 classes."
+        )
+    return codes.astype(np.int64), classes
 
 
 def _warn_no_validation(fraction: float, n_groups: int, held_out: bool, least: int) -> None:

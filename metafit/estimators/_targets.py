@@ -22,7 +22,14 @@ from torch import nn
 from metafit._task_types import Task, TaskBatch
 from metafit.persistence import MetaInit
 
-__all__ = ["ClassificationTarget", "EncodedTarget", "RegressionTarget", "TargetKind"]
+__all__ = [
+    "ClassificationTarget",
+    "EncodedTarget",
+    "RegressionTarget",
+    "TableClassificationTarget",
+    "TargetKind",
+    "label_codes",
+]
 
 
 @dataclass(slots=True)
@@ -64,6 +71,13 @@ class TargetKind:
     def encode(self, y: np.ndarray, fast: bool) -> EncodedTarget:
         """``fit``'s validated ``y`` (``fast``: it skipped ``validate_data``)."""
         raise NotImplementedError
+
+    def for_table(self, classes: np.ndarray | None) -> TargetKind:
+        """The target kind of an initialization that saved a preprocessing: ``classes``
+        are a classifier's labels of the whole table (None for a regressor, or for task
+        mode's ``standardize=True``, whose tasks keep their own indices). Itself by
+        default."""
+        return self
 
     def check_init(self, init: MetaInit | None, target: EncodedTarget) -> None:
         """Raise if ``fit``'s targets do not fit the meta-learned head."""
@@ -222,22 +236,17 @@ class ClassificationTarget(TargetKind):
         if fast:
             classes, codes = np.unique(y, return_inverse=True)
         else:
-            if np.asarray(y).dtype == object and any(
-                v is None or (isinstance(v, float) and v != v) for v in np.asarray(y).ravel()
-            ):
-                raise ValueError(
-                    "y contains missing labels (None or NaN); they would become a class of "
-                    "their own. Drop those rows or label them."
-                )
-            check_classification_targets(y)
-            encoder = LabelEncoder().fit(y)
-            classes, codes = encoder.classes_, encoder.transform(y)
+            classes, codes = label_codes(y)
         if len(classes) < 2:
             raise ValueError(
                 f"y contains only one class ({classes[0]!r}); a classifier needs at least "
                 "2 classes to fit."
             )
         return EncodedTarget(codes, len(classes), {"classes_": classes})
+
+    def for_table(self, classes):
+        # Task mode's standardize=True saves a scaling but no classes: tasks keep theirs.
+        return self if classes is None else TableClassificationTarget(classes)
 
     def check_init(self, init, target):
         if init is not None and target.n_outputs > init.n_outputs:
@@ -251,6 +260,63 @@ class ClassificationTarget(TargetKind):
 
         classes = list(range(module_outputs(module)))
         return NeuralNetClassifier, {"criterion": nn.CrossEntropyLoss, "classes": classes}
+
+
+class TableClassificationTarget(ClassificationTarget):
+    """Table mode's classes: the labels of the whole table, one head output each.
+
+    Unlike N-way K-shot tasks, whose indices mean something else in every task, a table's
+    classes are the same in every group (a patient's outcome, a customer's churn): an
+    episode of a few rows often shows one class only, or a query class its support rows
+    lack, which is exactly what the meta-learned head must handle. So those episodes raise
+    no warning, the head has one output per class of the table whatever the first
+    meta-batch shows, and ``fit`` maps a new group's labels onto those classes (a single
+    class is fine; a label meta-training never saw is an error).
+    """
+
+    def __init__(self, classes: np.ndarray):
+        self.classes = np.asarray(classes)
+        self._index = {label: i for i, label in enumerate(self.classes.tolist())}
+
+    def prepare_task(self, task):
+        task = Task.from_tuple(task) if not isinstance(task, Task) else task
+        for y in (task.y_support, task.y_query):
+            if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or y.min() < 0:
+                raise ValueError(
+                    "table mode's episodes carry class indices; got targets of dtype "
+                    f"{y.dtype}, shape {y.shape}."
+                )
+        return task
+
+    def meta_outputs(self, tasks):
+        return len(self.classes)
+
+    def encode(self, y, fast):
+        labels, codes = label_codes(y)
+        unknown = [v for v in labels.tolist() if v not in self._index]
+        if unknown:
+            raise ValueError(
+                f"y has the label(s) {unknown[:5]} that meta-training never saw; this "
+                f"initialization knows the classes {self.classes.tolist()[:20]}. Map them "
+                "onto those, or meta-train on a table that has them."
+            )
+        known = np.array([self._index[v] for v in labels.tolist()], dtype=np.int64)
+        return EncodedTarget(known[codes], len(self.classes), {"classes_": self.classes})
+
+
+def label_codes(y) -> tuple[np.ndarray, np.ndarray]:
+    """``(sorted distinct labels, each row's index into them)`` of class labels, refusing
+    missing labels and continuous targets with scikit-learn's message."""
+    if np.asarray(y).dtype == object and any(
+        v is None or (isinstance(v, float) and v != v) for v in np.asarray(y).ravel()
+    ):
+        raise ValueError(
+            "y contains missing labels (None or NaN); they would become a class of "
+            "their own. Drop those rows or label them."
+        )
+    check_classification_targets(y)
+    encoder = LabelEncoder().fit(y)
+    return encoder.classes_, encoder.transform(y)
 
 
 def module_outputs(module: nn.Module) -> int:
