@@ -10,6 +10,7 @@ other rows: accuracy, and log loss (lower is better). Methods, all given the sam
 
 * ``metafit``: ``MetaInitializedClassifier(random_state=seed)`` in table mode, its
   defaults (it holds out its own validation groups), the table's labels and units;
+* ``metafit <algorithm>``: the same with another ``algorithm=`` (``--algorithms``);
 * ``pooled logistic`` / ``pooled HGB``: one LogisticRegression /
   HistGradientBoostingClassifier on all rows, the new group's support rows included;
 * ``GLMM intercept``: statsmodels' Bayesian mixed logistic model with a random
@@ -21,6 +22,7 @@ Usage::
 
     python benchmarks/grouped_classification.py                 # all tables, ~10 min
     python benchmarks/grouped_classification.py --tables radon --seeds 1 --quick
+    python benchmarks/grouped_classification.py --algorithms anil fomaml  # more rows
 
 Needs statsmodels (``pip install -e ".[bench]"``). Prints one table per data set and k
 (mean ± standard error over the test groups of all seeds) and a summary against the
@@ -88,7 +90,7 @@ def scores(predict, eps, Xz, labels):
     return out
 
 
-def run_table(name, folder, seeds, quick):
+def run_table(name, folder, seeds, quick, algorithms=()):
     X, y, groups, _ = load(folder, name)
     results: dict[tuple[int, str], list[tuple[float, float]]] = {}
     for seed in seeds:
@@ -100,19 +102,24 @@ def run_table(name, folder, seeds, quick):
         std[std == 0] = 1
         Xz = (X - mean) / std
         kw = {"random_state": seed, "verbose": 0, **({"meta_iterations": 50} if quick else {})}
-        est = MetaInitializedClassifier(**kw)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            est.meta_fit(X[fit_rows], labels[fit_rows], groups=groups[fit_rows])
+        estimators = {}
+        for label, settings in [("metafit", {}),
+                                *((f"metafit {a}", {"algorithm": a}) for a in algorithms)]:
+            est = MetaInitializedClassifier(**kw, **settings)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                est.meta_fit(X[fit_rows], labels[fit_rows], groups=groups[fit_rows])
+            estimators[label] = est
         glmm = glmm_intercept(Xz, labels, groups, fit_rows)
         for k in KS.get(name, (5, 10)):
             eps = episodes(X, y, groups, test, k, seed)
 
-            def metafit(Xs, ys, Xq, est=est, mean=mean, std=std):  # the table's own units
-                est.fit(Xs * std + mean, ys)
-                return est.predict_proba(Xq * std + mean)[:, list(est.classes_).index(1)]
+            for label, est in estimators.items():
+                def metafit(Xs, ys, Xq, est=est, mean=mean, std=std):  # the table's units
+                    est.fit(Xs * std + mean, ys)
+                    return est.predict_proba(Xq * std + mean)[:, list(est.classes_).index(1)]
 
-            results.setdefault((k, "metafit"), []).extend(scores(metafit, eps, Xz, labels))
+                results.setdefault((k, label), []).extend(scores(metafit, eps, Xz, labels))
             results.setdefault((k, "GLMM intercept"), []).extend(
                 scores(glmm, eps, Xz, labels))
             rows = np.concatenate([fit_rows, *(s for s, _ in eps)])
@@ -133,7 +140,8 @@ def report(name, results) -> list[tuple]:
         print(f"\n{name}, k={k}: accuracy (higher is better), log loss (lower is better)")
         print(f"  {'method':<18} {'accuracy':>16} {'log loss':>16}")
         means = {}
-        for label in ("metafit", *ANCHORS):
+        ours = [label for _, label in results if label.startswith("metafit")]
+        for label in (*dict.fromkeys(ours), *ANCHORS):
             a = np.asarray(results[(k, label)])
             se = a.std(0, ddof=1) / np.sqrt(len(a))
             means[label] = a.mean(0)
@@ -150,11 +158,14 @@ def main(argv=None):
     parser.add_argument("--tables", nargs="+", default=list(TABLES), choices=TABLES)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="50 meta-iterations")
+    parser.add_argument("--algorithms", nargs="*", default=[],
+                        help="more metafit rows, one per algorithm= (e.g. anil fomaml)")
     args = parser.parse_args(argv)
     folder = data_dir(args.data)
     summary = []
     for name in args.tables:
-        summary += report(name, run_table(name, folder, range(args.seeds), args.quick))
+        summary += report(name, run_table(name, folder, range(args.seeds), args.quick,
+                                          args.algorithms))
     print("\nsummary: metafit against the best anchor of each cell")
     print(f"  {'table':<11} {'k':<4} {'log loss ratio':>15} {'accuracy difference':>20}")
     for name, k, ours, best, acc, best_acc in summary:

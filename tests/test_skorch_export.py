@@ -12,6 +12,7 @@ from skorch import NeuralNetClassifier, NeuralNetRegressor
 from skorch.callbacks import Callback
 
 from metafit import (
+    MetaInitializedClassifier,
     MetaInitializedRegressor,
     SinusoidTasks,
 )
@@ -96,3 +97,41 @@ def test_nothing_to_export():
     )
     net = est.to_skorch(verbose=0)  # no meta-init, but fitted: the adapted weights
     assert_same_weights(net.module_, {k: v[0] for k, v in est.adapted_params_.items()})
+
+
+def test_a_table_mode_export_takes_and_returns_the_tables_units():
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(12), 10)
+    X = rng.normal(500.0, 50.0, size=(120, 2))  # far from standardized units
+    y = 1000.0 + 30.0 * X[:, 0] / 50 + 20.0 * rng.normal(size=12)[groups]
+    params = dict(hidden_sizes=(8,), meta_iterations=5, random_state=0, verbose=0)
+    reg = MetaInitializedRegressor(algorithm="maml", **params).meta_fit(X, y, groups=groups)
+    net = reg.to_skorch(verbose=0)  # the meta-learned start, before any fit
+    reg.set_params(inner_steps=0).fit(X[:5], y[:5])  # zero steps: predicts the start
+    np.testing.assert_allclose(net.predict(X.astype(np.float32))[:, 0], reg.predict(X),
+                               rtol=1e-4)
+    reg.set_params(inner_steps=5).fit(X[:5], y[:5])
+    net = reg.to_skorch(verbose=0)
+    np.testing.assert_allclose(net.predict(X.astype(np.float32))[:, 0], reg.predict(X),
+                               rtol=1e-4)
+    before = {k: v.clone() for k, v in net.module_.state_dict().items() if "mean" in k}
+    net.partial_fit(X[:5].astype(np.float32), y[:5].astype(np.float32).reshape(-1, 1))
+    assert all(torch.equal(v, net.module_.state_dict()[k]) for k, v in before.items())
+    labels = np.where(y > np.median(y), "high", "low")
+    clf = MetaInitializedClassifier(**params).meta_fit(X, labels, groups=groups)
+    clf.fit(X[:5], labels[:5])
+    net = clf.to_skorch(verbose=0)
+    np.testing.assert_allclose(net.predict_proba(X.astype(np.float32)), clf.predict_proba(X),
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_a_table_with_categorical_columns_is_not_exported():
+    pd = pytest.importorskip("pandas")
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"x": rng.normal(size=60),
+                          "shop": pd.Categorical(rng.choice(["a", "b"], 60))})
+    est = MetaInitializedRegressor(algorithm="maml", hidden_sizes=(8,), meta_iterations=3,
+                                   random_state=0, verbose=0)
+    est.meta_fit(frame, rng.normal(size=60), groups=np.repeat(np.arange(6), 10))
+    with pytest.raises(ValueError, match="one-hot encodes categorical columns \\(shop\\)"):
+        est.to_skorch()

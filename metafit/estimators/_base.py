@@ -695,8 +695,11 @@ class MetaInitializedEstimator(BaseEstimator):
         Notes
         -----
         The weights are the adapted ones after :meth:`fit`, else the meta-learned
-        initialization. skorch trains every parameter with its own optimizer: Meta-SGD's
-        learned per-parameter rates and ANIL's frozen body do not carry over. The
+        initialization. After table mode (or ``standardize=True``) the module wraps the
+        network in the saved standardization, so the net takes (and a regressor's
+        returns) the table's units; categorical columns cannot be exported. skorch
+        trains every parameter with its own optimizer: Meta-SGD's learned
+        per-parameter rates and ANIL's frozen body do not carry over. The
         regressor's net expects 2-D float32 targets, ``y.reshape(-1, 1)``; the
         classifier's net works on class indices ``0..n_outputs-1``, so encode labels with
         ``np.searchsorted(est.classes_, y)``.
@@ -728,5 +731,8 @@ class MetaInitializedEstimator(BaseEstimator):
                 )
             module = self._factory().from_init(init).module
             lr = fit_settings(self, init)[0]
+        prep = self._preprocessing_for(init)
+        if prep is not None:  # a table's network works in standardized units
+            module = prep.in_table_units(module)
         kwargs.setdefault("device", str(self.device))
         return self._target.skorch_net(module, kwargs, lr)

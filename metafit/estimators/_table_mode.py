@@ -17,6 +17,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+from torch import nn
 
 from metafit._task_types import Task, as_task
 from metafit.estimators._inputs import seed_from
@@ -33,6 +35,7 @@ from metafit.grouped import (
 )
 
 __all__ = [
+    "InTableUnits",
     "TablePreprocessing",
     "TableTasks",
     "meta_fit_inputs",
@@ -82,12 +85,49 @@ class TablePreprocessing:
             out["classes"] = self.classes.tolist()
         return out
 
+    def in_table_units(self, network: nn.Module) -> InTableUnits:
+        """``network`` as a module that takes and returns the table's units (for
+        ``to_skorch``); a ValueError when categorical columns are one-hot encoded, which a
+        module of tensors cannot do."""
+        if self.encoding is not None:
+            raise ValueError(
+                "this initialization one-hot encodes categorical columns "
+                f"({', '.join(map(str, list(self.encoding.categories)[:5]))}), which a skorch "
+                "net's tensors cannot carry; meta-fit on numeric columns (encode them "
+                "yourself) to export the network."
+            )
+        return InTableUnits(network, self.scaling)
+
     def labels(self, y: np.ndarray) -> np.ndarray:
         """A classifier's labels as indices of :attr:`classes` (a regressor's ``y`` as
         it is); a ValueError names labels that are not among them."""
         if self.classes is None:
             return y
         return TableClassificationTarget(self.classes).encode(y, False).y
+
+
+class InTableUnits(nn.Module):
+    """A network trained in standardized units, wrapped to take the table's features and
+    (a regressor) return the table's targets: ``network((X - x_mean) / x_scale)``, times
+    ``y_scale`` plus ``y_mean``. The statistics are buffers, so training the wrapper
+    (skorch's ``partial_fit``) trains the network only. It computes in float32, where
+    ``fit`` standardizes in float64: features with large offsets (timestamps) lose digits.
+    """
+
+    def __init__(self, network: nn.Module, scaling: Standardization):
+        super().__init__()
+        self.network = network
+        self.register_buffer("x_mean", torch.as_tensor(scaling.x_mean, dtype=torch.float32))
+        self.register_buffer("x_scale", torch.as_tensor(scaling.x_scale, dtype=torch.float32))
+        self.regression = scaling.y_mean is not None
+        if self.regression:
+            self.register_buffer("y_mean", torch.as_tensor(scaling.y_mean, dtype=torch.float32))
+            self.register_buffer("y_scale",
+                                 torch.as_tensor(scaling.y_scale, dtype=torch.float32))
+
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
+        out = self.network((X - self.x_mean) / self.x_scale)
+        return out * self.y_scale + self.y_mean if self.regression else out
 
 
 @dataclass(frozen=True)
