@@ -104,6 +104,31 @@ def test_relu_derivative_is_autograds_to_second_order_at_exact_zeros_too():
     assert z_got is None  # the mask is constant: no second derivative through it
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh", "sigmoid", "gelu", "elu"])
+def test_analytic_gradient_without_a_graph_equals_autograd(activation):
+    """``fit``'s case: the gradient computed under no_grad (where the ReLU derivative
+    takes its one-kernel branch) is autograd's, exact zeros of the activation included."""
+    from metafit._mlp_path import _ACTIVATION_GRADS
+
+    net = _net(activation)
+    X, y = _data("mse")
+    grad_fn = make_grad_fn(net, "mlp", mse_loss)
+    forward = make_forward(net, "mlp")
+    params = _batched_params(net)
+    names = list(params)
+    want = torch.autograd.grad(mse_loss(forward(params, X), y).sum(), list(params.values()))
+    with torch.no_grad():
+        got = grad_fn(params, X, y, names, -0.5)
+    for n, w in zip(names, want):
+        assert not got[n].requires_grad
+        torch.testing.assert_close(got[n], -0.5 * w, rtol=1e-10, atol=1e-12)
+    if activation == "relu":
+        a = torch.relu(torch.tensor([[-1.0, 0.0, 2.0], [3.0, -0.0, 0.5]], dtype=torch.float64))
+        d = torch.randn(2, 3, dtype=torch.float64)
+        with torch.no_grad():
+            assert torch.equal(_ACTIVATION_GRADS["relu"](d, a), d * (a > 0))
+
+
 def test_analytic_gradient_of_a_subset_skips_the_rest():
     net = _net()
     X, y = _data("mse")

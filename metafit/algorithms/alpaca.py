@@ -53,6 +53,11 @@ __all__ = ["ALPACA", "LinearMixedModel"]
 _JITTER = 1e-5
 
 
+def _with_constant(features: Tensor) -> Tensor:
+    """``[features, 1]``: the constant feature appended as a last column."""
+    return torch.nn.functional.pad(features, (0, 1), value=1.0)
+
+
 def _first_linear(module: torch.nn.Module) -> torch.nn.Linear | None:
     """The network's first layer when it is an ``nn.Linear`` (the first module without
     children: the layer the input meets first), else None."""
@@ -161,11 +166,18 @@ class ALPACA(MetaAlgorithm):
     @staticmethod
     def prior(ctx) -> tuple[Tensor, Tensor, Tensor]:
         """``(k0, Lambda0, sigma^2)`` from the meta-learned extras."""
+        k0, lam0 = ALPACA._head_prior(ctx)
+        return k0, lam0, torch.exp(2 * ctx.extras["alpaca_log_noise"])
+
+    @staticmethod
+    def _head_prior(ctx) -> tuple[Tensor, Tensor]:
+        """``(k0, Lambda0)``: the prior's mean and precision, ``L L^T`` plus the jitter
+        in one ``addmm``."""
         e = ctx.extras
         raw = e["alpaca_prior_factor"]
         L = torch.tril(raw, -1) + torch.diag_embed(torch.exp(torch.diagonal(raw)))
         eye = torch.eye(raw.shape[0], dtype=raw.dtype, device=raw.device)
-        return e["alpaca_prior_mean"], L @ L.T + _JITTER * eye, torch.exp(2 * e["alpaca_log_noise"])
+        return e["alpaca_prior_mean"], torch.addmm(eye, L, L.T, beta=_JITTER)
 
     def features(self, ctx, params, X: Tensor) -> Tensor:
         """``phi(X)`` with the constant feature: (T, n, n_features + 1)."""
@@ -176,10 +188,9 @@ class ALPACA(MetaAlgorithm):
                 f"ALPACA(n_features={self.n_features}) expects {self.n_features}; build it "
                 "with that many outputs (the estimators do so for module=None)."
             )
-        parts = [out, torch.ones_like(out[..., :1])]
         if ctx.extras["alpaca_prior_mean"].shape[0] > out.shape[-1] + 1:
-            parts.insert(1, X.flatten(2).to(out.dtype))
-        return torch.cat(parts, dim=-1)
+            out = torch.cat([out, X.flatten(2).to(out.dtype)], dim=-1)
+        return _with_constant(out)
 
     def posterior(
         self, ctx, params, X: Tensor, y: Tensor, mask: Tensor | None = None
@@ -189,23 +200,23 @@ class ALPACA(MetaAlgorithm):
         Padding rows (``mask`` 0) are zeroed out of the sufficient statistics
         ``Phi^T Phi`` and ``Phi^T y``.
         """
-        k0, lam0, _ = self.prior(ctx)
+        k0, lam0 = self._head_prior(ctx)
         phi = self.features(ctx, params, X)
-        y = y.reshape(y.shape[0], y.shape[1])
+        y = y.reshape(y.shape[0], y.shape[1], 1)
         if mask is not None:
             phi = phi * mask.unsqueeze(-1)
-            y = y * mask
-        lam_n = phi.transpose(1, 2) @ phi + lam0
-        chol = torch.linalg.cholesky(lam_n)
-        rhs = phi.transpose(1, 2) @ y.unsqueeze(-1) + (lam0 @ k0).unsqueeze(-1)
+            y = y * mask.unsqueeze(-1)
+        # fused products (a few microseconds each): fit's cost is its operation count
+        phi_t = phi.transpose(1, 2)
+        chol = torch.linalg.cholesky(torch.baddbmm(lam0, phi_t, phi))
+        rhs = torch.baddbmm((lam0 @ k0).unsqueeze(-1), phi_t, y)
         k_n = torch.cholesky_solve(rhs, chol)[..., 0]
         out = {**params, "alpaca.k": k_n, "alpaca.chol": chol}
         if self.noise == "per_task":
             # The noise posterior's statistics: the support rows, and how far they lie
             # from the prior (the residual plus the prior's penalty, both at k_n).
-            residual = y - (phi @ k_n.unsqueeze(-1))[..., 0]
-            if mask is not None:
-                residual = residual * mask
+            # zero on padding rows, whose phi and y are zeroed
+            residual = torch.baddbmm(y, phi, k_n.unsqueeze(-1), alpha=-1)[..., 0]
             shift = k_n - k0
             out["alpaca.rows"] = (
                 torch.full_like(k_n[:, 0], y.shape[1]) if mask is None else mask.sum(1)
@@ -386,5 +397,4 @@ class LinearMixedModel(ALPACA):
 
     def features(self, ctx, params, X: Tensor) -> Tensor:
         """``[X, 1]``: (T, n, n_columns + 1); the network is not run."""
-        X = X.flatten(2)
-        return torch.cat([X, torch.ones_like(X[..., :1])], dim=-1)
+        return _with_constant(X.flatten(2))
