@@ -127,12 +127,34 @@ class MetaLearner:
             owner, _, leaf = name.rpartition(".")
             self._slots.append((name, self.module.get_submodule(owner)._parameters, leaf))
         self._adapted: tuple[MetaAlgorithm, list[str] | None] | None = None
+        self._derived: dict[str, tuple] = {}
 
     # ------------------------------------------------------------------ parameters
 
     def params(self) -> Params:
         """The initialization ``theta``: the module's parameters, by name."""
         return {name: owner[leaf] for name, owner, leaf in self._slots}
+
+    def from_extras(self, name: str, compute, uses: Sequence[str]):
+        """``compute()``, a value of the extras named in ``uses`` alone, kept under
+        ``name`` while they are unchanged and no graph is recorded (``fit``'s case:
+        ALPACA's prior).
+
+        Under autograd it is computed every time, so that meta-gradients flow. Unchanged
+        means the same tensors holding the same values (``torch.equal`` with a copy: one
+        kernel each, where the version counter is not bumped by every optimizer), so an
+        optimizer step, a load or any other write recomputes it.
+        """
+        if torch.is_grad_enabled():
+            return compute()
+        now = [self.extras[k] for k in uses]
+        hit = self._derived.get(name)
+        if hit is not None and len(hit[0]) == len(now) and all(
+                a is b and torch.equal(a, copy) for a, (b, copy) in zip(now, hit[0])):
+            return hit[1]
+        value = compute()
+        self._derived[name] = ([(t, t.detach().clone()) for t in now], value)
+        return value
 
     def _step_forward(self, params, X: Tensor, step: int) -> Tensor:
         return self.module.batched_forward(params, X, step=step)

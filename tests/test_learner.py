@@ -225,3 +225,35 @@ def test_chunk_batches_covers_every_task_once_in_order():
     assert [[p.n_tasks for p in c] for c in pieces] == [[3], [2, 1], [2]]
     seen = torch.cat([p.X_support.flatten() for c in pieces for p in c])
     assert seen.tolist() == list(range(8))
+
+
+def test_values_of_the_extras_are_kept_between_fits_until_the_extras_change():
+    """``from_extras``: ALPACA's prior is computed once for many fits, recomputed after a
+    meta-step or a load changed the extras, and never kept under autograd."""
+    from metafit.algorithms import ALPACA
+
+    ml = learner(ALPACA(n_features=1))
+    calls, USES = [], ("alpaca_prior_mean",)
+
+    def compute():
+        calls.append(1)
+        return ml.extras["alpaca_prior_mean"] * 2
+
+    with torch.no_grad():
+        first = ml.from_extras("probe", compute, USES)
+        assert ml.from_extras("probe", compute, USES) is first and len(calls) == 1
+    assert ml.from_extras("probe", compute, USES).requires_grad and len(calls) == 2
+    X, y = ml.as_tensors(TASKS[0].X_support[None], TASKS[0].y_support[None])
+    before = ml.adapt(X, y, track_graph=False)["alpaca.k"]
+    ml.init_optimizer(1e-2, 10)
+    ml.meta_step(ml.batches(TASKS))  # in place, and its version counter stays as it was
+    with torch.no_grad():
+        assert ml.from_extras("probe", compute, USES) is not first and len(calls) == 3
+    after = ml.adapt(X, y, track_graph=False)["alpaca.k"]
+    fresh = learner(ALPACA(n_features=1))
+    fresh.load_state_tensors(ml.state_tensors())
+    torch.testing.assert_close(fresh.adapt(X, y, track_graph=False)["alpaca.k"], after)
+    assert not torch.allclose(before, after)
+    # a load into the same learner changes the extras in place: the prior follows
+    ml.load_state_tensors(learner(ALPACA(n_features=1)).state_tensors())
+    torch.testing.assert_close(ml.adapt(X, y, track_graph=False)["alpaca.k"], before)

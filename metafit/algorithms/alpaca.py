@@ -53,6 +53,15 @@ __all__ = ["ALPACA", "LinearMixedModel"]
 _JITTER = 1e-5
 
 
+def _head_prior(extras) -> tuple[Tensor, Tensor, Tensor]:
+    """See :meth:`ALPACA._head_prior`."""
+    raw, k0 = extras["alpaca_prior_factor"], extras["alpaca_prior_mean"]
+    L = torch.tril(raw, -1) + torch.diag_embed(torch.exp(torch.diagonal(raw)))
+    eye = torch.eye(raw.shape[0], dtype=raw.dtype, device=raw.device)
+    lam0 = torch.addmm(eye, L, L.T, beta=_JITTER)
+    return k0, lam0, lam0 @ k0
+
+
 def _with_constant(features: Tensor) -> Tensor:
     """``[features, 1]``: the constant feature appended as a last column."""
     return torch.nn.functional.pad(features, (0, 1), value=1.0)
@@ -166,18 +175,15 @@ class ALPACA(MetaAlgorithm):
     @staticmethod
     def prior(ctx) -> tuple[Tensor, Tensor, Tensor]:
         """``(k0, Lambda0, sigma^2)`` from the meta-learned extras."""
-        k0, lam0 = ALPACA._head_prior(ctx)
+        k0, lam0, _ = ALPACA._head_prior(ctx)
         return k0, lam0, torch.exp(2 * ctx.extras["alpaca_log_noise"])
 
     @staticmethod
-    def _head_prior(ctx) -> tuple[Tensor, Tensor]:
-        """``(k0, Lambda0)``: the prior's mean and precision, ``L L^T`` plus the jitter
-        in one ``addmm``."""
-        e = ctx.extras
-        raw = e["alpaca_prior_factor"]
-        L = torch.tril(raw, -1) + torch.diag_embed(torch.exp(torch.diagonal(raw)))
-        eye = torch.eye(raw.shape[0], dtype=raw.dtype, device=raw.device)
-        return e["alpaca_prior_mean"], torch.addmm(eye, L, L.T, beta=_JITTER)
+    def _head_prior(ctx) -> tuple[Tensor, Tensor, Tensor]:
+        """``(k0, Lambda0, Lambda0 k0)``: the prior's mean, its precision (``L L^T`` plus
+        the jitter) and their product; kept by the learner from one ``fit`` to the next."""
+        return ctx.from_extras("alpaca_head_prior", lambda: _head_prior(ctx.extras),
+                               ("alpaca_prior_mean", "alpaca_prior_factor"))
 
     def features(self, ctx, params, X: Tensor) -> Tensor:
         """``phi(X)`` with the constant feature: (T, n, n_features + 1)."""
@@ -200,7 +206,7 @@ class ALPACA(MetaAlgorithm):
         Padding rows (``mask`` 0) are zeroed out of the sufficient statistics
         ``Phi^T Phi`` and ``Phi^T y``.
         """
-        k0, lam0 = self._head_prior(ctx)
+        k0, lam0, lam0_k0 = self._head_prior(ctx)
         phi = self.features(ctx, params, X)
         y = y.reshape(y.shape[0], y.shape[1], 1)
         if mask is not None:
@@ -209,7 +215,7 @@ class ALPACA(MetaAlgorithm):
         # fused products (a few microseconds each): fit's cost is its operation count
         phi_t = phi.transpose(1, 2)
         chol = torch.linalg.cholesky(torch.baddbmm(lam0, phi_t, phi))
-        rhs = torch.baddbmm((lam0 @ k0).unsqueeze(-1), phi_t, y)
+        rhs = torch.baddbmm(lam0_k0.unsqueeze(-1), phi_t, y)
         k_n = torch.cholesky_solve(rhs, chol)[..., 0]
         out = {**params, "alpaca.k": k_n, "alpaca.chol": chol}
         if self.noise == "per_task":
