@@ -150,7 +150,8 @@ class MetaLearner:
         now = [self.extras[k] for k in uses]
         hit = self._derived.get(name)
         if hit is not None and len(hit[0]) == len(now) and all(
-                a is b and torch.equal(a, copy) for a, (b, copy) in zip(now, hit[0])):
+                a is b and a.dtype == copy.dtype and a.device == copy.device
+                and torch.equal(a, copy) for a, (b, copy) in zip(now, hit[0])):
             return hit[1]
         value = compute()
         self._derived[name] = ([(t, t.detach().clone()) for t in now], value)
