@@ -53,13 +53,12 @@ __all__ = ["ALPACA", "LinearMixedModel"]
 _JITTER = 1e-5
 
 
-def _head_prior(extras) -> tuple[Tensor, Tensor, Tensor]:
+def _head_prior(extras) -> tuple[Tensor, Tensor]:
     """See :meth:`ALPACA._head_prior`."""
     raw, k0 = extras["alpaca_prior_factor"], extras["alpaca_prior_mean"]
     L = torch.tril(raw, -1) + torch.diag_embed(torch.exp(torch.diagonal(raw)))
     eye = torch.eye(raw.shape[0], dtype=raw.dtype, device=raw.device)
-    lam0 = torch.addmm(eye, L, L.T, beta=_JITTER)
-    return k0, lam0, lam0 @ k0
+    return k0, L @ L.T + _JITTER * eye
 
 
 def _with_constant(features: Tensor) -> Tensor:
@@ -175,13 +174,14 @@ class ALPACA(MetaAlgorithm):
     @staticmethod
     def prior(ctx) -> tuple[Tensor, Tensor, Tensor]:
         """``(k0, Lambda0, sigma^2)`` from the meta-learned extras."""
-        k0, lam0, _ = ALPACA._head_prior(ctx)
+        k0, lam0 = ALPACA._head_prior(ctx)
         return k0, lam0, torch.exp(2 * ctx.extras["alpaca_log_noise"])
 
     @staticmethod
-    def _head_prior(ctx) -> tuple[Tensor, Tensor, Tensor]:
-        """``(k0, Lambda0, Lambda0 k0)``: the prior's mean, its precision (``L L^T`` plus
-        the jitter) and their product; kept by the learner from one ``fit`` to the next."""
+    def _head_prior(ctx) -> tuple[Tensor, Tensor]:
+        """``(k0, Lambda0)``: the prior's mean and precision (``L L^T`` plus the jitter),
+        kept by the learner from one ``fit`` to the next
+        (:meth:`metafit.learner.MetaLearner.from_extras`)."""
         return ctx.from_extras("alpaca_head_prior", lambda: _head_prior(ctx.extras),
                                ("alpaca_prior_mean", "alpaca_prior_factor"))
 
@@ -206,23 +206,24 @@ class ALPACA(MetaAlgorithm):
         Padding rows (``mask`` 0) are zeroed out of the sufficient statistics
         ``Phi^T Phi`` and ``Phi^T y``.
         """
-        k0, lam0, lam0_k0 = self._head_prior(ctx)
+        k0, lam0 = self._head_prior(ctx)
         phi = self.features(ctx, params, X)
-        y = y.reshape(y.shape[0], y.shape[1], 1)
+        y = y.reshape(y.shape[0], y.shape[1])
         if mask is not None:
             phi = phi * mask.unsqueeze(-1)
-            y = y * mask.unsqueeze(-1)
-        # fused products (a few microseconds each): fit's cost is its operation count
-        phi_t = phi.transpose(1, 2)
-        chol = torch.linalg.cholesky(torch.baddbmm(lam0, phi_t, phi))
-        rhs = torch.baddbmm(lam0_k0.unsqueeze(-1), phi_t, y)
+            y = y * mask
+        # Kept as two transposes, not one shared: that reorders autograd's sums, and the
+        # small tables' meta-training amplifies one rounding into other figures.
+        chol = torch.linalg.cholesky(phi.transpose(1, 2) @ phi + lam0)
+        rhs = phi.transpose(1, 2) @ y.unsqueeze(-1) + (lam0 @ k0).unsqueeze(-1)
         k_n = torch.cholesky_solve(rhs, chol)[..., 0]
         out = {**params, "alpaca.k": k_n, "alpaca.chol": chol}
         if self.noise == "per_task":
             # The noise posterior's statistics: the support rows, and how far they lie
             # from the prior (the residual plus the prior's penalty, both at k_n).
-            # zero on padding rows, whose phi and y are zeroed
-            residual = torch.baddbmm(y, phi, k_n.unsqueeze(-1), alpha=-1)[..., 0]
+            residual = y - (phi @ k_n.unsqueeze(-1))[..., 0]
+            if mask is not None:
+                residual = residual * mask
             shift = k_n - k0
             out["alpaca.rows"] = (
                 torch.full_like(k_n[:, 0], y.shape[1]) if mask is None else mask.sum(1)
