@@ -11,6 +11,7 @@ validation happens in the estimators and task constructors.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -135,7 +136,7 @@ class MetaLearner:
         """The initialization ``theta``: the module's parameters, by name."""
         return {name: owner[leaf] for name, owner, leaf in self._slots}
 
-    def from_extras(self, name: str, compute, uses: Sequence[str]):
+    def from_extras(self, name: str, compute: Callable[[], Any], uses: Sequence[str]) -> Any:
         """``compute()``, a value of the extras named in ``uses`` alone, kept under
         ``name`` while they are unchanged and no graph is recorded (``fit``'s case:
         ALPACA's prior).

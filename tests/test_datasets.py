@@ -16,7 +16,8 @@ from metafit.datasets import _png as P
 from metafit.datasets import omniglot as O
 from metafit.tasks import NWayKShotTasks
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+# $METAFIT_DATA, as the library and the other data tests read it, else ../shared/data
+SHARED = Path(os.environ.get("METAFIT_DATA") or Path(__file__).resolve().parents[2] / "shared/data")
 OMNI = SHARED / "omniglot"
 needs_shared = pytest.mark.skipif(
     not (OMNI / "images_background.npz").is_file(),
