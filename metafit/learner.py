@@ -149,11 +149,9 @@ class MetaLearner:
         if torch.is_grad_enabled():
             return compute()
         now = [self.extras[k] for k in uses]
-        hit = self._derived.get(name)
-        if hit is not None and len(hit[0]) == len(now) and all(
-                a is b and a.dtype == copy.dtype and a.device == copy.device
-                and torch.equal(a, copy) for a, (b, copy) in zip(now, hit[0])):
-            return hit[1]
+        kept = self._derived.get(name)
+        if kept is not None and _same_tensors(now, kept[0]):
+            return kept[1]
         value = compute()
         self._derived[name] = ([(t, t.detach().clone()) for t in now], value)
         return value
@@ -405,3 +403,12 @@ class MetaLearner:
             p.grad = None
         self.iteration += 1
         return float(loss)
+
+
+def _same_tensors(now: Sequence[Tensor], saved: Sequence[tuple[Tensor, Tensor]]) -> bool:
+    """Whether ``now`` are the very tensors of ``saved`` (``(tensor, copy)`` pairs), still
+    holding the copies' values."""
+    return len(now) == len(saved) and all(
+        t is kept and t.dtype == copy.dtype and t.device == copy.device and torch.equal(t, copy)
+        for t, (kept, copy) in zip(now, saved)
+    )

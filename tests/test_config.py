@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _shared_data import SHARED_DATA
 
 from metafit import MetaInitializedClassifier, MetaInitializedRegressor
 from metafit.config import ConfigError, EpochTasks, load_config
@@ -58,7 +58,7 @@ def test_omniglot_example_loads():
     config = load_config(EXAMPLES / "omniglot.yaml")
     est = config.build_estimator()
     assert est.get_params()["module__hidden_channels"] == 64
-    data = Path(os.environ.get("METAFIT_DATA", EXAMPLES.parent.parent / "shared" / "data"))
+    data = SHARED_DATA
     if not (data / "omniglot").exists():
         pytest.skip(f"Omniglot data not found under {data}")
 

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _shared_data import SHARED_DATA
 
 from metafit import datasets as D
 from metafit.datasets import _png as P
 from metafit.datasets import omniglot as O
 from metafit.tasks import NWayKShotTasks
 
-# $METAFIT_DATA, as the library and the other data tests read it, else ../shared/data
-SHARED = Path(os.environ.get("METAFIT_DATA") or Path(__file__).resolve().parents[2] / "shared/data")
+SHARED = SHARED_DATA
 OMNI = SHARED / "omniglot"
 needs_shared = pytest.mark.skipif(
     not (OMNI / "images_background.npz").is_file(),

@@ -23,9 +23,10 @@ import warnings
 from pathlib import Path
 
 import pytest
+from _shared_data import SHARED_DATA
 
 ROOT = Path(__file__).resolve().parents[1]
-DATA = Path(os.environ.get("METAFIT_DATA", ROOT.parent / "shared" / "data"))
+DATA = SHARED_DATA
 FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 QUICK = os.environ.get("METAFIT_DOCS_QUICK", "1") != "0"
 

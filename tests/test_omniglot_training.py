@@ -6,16 +6,14 @@ Small on purpose (14x14 images, 16 filters, 60 first-order iterations: about 6 s
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
+from _shared_data import SHARED_DATA
 
 from metafit import MetaInitializedClassifier
 from metafit.models import Conv4
 
-DATA = Path(os.environ.get("METAFIT_DATA") or Path(__file__).resolve().parents[2] / "shared/data")
+DATA = SHARED_DATA
 pytestmark = pytest.mark.skipif(
     not (DATA / "omniglot" / "images_background.npz").exists(),
     reason=f"Omniglot data absent from {DATA}",

@@ -53,8 +53,8 @@ __all__ = ["ALPACA", "LinearMixedModel"]
 _JITTER = 1e-5
 
 
-def _head_prior(extras) -> tuple[Tensor, Tensor]:
-    """See :meth:`ALPACA._head_prior`."""
+def _prior_from_extras(extras) -> tuple[Tensor, Tensor]:
+    """``(k0, Lambda0)`` computed from the extras; see :meth:`ALPACA._head_prior`."""
     raw, k0 = extras["alpaca_prior_factor"], extras["alpaca_prior_mean"]
     L = torch.tril(raw, -1) + torch.diag_embed(torch.exp(torch.diagonal(raw)))
     eye = torch.eye(raw.shape[0], dtype=raw.dtype, device=raw.device)
@@ -182,7 +182,7 @@ class ALPACA(MetaAlgorithm):
         """``(k0, Lambda0)``: the prior's mean and precision (``L L^T`` plus the jitter),
         kept by the learner from one ``fit`` to the next
         (:meth:`metafit.learner.MetaLearner.from_extras`)."""
-        return ctx.from_extras("alpaca_head_prior", lambda: _head_prior(ctx.extras),
+        return ctx.from_extras("alpaca_head_prior", lambda: _prior_from_extras(ctx.extras),
                                ("alpaca_prior_mean", "alpaca_prior_factor"))
 
     def features(self, ctx, params, X: Tensor) -> Tensor:
