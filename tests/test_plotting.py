@@ -116,9 +116,9 @@ def test_plot_predictions_rejects_non_1d_regression():
     tasks = [
         (
             rng.normal(size=(6, 3)),
-            rng.integers(0, 2, 6),
+            rng.permutation(np.arange(6) % 2),  # both classes in every support set
             rng.normal(size=(6, 3)),
-            rng.integers(0, 2, 6),
+            rng.permutation(np.arange(6) % 2),
         )
         for _ in range(4)
     ]

@@ -17,7 +17,6 @@ survives :func:`sklearn.base.clone`, so searches and cross-validation adapt from
 from __future__ import annotations
 
 import contextlib
-import copy
 import math
 import os
 import warnings
@@ -41,6 +40,7 @@ from metafit.estimators._inputs import (
 from metafit.estimators._learners import LearnerFactory, learner_factory
 from metafit.estimators._meta_fit_run import MetaFitRun, warn_already_done, warn_kept
 from metafit.estimators._params import check_params
+from metafit.estimators._skorch_export import skorch_net_of
 from metafit.estimators._table_mode import (
     TablePreprocessing,
     meta_fit_arguments,
@@ -704,35 +704,4 @@ class MetaInitializedEstimator(BaseEstimator):
         classifier's net works on class indices ``0..n_outputs-1``, so encode labels with
         ``np.searchsorted(est.classes_, y)``.
         """
-        init = self._resolve_meta_init()
-        if init is not None and init.members is not None:
-            raise ValueError(
-                f"to_skorch exports one network, but this initialization is an ensemble of "
-                f"{init.metadata['algorithm']} (what algorithm='auto' keeps on a table), "
-                "whose predictions are averaged; meta-fit with one algorithm (e.g. "
-                "algorithm='maml') to export it."
-            )
-        if hasattr(self, "adapted_params_") and self._learner.algorithm.closed_form:
-            raise ValueError(
-                f"to_skorch exports a network's weights, but {self._learner.algorithm.name}'s "
-                "adaptation is a posterior over its head, which a skorch net cannot hold; "
-                "export before fit to get the feature network, or keep this estimator."
-            )
-        if hasattr(self, "adapted_params_"):
-            module = copy.deepcopy(self._learner.module)
-            state = {k: v[0] for k, v in self.adapted_params_.items()}
-            module.load_state_dict({**module.state_dict(), **state})
-            lr = self.inner_lr_
-        else:
-            if init is None:
-                raise NotFittedError(
-                    f"this {type(self).__name__} has no weights to export yet: call meta_fit "
-                    "or fit first (or pass meta_init)."
-                )
-            module = self._factory().from_init(init).module
-            lr = fit_settings(self, init)[0]
-        prep = self._preprocessing_for(init)
-        if prep is not None:  # a table's network works in standardized units
-            module = prep.in_table_units(module)
-        kwargs.setdefault("device", str(self.device))
-        return self._target.skorch_net(module, kwargs, lr)
+        return skorch_net_of(self, kwargs)
