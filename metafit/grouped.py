@@ -367,6 +367,9 @@ class GroupEpisodes:
     batch_size : int
         Episodes per block (the estimator's ``meta_batch_size``).
     random_state : numpy Generator
+    held_out : list of (ndarray, ndarray), optional
+        The groups held out of the episodes for validation, each as ``(X, y)`` of all
+        its rows. Never drawn; :meth:`whole_groups` adds them with ``held_out=True``.
 
     Attributes
     ----------
@@ -377,8 +380,9 @@ class GroupEpisodes:
     """
 
     def __init__(self, X, y, groups, *, support_range, batch_size, random_state,
-                 query_size=None):
+                 query_size=None, held_out=None):
         lo, hi = support_range
+        self.held_out = list(held_out or [])
         self.X, self.y = X, y
         self.support_range = (int(lo), int(hi))
         self.batch_size = int(batch_size)
@@ -402,6 +406,14 @@ class GroupEpisodes:
     def __iter__(self) -> Iterator[Task]:
         while True:
             yield from self.block()
+
+    def whole_groups(self, held_out: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Every group that gives episodes, as ``(X, y)`` of all its rows, and with
+        ``held_out`` the validation groups too: what a closed-form estimate from the
+        whole table reads (:meth:`MetaAlgorithm.fitted_extras
+        <metafit.algorithms.base.MetaAlgorithm.fitted_extras>`)."""
+        own = [(self.X[r], self.y[r]) for r in self.rows]
+        return own + self.held_out if held_out else own
 
     def block(self) -> list[Task]:
         """One meta-batch of episodes with equal shapes."""

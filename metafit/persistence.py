@@ -39,6 +39,7 @@ _BUILTIN_PREFIX = "metafit."
 ENSEMBLE_CLASS = "metafit.ensemble.EnsembleLearner"
 #: a member's metadata that belongs to it alone (the rest is the ensemble's too)
 _MEMBER_ONLY = ("algorithm", "algorithm_options", "validation_score", "calibrated_extras",
+                "fitted_extras",
                 "best_iteration", "best_validation_loss", "adaptation", "inner_lr",
                 "inner_steps", "meta_inner_steps")
 #: the ensemble's copy of its adapting member's: what ``fit`` adapts with, and the state

@@ -591,3 +591,27 @@ def test_reused_snapshots_equal_full_captures_and_stay_copies(algorithm):
     fresh = snapshots.capture(5, again)
     assert (fresh is not again) == had_state and fresh.optimizer["state"] == {}
     _assert_same_state(fresh, TrainingState.capture(learner, 5))
+
+
+@pytest.mark.parametrize("algorithm", ["lmm", "alpaca"])
+def test_a_table_runs_checkpoint_holds_what_the_estimator_kept(tmp_path, algorithm):
+    """The last checkpoint is rewritten with the state kept (the best validation state,
+    the noise calibrated and lmm's REML prior), so meta_init= loads the same model."""
+    rng = np.random.default_rng(0)
+    groups = np.repeat(np.arange(20), 12)
+    X = rng.normal(size=(240, 2))
+    y = rng.normal(size=20)[groups] + X @ np.array([1.0, -2.0]) + 0.3 * rng.normal(size=240)
+    path = tmp_path / "table.safetensors"
+    kw = dict(algorithm=algorithm, hidden_sizes=(8,), meta_iterations=30, random_state=0,
+              verbose=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        est = MetaInitializedRegressor(checkpoint_path=path, checkpoint_interval=10,
+                                       **kw).meta_fit(X, y, groups=groups)
+    loaded = MetaInit.load(path)
+    assert same_tensors(loaded.tensors, est.meta_init_.tensors)
+    rows = np.flatnonzero(groups == 3)
+    a = MetaInitializedRegressor(meta_init=str(path), **kw).fit(X[rows[:5]], y[rows[:5]])
+    np.testing.assert_allclose(a.predict(X[rows[5:]]),
+                               est.fit(X[rows[:5]], y[rows[:5]]).predict(X[rows[5:]]),
+                               rtol=1e-5)

@@ -44,6 +44,7 @@ import torch
 from torch import Tensor
 
 from metafit.algorithms import _noise_prior
+from metafit.algorithms._reml import reml_prior
 from metafit.algorithms.base import MetaAlgorithm
 from metafit.losses import row_mean
 
@@ -352,17 +353,20 @@ class ALPACA(MetaAlgorithm):
 
 
 class LinearMixedModel(ALPACA):
-    """A linear mixed model with a meta-learned prior: ALPACA with identity features.
+    """A linear mixed model: ALPACA with identity features.
 
     The head sees each row's columns and a constant, nothing learned: a task's target is
     ``y = [x, 1]^T w + noise`` with ``w ~ N(k0, sigma^2 Lambda0^-1)``, so ``k0`` holds the
     fixed effects and ``sigma^2 Lambda0^-1`` the covariance of random intercepts and
-    slopes on every column, meta-learned on the query rows' predictive likelihood like
-    ALPACA's prior. ``fit`` is the posterior mean, the mixed model's BLUP, and
-    ``predict(X, return_std=True)`` its predictive standard deviation (with the per-task
-    noise prior of ALPACA by default). It is what a mixed-effects model gives, fitted by
-    the same episodes as the other algorithms, and the low-variance member of
-    ``algorithm="auto"``'s ensemble on tables.
+    slopes on every column. In table mode that prior is the model's REML estimate from
+    the whole groups (:meth:`fitted_extras`; scored on the validation groups with the
+    meta-training groups' estimate, then refitted with them), as statsmodels' ``MixedLM``
+    would fit it; in task mode, where no group is seen whole, it is meta-learned on the
+    query rows' predictive likelihood like ALPACA's prior. ``fit`` is the posterior
+    mean, the mixed model's BLUP, and ``predict(X, return_std=True)`` its predictive
+    standard deviation (with the per-task noise prior of ALPACA by default, fitted on
+    the validation groups). It is the low-variance member of ``algorithm="auto"``'s
+    ensemble on tables.
 
     Parameters
     ----------
@@ -405,3 +409,18 @@ class LinearMixedModel(ALPACA):
     def features(self, ctx, params, X: Tensor) -> Tensor:
         """``[X, 1]``: (T, n, n_columns + 1); the network is not run."""
         return _with_constant(X.flatten(2))
+
+    def fitted_extras(self, ctx, groups) -> dict[str, Tensor]:
+        """The prior's REML estimate from whole meta-training groups (table mode):
+        ``k0`` the fixed effects, ``Lambda0`` the random effects' precision relative to
+        the noise, ``sigma`` the noise (:mod:`metafit.algorithms._reml`). Nothing when
+        the groups cannot identify it; meta-training's values stay then."""
+        if not groups:
+            return {}
+        designs = [_with_constant(X.flatten(1).unsqueeze(0))[0] for X, _ in groups]
+        fit = reml_prior(designs, [y for _, y in groups], jitter=_JITTER)
+        if fit is None:
+            return {}
+        beta, raw, sigma2 = fit
+        return {"alpaca_prior_mean": beta, "alpaca_prior_factor": raw,
+                "alpaca_log_noise": 0.5 * torch.log(sigma2)}

@@ -207,6 +207,15 @@ class MetaAlgorithm:
         residuals); none by default. Reads ``ctx``, changes nothing."""
         return {}
 
+    def fitted_extras(self, ctx: AdaptationContext, groups) -> dict[str, Tensor]:
+        """New values of extra tensors estimated in closed form from the meta-training
+        groups of a table, replacing what meta-training learned (``"lmm"``'s prior, by
+        REML); none by default. ``groups`` is a list of ``(X, y)`` tensors, each one
+        group's rows whole, in the standardized units of meta-training. Table mode calls
+        it before the validation groups score the result (and before
+        :meth:`calibrated_extras`). Reads ``ctx``, changes nothing."""
+        return {}
+
     def predict(self, ctx: AdaptationContext, adapted, X: Tensor, step: int | None = None):
         """Outputs for ``X`` (leading task dimension) from adapted parameters: the
         network's forward (of inner step ``step`` where the forward depends on it)."""

@@ -43,6 +43,7 @@ from metafit.estimators._adaptation import (
 )
 from metafit.estimators._inputs import SeededTorch, seed_from
 from metafit.estimators._learners import LearnerFactory
+from metafit.grouped import GroupEpisodes
 from metafit.persistence import MetaInit, module_spec
 from metafit.training import (
     DivergenceError,
@@ -123,7 +124,10 @@ class MetaFitRun:
         self.target = target
         self.factory = LearnerFactory.of(est, target)
         self.user_callbacks: list[tuple[str, object]] = []
+        self.kept_differs = False
         self.table_metadata = table_metadata
+        #: table mode: the episodes' source, whose groups :meth:`_fitted_extras` reads
+        self.episodes: GroupEpisodes | None = None
 
     # ------------------------------------------------------------------ before training
 
@@ -157,6 +161,8 @@ class MetaFitRun:
                 "patience (early stopping) needs validation_tasks: call "
                 "meta_fit(tasks, validation_tasks=held_out_tasks) or set patience=None."
             )
+        if isinstance(tasks, GroupEpisodes):
+            self.episodes = tasks
         stream = itertools.chain([first], (self._checked(b) for b in batches))
         if self.est.checkpoint_path is not None:
             check_checkpoint_path(self.est.checkpoint_path)  # before any work is done
@@ -243,6 +249,9 @@ class MetaFitRun:
         use_best = (
             result.interrupted or est.patience is not None or self.table_metadata is not None
         )
+        #: what is kept is not the last state the checkpoints wrote (a best state, the
+        #: choices and estimates made on the validation or whole groups): write it again
+        self.kept_differs = bool(use_best or val or self.episodes is not None)
         return self._outcome(result, resume, best, stopper, use_best, val)
 
     def _check_memory(self, learner, steps: int) -> None:
@@ -388,6 +397,29 @@ class MetaFitRun:
         steps = self.est.inner_steps
         return int(steps) if is_number(steps) else training_steps(self.est)
 
+    def _fitted_extras(self, meta_init: MetaInit, held_out: bool = False) -> MetaInit:
+        """``meta_init`` with the extras its algorithm estimates in closed form from the
+        whole meta-training groups (table mode; ``"lmm"``'s REML prior), if any; with
+        ``held_out``, from the validation groups too, leaving the extras calibrated on
+        them as they are."""
+        if self.episodes is None or (held_out and not self.episodes.held_out):
+            return meta_init
+        learner = self.factory.from_init(meta_init)
+        groups = [(torch.as_tensor(X, dtype=torch.float64),
+                   torch.as_tensor(y, dtype=torch.float64))
+                  for X, y in self.episodes.whole_groups(held_out)]
+        calibrated = set(meta_init.metadata.get("calibrated_extras", ()))
+        fitted = {k: v for k, v in learner.algorithm.fitted_extras(learner, groups).items()
+                  if k not in calibrated}
+        if not fitted:
+            return meta_init
+        tensors = dict(meta_init.tensors)
+        for name, value in fitted.items():
+            key = f"extra.{name}"
+            tensors[key] = value.detach().to(tensors[key].device, tensors[key].dtype)
+        meta = {**meta_init.metadata, "fitted_extras": sorted(fitted)}
+        return replace(meta_init, tensors=tensors, metadata=meta)
+
     def _choose_adaptation(self, meta_init: MetaInit, val) -> MetaInit:
         """``meta_init`` with the ``inner_lr`` / ``inner_steps`` chosen for ``fit`` on the
         validation tasks (where a parameter is "auto", see
@@ -430,9 +462,12 @@ class MetaFitRun:
         if use_best and best is not None and best.best_tensors is not None:
             tensors = best.best_tensors
             extra = {"best_iteration": best.best_iteration, "best_validation_loss": best.best_loss}
+        # A closed-form estimate is scored on the validation groups, then refitted with
+        # them: it has no iteration to choose, and on small tables every group counts.
         meta_init = self._choose_adaptation(
-            self.make_meta_init(tensors, last.iteration, **extra), val
+            self._fitted_extras(self.make_meta_init(tensors, last.iteration, **extra)), val
         )
+        meta_init = self._fitted_extras(meta_init, held_out=True)
         warm = WarmStart(
             state=last,
             algorithm=meta_init.metadata["algorithm"],
