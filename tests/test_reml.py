@@ -184,3 +184,31 @@ def test_task_mode_and_alpaca_fit_no_extras():
                                           verbose=0).meta_fit(X, y, groups=groups)
     assert "fitted_extras" not in lmm.meta_init_.metadata
     assert "fitted_extras" not in alpaca.meta_init_.metadata
+
+
+def test_a_group_level_column_gets_a_fixed_effect_only(monkeypatch):
+    """A column constant within every group has no within-group slope: REML holds its
+    random variance at the bound, uncorrelated with the others, and lmm finds such
+    columns itself."""
+    from metafit.algorithms._reml import _BOUND
+    from metafit.algorithms.alpaca import LinearMixedModel
+
+    Z, y, _ = _simulated(n_groups=40, seed=2)
+    rng = np.random.default_rng(2)
+    level = [np.full((len(z), 1), rng.normal()) for z in Z]  # one value per group
+    designs = [np.c_[z[:, :1], g, z[:, 1:]] for z, g in zip(Z, level)]
+    y = [v + 0.8 * g[:, 0] for v, g in zip(y, level)]
+    beta, raw, _ = reml_prior([torch.as_tensor(d) for d in designs],
+                              [torch.as_tensor(v) for v in y], fixed_only=[1])
+    assert float(raw[1, 1]) == _BOUND and float(raw[1, 0]) == 0 and float(raw[2, 1]) == 0
+    assert abs(float(beta[1]) - 0.8) < 0.3  # its fixed effect is still estimated
+    seen = {}
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return reml_prior(*args, **kwargs)
+
+    monkeypatch.setattr("metafit.algorithms.alpaca.reml_prior", spy)
+    groups = [(torch.as_tensor(d[:, :2]), torch.as_tensor(v)) for d, v in zip(designs, y)]
+    assert LinearMixedModel().fitted_extras(None, groups)
+    assert seen["fixed_only"] == [1]

@@ -84,7 +84,7 @@ def reml_criterion(raw: Tensor, stats, jitter: float = 0.0
 
 
 def reml_prior(Z_groups: Sequence[Tensor], y_groups: Sequence[Tensor], *,
-               jitter: float = 0.0, max_iter: int = 500
+               jitter: float = 0.0, max_iter: int = 500, fixed_only: Sequence[int] = ()
                ) -> tuple[Tensor, Tensor, Tensor] | None:
     """REML estimates ``(beta, raw factor of Lambda, sigma^2)``, in float64.
 
@@ -96,6 +96,11 @@ def reml_prior(Z_groups: Sequence[Tensor], y_groups: Sequence[Tensor], *,
         Added to ``Lambda``'s diagonal, as the model adds it.
     max_iter : int
         L-BFGS-B iterations.
+    fixed_only : sequence of int
+        Columns with a fixed effect and no random one: their precision is held at the
+        bound (a variance ``e^-2 _BOUND`` times the noise's) and uncorrelated with the
+        others. For columns constant within every group (a group-level covariate),
+        whose "random slope" only reshapes the intercept's variance across groups.
 
     Returns
     -------
@@ -130,9 +135,15 @@ def reml_prior(Z_groups: Sequence[Tensor], y_groups: Sequence[Tensor], *,
         value.backward()
         return float(value.detach()), t.grad.numpy().copy()
 
-    bounds = [(-_BOUND, _BOUND) if r == c else (None, None)
-              for r, c in zip(rows.tolist(), cols.tolist())]
-    result = minimize(value_and_grad, np.zeros(len(bounds)), jac=True, method="L-BFGS-B",
+    pinned = set(fixed_only)
+    bounds, start = [], []
+    for r, c in zip(rows.tolist(), cols.tolist()):
+        if r in pinned or c in pinned:
+            bounds.append((_BOUND, _BOUND) if r == c else (0.0, 0.0))
+        else:
+            bounds.append((-_BOUND, _BOUND) if r == c else (-np.inf, np.inf))
+        start.append(bounds[-1][0] if bounds[-1][0] == bounds[-1][1] else 0.0)
+    result = minimize(value_and_grad, np.array(start), jac=True, method="L-BFGS-B",
                       bounds=bounds, options={"maxiter": max_iter})
     raw = unpack(torch.tensor(result.x, dtype=torch.float64))
     try:

@@ -413,12 +413,18 @@ class LinearMixedModel(ALPACA):
     def fitted_extras(self, ctx, groups) -> dict[str, Tensor]:
         """The prior's REML estimate from whole meta-training groups (table mode):
         ``k0`` the fixed effects, ``Lambda0`` the random effects' precision relative to
-        the noise, ``sigma`` the noise (:mod:`metafit.algorithms._reml`). Nothing when
-        the groups cannot identify it; meta-training's values stay then."""
+        the noise, ``sigma`` the noise (:mod:`metafit.algorithms._reml`); random slopes
+        on the columns that vary within groups. Nothing when the groups cannot identify
+        it; meta-training's values stay then."""
         if not groups:
             return {}
         designs = [_with_constant(X.flatten(1).unsqueeze(0))[0] for X, _ in groups]
-        fit = reml_prior(designs, [y for _, y in groups], jitter=_JITTER)
+        # a column constant within every group (a county's uranium, a school's mean SES)
+        # has no within-group slope to vary: a fixed effect only
+        varies = torch.stack([(d[:, :-1].amax(0) - d[:, :-1].amin(0)) > 1e-9 for d in designs])
+        fixed_only = torch.nonzero(~varies.any(0)).flatten().tolist()
+        fit = reml_prior(designs, [y for _, y in groups], jitter=_JITTER,
+                         fixed_only=fixed_only)
         if fit is None:
             return {}
         beta, raw, sigma2 = fit
