@@ -256,8 +256,13 @@ class Checkpoint(TrainingCallback):
         A write that fails (a full disk, a folder made read-only meanwhile) warns once
         and training goes on: the estimator still gets the result in memory.
         """
+        self.save(self.make_meta_init(learner, iteration), iteration)
+
+    def save(self, meta_init: MetaInit, iteration: int) -> None:
+        """Write ``meta_init`` as the checkpoint of iteration ``iteration``, warning
+        once (not raising) when the write fails, as :meth:`write` does."""
         try:
-            self.make_meta_init(learner, iteration).save(self.path)
+            meta_init.save(self.path)
         except OSError as exc:
             if not self._warned:
                 warnings.warn(

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from metafit import MetaInitializedRegressor
-from metafit.algorithms._reml import _precision, reml_criterion, reml_prior
+from metafit.algorithms._reml import _precision, group_statistics, reml_criterion, reml_prior
 from metafit.grouped import Standardization
 
 
@@ -47,8 +47,6 @@ def _dense_criterion(raw, Z_groups, y_groups, jitter=0.0):
 
 
 def _stats(Z, y):
-    from metafit.algorithms._reml import group_statistics
-
     return group_statistics([torch.as_tensor(z) for z in Z], [torch.as_tensor(v) for v in y])
 
 

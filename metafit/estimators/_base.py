@@ -507,8 +507,6 @@ class MetaInitializedEstimator(BaseEstimator):
                     warn_kept(self.meta_init_, exc.outcome.last_iteration, error=exc)
             raise
         self._store(outcome)
-        if self.checkpoint_path is not None and run.kept_differs:  # the file holds what
-            self.meta_init_.save(self.checkpoint_path)  # meta_init= should load, as auto's
         self.callbacks_ = run.user_callbacks
         self._interrupted_run = outcome.interrupted
         if outcome.interrupted:

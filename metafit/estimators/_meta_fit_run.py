@@ -26,6 +26,7 @@ from metafit._memory import available_memory, check_inner_graph_memory, inner_gr
 from metafit._task_types import Task, TaskBatch, check_finite_batch, iter_meta_batches
 from metafit._threads import threads_for, torch_threads
 from metafit.algorithms import get_algorithm
+from metafit.algorithms.base import MetaAlgorithm
 from metafit.callbacks import (
     BestState,
     Checkpoint,
@@ -124,7 +125,6 @@ class MetaFitRun:
         self.target = target
         self.factory = LearnerFactory.of(est, target)
         self.user_callbacks: list[tuple[str, object]] = []
-        self.kept_differs = False
         self.table_metadata = table_metadata
         #: table mode: the episodes' source, whose groups :meth:`_fitted_extras` reads
         self.episodes: GroupEpisodes | None = None
@@ -249,10 +249,14 @@ class MetaFitRun:
         use_best = (
             result.interrupted or est.patience is not None or self.table_metadata is not None
         )
-        #: what is kept is not the last state the checkpoints wrote (a best state, the
-        #: choices and estimates made on the validation or whole groups): write it again
-        self.kept_differs = bool(use_best or val or self.episodes is not None)
-        return self._outcome(result, resume, best, stopper, use_best, val)
+        outcome = self._outcome(result, resume, best, stopper, use_best, val)
+        checkpoint = next((cb for cb in callbacks if isinstance(cb, Checkpoint)), None)
+        if checkpoint is not None and parallel.rank == 0 and (use_best or val):
+            # the checkpoints wrote the last state; what is kept differs (the best state,
+            # the choices and estimates made on the validation and whole groups). Rank 0
+            # alone writes files, as it alone keeps the Checkpoint callback.
+            checkpoint.save(outcome.meta_init, outcome.meta_init.metadata["iteration"])
+        return outcome
 
     def _check_memory(self, learner, steps: int) -> None:
         """Refuse (or warn about) a second-order run whose graph cannot fit in memory."""
@@ -404,6 +408,9 @@ class MetaFitRun:
         them as they are."""
         if self.episodes is None or (held_out and not self.episodes.held_out):
             return meta_init
+        algorithm = get_algorithm(meta_init.metadata["algorithm"], meta_init.algorithm_options)
+        if type(algorithm).fitted_extras is MetaAlgorithm.fitted_extras:
+            return meta_init  # the default estimates nothing: no learner, no tensors
         learner = self.factory.from_init(meta_init)
         groups = [(torch.as_tensor(X, dtype=torch.float64),
                    torch.as_tensor(y, dtype=torch.float64))
@@ -411,14 +418,7 @@ class MetaFitRun:
         calibrated = set(meta_init.metadata.get("calibrated_extras", ()))
         fitted = {k: v for k, v in learner.algorithm.fitted_extras(learner, groups).items()
                   if k not in calibrated}
-        if not fitted:
-            return meta_init
-        tensors = dict(meta_init.tensors)
-        for name, value in fitted.items():
-            key = f"extra.{name}"
-            tensors[key] = value.detach().to(tensors[key].device, tensors[key].dtype)
-        meta = {**meta_init.metadata, "fitted_extras": sorted(fitted)}
-        return replace(meta_init, tensors=tensors, metadata=meta)
+        return _with_extras(meta_init, fitted, "fitted_extras")
 
     def _choose_adaptation(self, meta_init: MetaInit, val) -> MetaInit:
         """``meta_init`` with the ``inner_lr`` / ``inner_steps`` chosen for ``fit`` on the
@@ -444,14 +444,8 @@ class MetaFitRun:
             meta["adaptation"] = choice.to_metadata()
         score = choice.scores[(choice.inner_lr, choice.inner_steps)]
         meta["validation_score"] = float(score) if math.isfinite(score) else None
-        tensors = meta_init.tensors
-        if calibrated:  # fitted on the validation tasks, saved with the initialization
-            tensors = dict(tensors)
-            for name, value in calibrated.items():
-                key = f"extra.{name}"
-                tensors[key] = value.detach().to(tensors[key].device, tensors[key].dtype)
-            meta["calibrated_extras"] = sorted(calibrated)
-        return replace(meta_init, tensors=tensors, metadata=meta)
+        # fitted on the validation tasks, saved with the initialization
+        return _with_extras(replace(meta_init, metadata=meta), calibrated, "calibrated_extras")
 
     def _outcome(self, result, resume, best, stopper, use_best: bool, val=None
                  ) -> MetaFitOutcome:
@@ -479,6 +473,19 @@ class MetaFitRun:
             meta_init=meta_init,
         )
         return MetaFitOutcome(meta_init, history, warm, result.interrupted, result.last_iteration)
+
+
+def _with_extras(meta_init: MetaInit, values: dict, record: str) -> MetaInit:
+    """``meta_init`` with new values of extra tensors (in its own dtype and device),
+    their names listed in ``metadata[record]``; unchanged when ``values`` is empty."""
+    if not values:
+        return meta_init
+    tensors = dict(meta_init.tensors)
+    for name, value in values.items():
+        key = f"extra.{name}"
+        tensors[key] = value.detach().to(tensors[key].device, tensors[key].dtype)
+    meta = {**meta_init.metadata, record: sorted(values)}
+    return replace(meta_init, tensors=tensors, metadata=meta)
 
 
 def warn_kept(meta_init: MetaInit, last_iteration: int, error: BaseException | None = None):

@@ -284,8 +284,8 @@ def table_tasks(est, X, y, groups, *, regression: bool, previous=None, hold_out:
     Xs = scaling.transform_X(X)
     ys = scaling.transform_y(y.astype(np.float64)) if regression else y
     lo, hi = est.support_range
-    held_out = [(Xs[val][groups[val] == g], ys[val][groups[val] == g])
-                for g in np.unique(groups[val])]
+    Xv, yv, gv = Xs[val], ys[val], groups[val]
+    held_out = [(Xv[gv == g], yv[gv == g]) for g in np.unique(gv)]
     episodes = GroupEpisodes(
         Xs[train], ys[train], groups[train],
         support_range=(lo, hi), batch_size=est.meta_batch_size, random_state=rng,
