@@ -564,3 +564,137 @@ def test_the_group_algorithms_tune_like_the_others():
     study = tune(alpaca, tasks, validation_tasks=val, n_trials=2, mode="meta",
                  search_space={"meta_lr": {"low": 1e-3, "high": 1e-1, "log": True}})
     assert len(study.trials) == 2 and "meta_lr" in study.best_params
+
+
+# ------------------------------------------------------- validation tasks held out by tune
+
+
+def _grouped_table(n_groups=20, rows=12, seed=0):
+    rng = np.random.default_rng(seed)
+    groups = np.repeat([f"g{i}" for i in range(n_groups)], rows)
+    X = rng.normal(size=(len(groups), 2))
+    offsets = dict(zip(np.unique(groups), rng.normal(size=n_groups)))
+    y = X @ [1.0, -0.5] + np.array([offsets[g] for g in groups]) + 0.1 * rng.normal(
+        size=len(groups))
+    return X, y, groups
+
+
+TABLE = dict(hidden_sizes=(8,), meta_batch_size=4, meta_iterations=5, random_state=0,
+             verbose=0)
+
+
+@pytest.mark.parametrize("mode", ["adaptation", "meta"])
+def test_tune_holds_out_whole_groups_of_a_table(monkeypatch, mode):
+    """Without validation_tasks, tune scores on groups that meta_fit never sees."""
+    from metafit.grouped import GroupedTable
+
+    X, y, groups = _grouped_table()
+    seen = []
+    real = MetaInitializedRegressor.meta_fit
+
+    def spy(self, X, y=None, *args, groups=None, **kwargs):
+        table = X if isinstance(X, GroupedTable) else GroupedTable(X, y, groups)
+        seen.append(table)
+        return real(self, table, *args, **kwargs)
+
+    monkeypatch.setattr(MetaInitializedRegressor, "meta_fit", spy)
+    adapted = []  # every validation task's support rows go to fit
+    real_fit = MetaInitializedRegressor.fit
+
+    def spy_fit(self, X, y):
+        adapted.append(np.asarray(X))
+        return real_fit(self, X, y)
+
+    monkeypatch.setattr(MetaInitializedRegressor, "fit", spy_fit)
+    est = MetaInitializedRegressor(algorithm="maml", **TABLE)
+    space = ({"inner_steps": {"low": 1, "high": 3}} if mode == "adaptation"
+             else {"meta_lr": {"low": 1e-3, "high": 1e-2, "log": True}})
+    study = tune(est, GroupedTable(X, y, groups), n_trials=2, mode=mode, search_space=space)
+    assert len(study.trials) == 2
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+    assert seen and adapted
+    for table in seen:  # 20 groups, 0.2 of them held out: 16 meta-train
+        assert len(np.unique(table.groups)) == 16 and len(table.y) == 16 * 12
+    train_rows = {tuple(r) for table in seen for r in np.asarray(table.X)}
+    assert {len(a) for a in adapted} == {2, 6, 10}  # support_range (2, 10): ends, middle
+    assert not any(tuple(r) in train_rows for a in adapted for r in a)
+    if mode == "adaptation":
+        assert hasattr(est, "meta_init_")  # meta-fitted in place, on the 16 groups
+
+
+def test_tune_holds_out_the_same_groups_in_every_worker():
+    """The split depends on the data and random_state only: workers of a shared study
+    score on the same tasks."""
+    from metafit.grouped import GroupedTable
+    from metafit.tuning._holdout import hold_out_validation
+
+    X, y, groups = _grouped_table()
+    est = MetaInitializedRegressor(**TABLE)
+    first = hold_out_validation(est, GroupedTable(X, y, groups), initialized=False)
+    second = hold_out_validation(est, GroupedTable(X, y, groups), initialized=False)
+    assert np.array_equal(first[0].groups, second[0].groups)
+    assert all(np.array_equal(a.X_support, b.X_support) for a, b in zip(first[1], second[1]))
+    seedless = MetaInitializedRegressor(**{**TABLE, "random_state": None})
+    third = hold_out_validation(seedless, GroupedTable(X, y, groups), initialized=False)
+    fourth = hold_out_validation(seedless, GroupedTable(X, y, groups), initialized=False)
+    assert np.array_equal(third[0].groups, fourth[0].groups)
+    # validation_fraction decides how many groups: 0.4 of 20
+    wide = MetaInitializedRegressor(**{**TABLE, "validation_fraction": 0.4})
+    kept, _ = hold_out_validation(wide, GroupedTable(X, y, groups), initialized=False)
+    assert len(np.unique(kept.groups)) == 12
+
+
+def test_tune_holds_out_part_of_a_list_of_tasks(val_tasks):
+    tasks = SinusoidTasks(k_shot=5, random_state=0).sample(10)
+    est = MetaInitializedRegressor(**{**SMALL, "meta_iterations": 2, "verbose": 0})
+    trained, adapted = [], []
+    real, real_fit = MetaInitializedRegressor.meta_fit, MetaInitializedRegressor.fit
+
+    def spy(self, tasks, *args, **kwargs):
+        tasks = list(tasks)
+        trained.extend(tasks)
+        return real(self, tasks, *args, **kwargs)
+
+    def spy_fit(self, X, y):
+        adapted.append(np.asarray(X))
+        return real_fit(self, X, y)
+
+    try:
+        MetaInitializedRegressor.meta_fit = spy
+        MetaInitializedRegressor.fit = spy_fit
+        study = tune(est, tasks, n_trials=2, search_space={"inner_steps": {"low": 1, "high": 3}})
+    finally:
+        MetaInitializedRegressor.meta_fit, MetaInitializedRegressor.fit = real, real_fit
+    assert len(study.trials) == 2
+    assert len({id(t) for t in trained}) == 8  # 0.2 of 10 held out (auto meta-fits twice)
+    assert all(any(t is u for u in tasks) for t in trained)
+    held = [t for t in tasks if not any(t is u for u in trained)]
+    assert adapted and all(any(np.array_equal(a, t.X_support) for t in held) for a in adapted)
+
+
+def test_tune_without_validation_tasks_refuses_what_it_cannot_hold_out(meta_fitted):
+    from metafit.grouped import GroupedTable
+
+    X, y, groups = _grouped_table()
+    table = GroupedTable(X, y, groups)
+    # already meta-fitted: which groups did it see?
+    with pytest.raises(ValueError, match="already meta-fitted"):
+        tune(meta_fitted, table, n_trials=1)
+    # an endless sampler
+    with pytest.raises(ValueError, match="neither a GroupedTable nor a list"):
+        tune(MetaInitializedRegressor(**SMALL), SinusoidTasks(), n_trials=1, mode="meta")
+    # no tasks at all
+    with pytest.raises(ValueError, match="validation_tasks is required"):
+        tune(meta_fitted, n_trials=1)
+    # too few groups or tasks
+    with pytest.raises(ValueError, match="needs at least 3"):
+        tune(MetaInitializedRegressor(**TABLE), GroupedTable(X[:24], y[:24], groups[:24]),
+             n_trials=1)
+    with pytest.raises(ValueError, match="at least 3 are needed"):
+        tune(MetaInitializedRegressor(**SMALL), SinusoidTasks().sample(2), n_trials=1)
+    # categorical columns cannot travel in numeric tasks
+    pd = pytest.importorskip("pandas")
+    frame = pd.DataFrame({"a": X[:, 0], "c": pd.Categorical(np.where(X[:, 1] > 0, "u", "v"))})
+    with pytest.raises(ValueError, match="non-numeric columns"):
+        tune(MetaInitializedRegressor(**TABLE, categorical_features="from_dtype"),
+             GroupedTable(frame, y, groups), n_trials=1)

@@ -200,7 +200,10 @@ def _check_iterable(tasks, name: str) -> None:
 
 def _materialize(tasks, name: str) -> list:
     if tasks is None:
-        raise ValueError(f"{name} is required: pass a list of held-out tasks.")
+        raise ValueError(
+            f"{name} is required: pass a list of held-out tasks, or pass tasks (a "
+            "GroupedTable or a list) for tune to meta-train on and hold them out from."
+        )
     _check_iterable(tasks, name)
     out = list(itertools.islice(iter(tasks), _MAX_VALIDATION_TASKS + 1))
     if len(out) > _MAX_VALIDATION_TASKS:

@@ -28,6 +28,7 @@ import optuna
 from sklearn.base import clone, is_classifier
 
 from metafit._checks import check_int, is_number, layer_widths
+from metafit.tuning._holdout import hold_out_validation
 from metafit.tuning._objectives import (
     _ATTR,
     INTERRUPTS,
@@ -82,7 +83,7 @@ def tune(
     estimator,
     tasks=None,
     *,
-    validation_tasks,
+    validation_tasks=None,
     n_trials: int | None = None,
     timeout: float | None = None,
     storage=None,
@@ -107,11 +108,20 @@ def tune(
         In adaptation mode, an estimator without a meta-learned initialization (no
         ``meta_init_`` and no ``meta_init=``) is first meta-fitted **in place** on
         ``tasks``, so that the tuned parameters apply to it. In meta mode it is not changed.
-    tasks : iterable of Task, optional
-        Meta-training tasks: needed in meta mode (re-iterable: a list or a sampler), and in
-        adaptation mode when the estimator has no initialization yet.
-    validation_tasks : iterable of Task
+    tasks : iterable of Task or GroupedTable, optional
+        Meta-training tasks: needed in meta mode (re-iterable: a list, a sampler or a
+        :class:`~metafit.grouped.GroupedTable`), and in adaptation mode when the
+        estimator has no initialization yet.
+    validation_tasks : iterable of Task, optional
         Finite held-out tasks (not used for meta-training) that score every trial.
+        Default: held out from ``tasks`` where ``tune`` meta-trains (meta mode, or an
+        estimator without an initialization): whole groups of a ``GroupedTable``
+        (``validation_fraction`` of them, 0.2 when that is None, one episode per group
+        and support size at the ends and middle of ``support_range``), or that fraction
+        of a list of tasks, drawn with ``random_state`` (0 when None) so that every
+        worker of a shared study holds out the same; see
+        :mod:`metafit.tuning._holdout`. Required for an already meta-fitted estimator
+        in adaptation mode and for endless samplers.
     n_trials, timeout : optional
         Stop after this many trials of this call / seconds (both None: until interrupted).
     storage : None, str, path or optuna storage
@@ -149,6 +159,9 @@ def tune(
     """
     _check_tune_args(estimator, mode, n_trials, n_jobs, timeout)
     space = parse_search_space(search_space, estimator, mode)
+    if validation_tasks is None and tasks is not None:
+        tasks, validation_tasks = hold_out_validation(
+            estimator, tasks, initialized=mode == "adaptation" and _has_meta_init(estimator))
     validation = _materialize(validation_tasks, "validation_tasks")
     _check_disjoint(tasks, validation)
     direction = "maximize" if is_classifier(estimator) else "minimize"
