@@ -97,8 +97,10 @@ class EnsembleLearner:
               inner_lr: float | None = None, track_graph: bool = False, **kwargs
               ) -> dict[str, Tensor]:
         """Every member's adaptation (the rate and steps go to those that read them),
-        as one dict of prefixed tensors."""
+        as one dict of prefixed tensors. The members compute what their mean prediction
+        reads, nothing for a predictive distribution, which an ensemble has not."""
         out = {}
+        kwargs["predictive"] = False
         for i, member in enumerate(self.members):
             params = member.adapt(X, y, steps=steps, inner_lr=inner_lr,
                                   track_graph=track_graph, **kwargs)

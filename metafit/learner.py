@@ -238,6 +238,7 @@ class MetaLearner:
         mask: Tensor | None = None,
         checkpoint: bool = False,
         factored: bool = False,
+        predictive: bool = True,
     ) -> Params:
         """Run the inner loop from ``theta`` on a batch of support sets.
 
@@ -269,6 +270,10 @@ class MetaLearner:
             The caller reads the results only through :attr:`forward` (or
             :meth:`predict`), so wide layers may come back factored
             (:class:`~metafit._inner_types.LowRankWeight`), as :attr:`low_rank` says.
+        predictive : bool, default=True
+            A closed-form algorithm also computes what :meth:`predict_distribution` reads
+            beyond the mean (ALPACA's per-task noise statistics); False for callers that
+            read :meth:`predict` alone (an ensemble's members).
 
         Returns
         -------
@@ -276,7 +281,8 @@ class MetaLearner:
             Adapted parameters with the task dimension.
         """
         if self.algorithm.closed_form:  # ALPACA's posterior: no steps, no learning rate
-            return self.algorithm.adapt(self, X, y, track_graph=track_graph, mask=mask)
+            return self.algorithm.adapt(self, X, y, track_graph=track_graph, mask=mask,
+                                        predictive=predictive)
         # With track_graph=False the loop runs outside autograd and detaches what it
         # returns: the learning rates need no detaching here.
         steps = self.inner_steps if steps is None else int(steps)

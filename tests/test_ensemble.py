@@ -242,3 +242,25 @@ def test_a_warm_start_from_an_ensemble_file_continues_each_member(kept, table, t
     est.meta_fit(X, y, groups=groups)
     assert est.algorithm_ == "maml+alpaca+lmm"
     assert [m.metadata["iteration"] for m in est.meta_init_.members] == [25, 25, 25]
+
+
+def test_the_members_adapt_for_the_mean_alone(kept, table):
+    """No member computes what only a predictive distribution reads (ALPACA's per-task
+    noise statistics): an ensemble has none. Their posterior means are unchanged."""
+    X, y, groups = table
+    rows = groups == 3
+    est = clone(kept).fit(X[rows][:6], y[rows][:6])
+    learner = est._learner
+    assert not [k for k in est.adapted_params_ if k.endswith(("alpaca.rows", "alpaca.surprise"))]
+    scaling = est._table_prep.scaling  # fit adapts in the table's standardized units
+    Xt, yt = learner.as_tensors(scaling.transform_X(X[rows][:6])[None],
+                                scaling.transform_y(y[rows][:6])[None])
+    for i, member in enumerate(learner.members):
+        if not member.algorithm.closed_form:
+            continue
+        full = member.adapt(Xt, yt, track_graph=False)
+        assert {"alpaca.rows", "alpaca.surprise"} <= set(full)
+        mine = member_entries(est.adapted_params_, i)
+        assert set(full) - set(mine) == {"alpaca.rows", "alpaca.surprise"}
+        for key, value in mine.items():
+            torch.testing.assert_close(value, full[key], rtol=1e-6, atol=1e-7)

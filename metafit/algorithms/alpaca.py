@@ -200,12 +200,14 @@ class ALPACA(MetaAlgorithm):
         return _with_constant(out)
 
     def posterior(
-        self, ctx, params, X: Tensor, y: Tensor, mask: Tensor | None = None
+        self, ctx, params, X: Tensor, y: Tensor, mask: Tensor | None = None,
+        predictive: bool = True,
     ) -> dict[str, Tensor]:
         """The closed-form posterior of each task's head, as adapted "parameters".
 
         Padding rows (``mask`` 0) are zeroed out of the sufficient statistics
-        ``Phi^T Phi`` and ``Phi^T y``.
+        ``Phi^T Phi`` and ``Phi^T y``. Without ``predictive``, the per-task noise prior's
+        statistics are left out: the posterior mean does not read them.
         """
         k0, lam0 = self._head_prior(ctx)
         phi = self.features(ctx, params, X)
@@ -219,7 +221,7 @@ class ALPACA(MetaAlgorithm):
         rhs = phi.transpose(1, 2) @ y.unsqueeze(-1) + (lam0 @ k0).unsqueeze(-1)
         k_n = torch.cholesky_solve(rhs, chol)[..., 0]
         out = {**params, "alpaca.k": k_n, "alpaca.chol": chol}
-        if self.noise == "per_task":
+        if self.noise == "per_task" and predictive:
             # The noise posterior's statistics: the support rows, and how far they lie
             # from the prior (the residual plus the prior's penalty, both at k_n).
             residual = y - (phi @ k_n.unsqueeze(-1))[..., 0]
@@ -270,13 +272,14 @@ class ALPACA(MetaAlgorithm):
 
     # ---------------------------------------------------------------- hooks
 
-    def adapt(self, ctx, X, y, *, track_graph: bool = True, mask=None) -> dict[str, Tensor]:
+    def adapt(self, ctx, X, y, *, track_graph: bool = True, mask=None, predictive: bool = True
+              ) -> dict[str, Tensor]:
         theta = ctx.params()  # the forward takes shared (task-free) parameters
         if not track_graph:
             with torch.no_grad():
-                posterior = self.posterior(ctx, theta, X, y, mask)
+                posterior = self.posterior(ctx, theta, X, y, mask, predictive)
                 return {k: v.detach() for k, v in posterior.items()}
-        return self.posterior(ctx, theta, X, y, mask)
+        return self.posterior(ctx, theta, X, y, mask, predictive)
 
     def predict(self, ctx, adapted, X, step=None) -> Tensor:
         # the mean alone: the variance's triangular solve was most of a predict's time

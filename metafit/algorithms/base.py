@@ -74,6 +74,7 @@ class AdaptationContext(Protocol):
         mask: Tensor | None = None,
         checkpoint: bool = False,
         factored: bool = False,
+        predictive: bool = True,
     ) -> Params: ...
 
 
@@ -188,11 +189,12 @@ class MetaAlgorithm:
 
     def adapt(
         self, ctx: AdaptationContext, X: Tensor, y: Tensor, *, track_graph: bool = True,
-        mask: Tensor | None = None,
+        mask: Tensor | None = None, predictive: bool = True,
     ):
         """Closed-form adaptation of ``closed_form`` algorithms: the adapted "parameters"
-        that :meth:`predict` reads (``mask``: the real rows of padded tasks).
-        Gradient-based algorithms use the inner loop."""
+        that :meth:`predict` reads (``mask``: the real rows of padded tasks), and with
+        ``predictive`` also what :meth:`predictive` reads beyond them (False: the caller
+        reads the mean alone). Gradient-based algorithms use the inner loop."""
         raise NotImplementedError
 
     def predictive(self, ctx: AdaptationContext, adapted, X: Tensor):
