@@ -224,7 +224,7 @@ class MetaLearner:
             pad=self.pad_ragged,
         )
 
-    # Long function: 85 lines, of which 50 are the numpydoc of its 12 options; the body
+    # Long function: 85 lines, of which 40 are the numpydoc of its 12 options; the body
     # hands them to the one inner loop (or to a closed-form algorithm's posterior).
     def adapt(
         self,
