@@ -642,6 +642,10 @@ def test_tune_holds_out_the_same_groups_in_every_worker():
     wide = MetaInitializedRegressor(**{**TABLE, "validation_fraction": 0.4})
     kept, _ = hold_out_validation(wide, GroupedTable(X, y, groups), initialized=False)
     assert len(np.unique(kept.groups)) == 12
+    # 0 holds nothing out of meta_fit's groups; tune still needs some: the default 0.2
+    none = MetaInitializedRegressor(**{**TABLE, "validation_fraction": 0})
+    kept, _ = hold_out_validation(none, GroupedTable(X, y, groups), initialized=False)
+    assert len(np.unique(kept.groups)) == 16
 
 
 def test_tune_holds_out_part_of_a_list_of_tasks(val_tasks):

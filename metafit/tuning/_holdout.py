@@ -5,7 +5,7 @@ without an initialization in adaptation mode, every trial in meta mode), it can 
 aside first, the way ``meta_fit(X, y, groups=)`` does:
 
 - from a :class:`~metafit.grouped.GroupedTable`: whole groups (the estimator's
-  ``validation_fraction``, 0.2 when that is None), one episode per held-out group and
+  ``validation_fraction``, 0.2 when that is None or 0), one episode per held-out group and
   support size at the ends and middle of ``support_range``, the group's other rows as
   query; meta-training gets the other groups' rows;
 - from a finite list of tasks: the same fraction of the tasks.
@@ -22,12 +22,12 @@ from __future__ import annotations
 import numpy as np
 
 from metafit._checks import is_number
-from metafit._task_types import as_task
-from metafit.grouped import GroupedTable, group_codes, split_groups, validation_episodes
+from metafit.estimators._params import PARAMETERS
+from metafit.grouped import GroupedTable, check_table, split_groups, validation_episodes
 
 __all__ = ["DEFAULT_FRACTION", "hold_out_validation"]
 
-#: the fraction held out when the estimator's ``validation_fraction`` is None
+#: the fraction held out when the estimator's ``validation_fraction`` is None or 0
 DEFAULT_FRACTION = 0.2
 
 
@@ -57,12 +57,14 @@ def hold_out_validation(estimator, tasks, *, initialized: bool):
             "tasks, from which tune holds out validation tasks itself."
         )
     params = estimator.get_params()
-    fraction = params.get("validation_fraction")
-    fraction = DEFAULT_FRACTION if fraction is None else float(fraction)
+    for name in ("validation_fraction", "support_range"):  # read before meta_fit checks them
+        PARAMETERS[name].check(name, params[name])
+    # None or 0 hold nothing out of meta_fit's groups; tune needs some all the same
+    fraction = params["validation_fraction"] or DEFAULT_FRACTION
     seed = params.get("random_state")
     rng = np.random.default_rng(seed if is_number(seed) else 0)
     if isinstance(tasks, GroupedTable):
-        return _split_table(tasks, fraction, params.get("support_range"), rng)
+        return _split_table(tasks, fraction, params["support_range"], rng)
     if isinstance(tasks, (list, tuple)):
         return _split_list(list(tasks), fraction, rng)
     raise ValueError(
@@ -81,26 +83,14 @@ def _split_table(table: GroupedTable, fraction: float, support_range, rng):
             "cannot carry; pass validation_tasks built from the held-out groups' encoded "
             "rows, or encode the columns before tuning."
         )
-    codes = group_codes(table.groups, "tune")
+    Xa, ya, codes = check_table(X, y, table.groups, "tune")
     train, val = split_groups(codes, fraction, rng)
     if not val.any():
         raise ValueError(
             f"tune: the table has {len(np.unique(codes))} group(s); holding out validation "
             "groups needs at least 3. Pass validation_tasks."
         )
-    try:
-        lo, hi = (int(v) for v in support_range)
-    except (TypeError, ValueError):
-        raise ValueError(
-            f"support_range must be a pair of ints (low, high), got {support_range!r}."
-        ) from None
-    Xa = np.asarray(X, dtype=np.float64)
-    ya = np.asarray(y)
-    if len(Xa) != len(codes) or len(ya) != len(codes):
-        raise ValueError(
-            f"tune: X, y and groups must have the same length, got {len(Xa)}, {len(ya)} "
-            f"and {len(codes)}."
-        )
+    lo, hi = support_range
     sizes = sorted({lo, (lo + hi + 1) // 2, hi})  # as meta_fit's held-out groups
     validation = validation_episodes(Xa[val], ya[val], codes[val], support_sizes=sizes,
                                      rng=rng)
@@ -124,4 +114,4 @@ def _split_list(tasks: list, fraction: float, rng):
     n_val = min(max(1, round(fraction * len(tasks))), len(tasks) - 2)
     held = set(rng.permutation(len(tasks))[:n_val].tolist())
     train = [t for i, t in enumerate(tasks) if i not in held]
-    return train, [as_task(tasks[i]) for i in sorted(held)]
+    return train, [tasks[i] for i in sorted(held)]

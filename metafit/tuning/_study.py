@@ -116,7 +116,7 @@ def tune(
         Finite held-out tasks (not used for meta-training) that score every trial.
         Default: held out from ``tasks`` where ``tune`` meta-trains (meta mode, or an
         estimator without an initialization): whole groups of a ``GroupedTable``
-        (``validation_fraction`` of them, 0.2 when that is None, one episode per group
+        (``validation_fraction`` of them, 0.2 when that is None or 0, one episode per group
         and support size at the ends and middle of ``support_range``), or that fraction
         of a list of tasks, drawn with ``random_state`` (0 when None) so that every
         worker of a shared study holds out the same; see
